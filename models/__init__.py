@@ -1,0 +1,1 @@
+from .paca_vit import *  # noqa

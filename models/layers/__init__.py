@@ -1,0 +1,6 @@
+from .attention import PaCaAttention
+from .clustering import CLUSTERING_LAYERS, ConvClustering, LinearClustering, MlpClustering
+from .downsample import ConvDownsample
+from .layout import nchw_to_tokens, tokens_to_nchw
+from .mlp import ConvMlp, DWConv
+from .teacher import ConvMixerTeacher

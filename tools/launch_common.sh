@@ -1,0 +1,97 @@
+# Shared by the classification / detection / segmentation launchers.  Source it, don't run it.
+#
+#   source "$(dirname "$0")/../tools/launch_common.sh"
+#
+# Environment knobs (all optional):
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun (defaults: 1, 0, 127.0.0.1, Port)
+#   PACAVIT_YES=1                                confirm deleting an old experiment (same as --yes)
+#   PYTHON                                       interpreter (default: the repo's .venv if present)
+#   PACAVIT_DEVICE=cpu                           force the CPU path even where CUDA is available
+
+PACAVIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+paca_die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# The interpreter: $PYTHON, else the repo's virtualenv, else python3 on PATH.
+paca_python() {
+    if [[ -n "${PYTHON:-}" ]]; then
+        echo "$PYTHON"
+    elif [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -x "$PACAVIT_ROOT/.venv/bin/python" ]]; then
+        echo "$PACAVIT_ROOT/.venv/bin/python"
+    else
+        command -v python3 || command -v python
+    fi
+}
+
+# Split "$@" into PACA_ARGS (passed on to Python) and the launcher's own --yes flag.
+paca_take_flags() {
+    PACA_ARGS=()
+    for arg in "$@"; do
+        if [[ "$arg" == "--yes" || "$arg" == "-y" ]]; then
+            PACAVIT_YES=1
+        else
+            PACA_ARGS+=("$arg")
+        fi
+    done
+}
+
+# Delete an old experiment folder only when confirmed: a prompt on a terminal, otherwise
+# --yes / PACAVIT_YES=1.  A batch job without confirmation stops instead of waiting on stdin.
+paca_confirm_remove() {
+    local dir="$1"
+    [[ -e "$dir" ]] || return 0
+    if [[ "${PACAVIT_YES:-0}" == "1" ]]; then
+        echo "removing old experiment $dir (confirmed by --yes / PACAVIT_YES=1)"
+    elif [[ -t 0 ]]; then
+        local answer
+        read -r -p "Remove the old experiment $dir? [y/N] " answer
+        [[ "$answer" == [yY]* ]] || paca_die "kept $dir; rerun with Remove_old=0 to resume or keep it"
+    else
+        paca_die "$dir exists and Remove_old=1, but this run is not interactive: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
+    fi
+    rm -rf -- "$dir"
+}
+
+# Choose devices from the launcher's Gpus / Nb_gpus arguments.  Sets PACA_NPROC and
+# PACA_DEVICE (cuda|cpu); on CUDA also CUDA_VISIBLE_DEVICES.  Without CUDA it falls back to
+# CPU processes (gloo backend) instead of failing.
+paca_select_devices() {
+    local gpus="$1" nb_gpus="$2" py
+    [[ "$nb_gpus" =~ ^[0-9]+$ && "$nb_gpus" -ge 1 ]] || paca_die "Nb_gpus must be a positive integer, got '$nb_gpus'"
+    py="$(paca_python)"
+    if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]] && "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        export CUDA_VISIBLE_DEVICES="$gpus"
+        PACA_DEVICE=cuda
+    else
+        echo "note: no CUDA device visible; running $nb_gpus CPU process(es) with the gloo backend"
+        PACA_DEVICE=cpu
+        # share the cores between the processes instead of oversubscribing them
+        local cores
+        cores="$(nproc 2>/dev/null || echo 1)"
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nb_gpus > 0 ? cores / nb_gpus : 1 ))}"
+    fi
+    PACA_NPROC="$nb_gpus"
+    export PACA_DEVICE
+}
+
+# torchrun over a script: paca_torchrun PORT script.py args...
+paca_torchrun() {
+    local port="$1" script="$2"
+    shift 2
+    local py
+    py="$(paca_python)"
+    [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
+    set -x
+    "$py" -m torch.distributed.run \
+        --nnodes="${NNODES:-1}" \
+        --node_rank="${NODE_RANK:-0}" \
+        --nproc_per_node="$PACA_NPROC" \
+        --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+        --master_port="${MASTER_PORT:-$port}" \
+        "$script" "$@"
+    { local rc=$?; set +x; } 2>/dev/null
+    return $rc
+}

@@ -1,1 +1,6 @@
-from .paca_vit import *  # noqa
+"""PaCa-ViT models.  Importing this package registers the models with timm (``pacavit_*``) and,
+when mmengine is installed, the dense-prediction backbones (``pacavit_*_downstream``) with
+mmengine's MODELS registry."""
+from .checkpoint import CheckpointError, load_pretrained, release_url
+from .maps import capture_maps
+from .paca_vit import VARIANTS, PaCaViT, PaCaViTDownstream, checkpoint_filter_fn, create_downstream

@@ -21,10 +21,10 @@ from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import load_pretrained, release_url
+from .checkpoint import RELEASE_BASE_URL, adapt_state_dict, load_pretrained
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
 
-__all__ = ["PaCaViT", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
+__all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
 
 _logger = logging.getLogger(__name__)
 
@@ -292,30 +292,8 @@ class PaCaViTDownstream(PaCaViT):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt an official / timm / OpenMMLab state_dict to ``model``.
-
-    Strips ``module.`` / ``backbone.`` prefixes, drops keys the model does not have when it is a
-    backbone (the ImageNet classifier), and drops tensors whose shape no longer fits (a new class
-    count, or clustering layers resized by ``downstream_cluster_num``), logging one line of what
-    was skipped so those layers keep their fresh initialisation.
-    """
-    own = model.state_dict()
-    out, skipped = {}, []
-    for key, value in state_dict.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix) and key not in own:
-                key = key[len(prefix):]
-        if key not in own:
-            if key.startswith("head.") and not any(k.startswith("head.") for k in own):
-                continue
-            out[key] = value  # reported as unexpected by the loader
-        elif own[key].shape != value.shape:
-            skipped.append(f"{key} {tuple(value.shape)}->{tuple(own[key].shape)}")
-        else:
-            out[key] = value
-    if skipped:
-        _logger.warning("checkpoint tensors re-initialised (shape differs): %s", ", ".join(skipped))
-    return out
+    """Adapt an official / timm / OpenMMLab state_dict to ``model`` (see ``adapt_state_dict``)."""
+    return adapt_state_dict(state_dict, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +353,7 @@ RELEASED_IMAGENET = {
 def _cfg(name: str) -> dict:
     filename = RELEASED_IMAGENET.get(name)
     return {
-        "url": release_url(filename, base=None) if filename else "",
+        "url": f"{RELEASE_BASE_URL}/{filename}" if filename else "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -417,8 +395,25 @@ def create_downstream(variant: str, **kwargs) -> PaCaViTDownstream:
         variant = variant[: -len("_downstream")]
     if variant not in VARIANTS:
         raise KeyError(f"unknown PaCa-ViT variant {variant!r}; choose from {sorted(VARIANTS)}")
-    # The official configs pass layer_scale=None and drop_path_rate explicitly.
     return PaCaViTDownstream(**{**VARIANTS[variant], **kwargs})
+
+
+def _register_downstream_backbones():
+    """Register ``<name>_downstream`` in mmengine's root MODELS registry; mmdet and mmseg find
+    them there through their registries' parent lookup (no edits in those packages)."""
+    try:
+        from mmengine.registry import MODELS
+    except ImportError:  # classification-only installs
+        return
+    for variant in VARIANTS:
+        def build(variant=variant, **kwargs):
+            return create_downstream(variant, **kwargs)
+
+        build.__name__ = build.__qualname__ = f"{variant}_downstream"
+        MODELS.register_module(name=build.__name__, module=build, force=True)
+
+
+_register_downstream_backbones()
 
 
 @register_model

@@ -1,0 +1,11 @@
+# Ablation: PaCa-Small, stage-wise clustering, M=[100,81,64,49].
+# seed: 42.0M params, 291 GFLOPs, box AP 46.1, mask AP 41.7.
+_base_ = '../../_base_/mask_rcnn_pacavit_fpn_mstrain_480_800_1x_coco.py'
+
+model = dict(
+    backbone=dict(
+        type='pacavit_small_p2cconv_100_49_downstream',
+        drop_path_rate=0.2,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='https://github.com/iVMCL/PaCaViT/releases/download/pacavit/IMNET_224_pacavit_small_p2cconv_100_49.pth')))

@@ -1,0 +1,11 @@
+# Ablation: PaCa-Small, block-wise clustering, M=[100,100,100,100].
+# seed: 44.0M params, 304 GFLOPs, box AP 46.5, mask AP 41.8.
+_base_ = '../../_base_/mask_rcnn_pacavit_fpn_mstrain_480_800_1x_coco.py'
+
+model = dict(
+    backbone=dict(
+        type='pacavit_small_p2cconv_100_blockwise_downstream',
+        drop_path_rate=0.2,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='https://github.com/iVMCL/PaCaViT/releases/download/pacavit/IMNET_224_pacavit_small_p2cconv_100_blockwise.pth')))

@@ -1,0 +1,11 @@
+# Ablation: PaCa-Small, stage-wise clustering, M=[2,2,2,0].
+# seed: 41.6M params, 283 GFLOPs, box AP 45.5, mask AP 41.1.
+_base_ = '../../_base_/mask_rcnn_pacavit_fpn_mstrain_480_800_1x_coco.py'
+
+model = dict(
+    backbone=dict(
+        type='pacavit_small_p2cconv_2_0_downstream',
+        drop_path_rate=0.2,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='https://github.com/iVMCL/PaCaViT/releases/download/pacavit/IMNET_224_pacavit_small_p2cconv_2_0.pth')))

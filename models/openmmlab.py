@@ -1,0 +1,319 @@
+"""Runtime shared by the OpenMMLab tasks: detection (mmdet) and segmentation (mmseg).
+
+Each task's entry scripts are one line on top of this module::
+
+    train_main(default_scope='mmdet', task='detection')     # detection/train_mmdet.py
+    test_main(default_scope='mmseg', task='segmentation')   # segmentation/test_mmseg.py
+    flops_main(default_scope='mmdet', task='detection')     # detection/get_flops.py
+
+What this adds on top of mmengine's Runner:
+
+* work dirs under ``work_dirs/<task>/`` (root overridable with env ``PACAVIT_WORK_DIRS``);
+* the launcher is read from torchrun's environment, and CPU processes use the gloo backend
+  (mmengine would call ``torch.cuda.set_device`` and wrap DDP with a CUDA device id);
+* automatic resume from the work dir, ``--amp`` refused without CUDA, ``--auto-scale-lr``;
+* checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
+  allows exactly the non-tensor types that mmengine itself writes into checkpoints, so the project's
+  own checkpoints resume and test while arbitrary pickled callables are still refused;
+* checkpoints given to ``test_main`` (file or URL) go through ``models.checkpoint`` (cached download,
+  clear errors for corrupt files) and must fit the config's model exactly;
+* FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``;
+* ``_base_ = 'mmdet::...'`` / ``'mmseg::...'`` inheritance works with setuptools >= 81 (see
+  :func:`enable_package_config_lookup`).  Read configs with :func:`load_config`, or import this
+  module before calling ``mmengine.Config.fromfile`` yourself.
+"""
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _installed_package_dir(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"package {package!r} is not installed (needed by a '{package}::' config base)")
+    return os.path.dirname(spec.origin)
+
+
+def enable_package_config_lookup() -> None:
+    """Let mmengine resolve ``'mmdet::path'`` config bases without ``pkg_resources``.
+
+    mmengine 0.10.7 locates installed packages with ``pkg_resources``, which setuptools >= 81 no
+    longer ships, so every config inheriting ``mmdet::``/``mmseg::`` bases would fail to load.  The
+    same two lookups are answered here with ``importlib``.
+    """
+    import mmengine.config.config as mmengine_config
+
+    mmengine_config.is_installed = lambda package: importlib.util.find_spec(package) is not None
+    mmengine_config.get_installed_path = _installed_package_dir
+
+
+enable_package_config_lookup()
+
+
+def work_dirs_root() -> Path:
+    """Experiments root: ``$PACAVIT_WORK_DIRS`` or the repo's ``work_dirs``."""
+    return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
+
+
+def register_checkpoint_safe_globals() -> None:
+    """Allow the types mmengine pickles into its checkpoints under ``weights_only=True``.
+
+    mmengine 0.10 stores its ``message_hub`` (``HistoryBuffer`` objects holding numpy arrays) and
+    numpy scalars in every checkpoint it writes.  torch >= 2.6 refuses those by default, which
+    breaks ``--resume`` and testing of the project's own checkpoints.  Registering these data types
+    keeps ``weights_only=True`` for everything else: a pickle that calls any other function is
+    still rejected.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    numpy_types = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
+    reconstructors = [np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+    torch.serialization.add_safe_globals([HistoryBuffer, *numpy_types, *reconstructors])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and environment
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    from mmengine.config import DictAction
+
+    parser.add_argument("config", help="config file")
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=DictAction, default={},
+        help="override config entries, e.g. model.backbone.init_cfg=None train_dataloader.batch_size=1",
+    )
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<task>/...)")
+
+
+def load_config(path: str, default_scope: str, cfg_options: Optional[dict] = None):
+    """Read a config, apply ``--cfg-options`` and make ``default_scope`` the registry scope."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.setdefault("default_scope", default_scope)
+    init_default_scope(cfg.default_scope)
+    return cfg
+
+
+def _launcher() -> str:
+    """'pytorch' when started by torchrun with several processes, else 'none'."""
+    return "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+
+
+def _prepare_environment(cfg, launcher: str) -> None:
+    """CPU processes: gloo process group and DDP without device ids (mmengine assumes CUDA)."""
+    register_checkpoint_safe_globals()
+    if launcher == "none" or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+
+    cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+
+
+def _default_work_dir(task: str, *parts: str) -> str:
+    return str(work_dirs_root() / task / Path(*parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _train_parser(task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f"Train a {task} model with mmengine's Runner.")
+    _config_options(parser)
+    parser.add_argument(
+        "--resume", metavar="CHECKPOINT",
+        help="resume from this checkpoint (default: resume from the work dir's latest checkpoint, if any)",
+    )
+    parser.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA only)")
+    parser.add_argument(
+        "--auto-scale-lr", action="store_true",
+        help="scale the learning rate by (total batch size / auto_scale_lr.base_batch_size)",
+    )
+    return parser
+
+
+def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``train_<mm>.py``: train ``config`` with automatic resume."""
+    from mmengine.runner import Runner
+
+    args = _train_parser(task).parse_args(argv)
+    if args.amp and not torch.cuda.is_available():
+        raise SystemExit("error: --amp needs a CUDA device; drop --amp to train in float32 on CPU")
+    cfg = load_config(args.config, default_scope, args.cfg_options)
+    cfg.work_dir = args.work_dir or _default_work_dir(task, Path(args.config).stem)
+    cfg.launcher = _launcher()
+    # resume=True without load_from makes the Runner pick the work dir's latest checkpoint
+    cfg.resume = True
+    cfg.load_from = args.resume
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if args.auto_scale_lr:
+        if "base_batch_size" not in cfg.get("auto_scale_lr", {}):
+            raise SystemExit(f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}")
+        cfg.auto_scale_lr.enable = True
+    _prepare_environment(cfg, cfg.launcher)
+    Runner.from_cfg(cfg).train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Testing
+
+
+def _test_parser(task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f"Evaluate a {task} checkpoint on the config's test set.")
+    _config_options(parser)
+    parser.add_argument("checkpoint", help="checkpoint file or URL (e.g. a released model)")
+    parser.add_argument("--show-dir", help="write PNG visualisations of every prediction into this folder")
+    return parser
+
+
+def _enable_visualization(cfg, show_dir: str) -> None:
+    """Draw every test prediction into ``show_dir`` with the config's visualisation hook."""
+    from mmengine.registry import HOOKS
+    import inspect
+
+    hook = cfg.get("default_hooks", {}).get("visualization")
+    if hook is None:
+        raise SystemExit("error: --show-dir needs default_hooks.visualization in the config")
+    hook.update(draw=True, interval=1)
+    show_dir = str(Path(show_dir).resolve())
+    if "test_out_dir" in inspect.signature(HOOKS.get(hook["type"])).parameters:
+        hook["test_out_dir"] = show_dir  # mmdet: one PNG per image, named like the image
+    else:
+        cfg.visualizer["save_dir"] = show_dir  # mmseg: the visualizer's backends write the PNGs
+
+
+def load_checkpoint_strict(model: torch.nn.Module, source: str) -> dict:
+    """Load a file or URL into ``model``; any missing/unexpected/resized tensor is an error."""
+    from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(source)
+    state_dict = extract_state_dict(checkpoint)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    resized = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or resized:
+        def sample(keys: List[str]) -> str:
+            return f"{len(keys)}" + (f" (e.g. {', '.join(keys[:3])})" if keys else "")
+
+        raise CheckpointError(
+            f"{source} does not fit this config's model (a checkpoint of another architecture?): "
+            f"missing {sample(missing)}, unexpected {sample(unexpected)}, shape differs {sample(resized)}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    if isinstance(checkpoint, dict) and "dataset_meta" in checkpoint.get("meta", {}):
+        model.dataset_meta = checkpoint["meta"]["dataset_meta"]
+    return checkpoint
+
+
+def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """Entry point of ``test_<mm>.py``: evaluate ``checkpoint`` with the config's test evaluator."""
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner import Runner
+
+    args = _test_parser(task).parse_args(argv)
+    cfg = load_config(args.config, default_scope, args.cfg_options)
+    cfg.work_dir = args.work_dir or _default_work_dir(task, "test", Path(args.config).stem)
+    cfg.launcher = _launcher()
+    cfg.load_from = None  # loaded below, strictly and with the safe loader
+    cfg.resume = False
+    if args.show_dir:
+        _enable_visualization(cfg, args.show_dir)
+    _prepare_environment(cfg, cfg.launcher)
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    load_checkpoint_strict(model, args.checkpoint)
+    runner._has_loaded = True  # tells runner.test() not to look for another checkpoint
+    return runner.test()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and FLOPs
+
+
+class _TensorForward(torch.nn.Module):
+    """Runs the model's tensor-mode forward (``_forward``) on fixed data samples, for tracing."""
+
+    def __init__(self, model: torch.nn.Module, data_samples):
+        super().__init__()
+        self.model = model
+        self.data_samples = data_samples
+
+    def forward(self, inputs: torch.Tensor):
+        return self.model._forward(inputs, self.data_samples)
+
+
+def complexity(model: torch.nn.Module, height: int, width: int) -> dict:
+    """Parameters and FLOPs (multiply-adds, fvcore convention) of ``model`` on one HxW image.
+
+    The image goes through the model's own data preprocessor (normalisation, padding), then the
+    tensor-mode forward is traced by ``mmengine.analysis.FlopAnalyzer``; attention computed with
+    ``scaled_dot_product_attention`` is counted by the handle in ``models.flops``.
+    """
+    from mmengine.analysis import FlopAnalyzer, parameter_count
+    from mmengine.structures import BaseDataElement
+
+    from .flops import flop_handles
+
+    shape = (height, width)
+    meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, scale_factor=(1.0, 1.0))
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    data = model.data_preprocessor(dict(inputs=[image], data_samples=[BaseDataElement(metainfo=meta)]), False)
+    model.eval()
+    analyzer = FlopAnalyzer(_TensorForward(model, data["data_samples"]), (data["inputs"],))
+    analyzer.set_op_handle(**flop_handles())
+    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        flops = analyzer.total()
+    return dict(
+        params=parameter_count(model)[""],
+        flops=flops,
+        input_shape=tuple(data["inputs"].shape[-2:]),
+        unsupported_ops=dict(analyzer.unsupported_ops()),
+    )
+
+
+def flops_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """Entry point of ``get_flops.py``: print params and FLOPs of the config's whole model."""
+    from mmengine.registry import MODELS
+
+    parser = argparse.ArgumentParser(description=f"Parameters and FLOPs of a {task} model.")
+    _config_options(parser)
+    parser.add_argument(
+        "--shape", type=int, nargs="+", default=[1280, 800],
+        help="input size: H W, or one number for a square image (default: 1280 800)",
+    )
+    args = parser.parse_args(argv)
+    if len(args.shape) not in (1, 2):
+        parser.error("--shape takes one or two numbers")
+    height, width = args.shape * 2 if len(args.shape) == 1 else args.shape
+    cfg = load_config(args.config, default_scope, args.cfg_options)
+    model = MODELS.build(cfg.model)
+    result = complexity(model, height, width)
+    print(f"config: {args.config}")
+    print(f"input shape: {height}x{width} (padded to {result['input_shape'][0]}x{result['input_shape'][1]})")
+    print(f"params: {result['params'] / 1e6:.1f}M")
+    print(f"FLOPs: {result['flops'] / 1e9:.1f}G (multiply-adds)")
+    if result["unsupported_ops"]:
+        ops = ", ".join(f"{name} x{count}" for name, count in sorted(result["unsupported_ops"].items()))
+        print(f"not counted (no FLOP handle; elementwise or indexing ops): {ops}")
+    return result

@@ -90,23 +90,16 @@ def download(url: str) -> str:
     try:
         torch.hub.download_url_to_file(url, partial, progress=True)
         _check_looks_like_checkpoint(partial, url)
+        os.replace(partial, dst)
     except (urllib.error.URLError, OSError) as e:
         raise CheckpointError(
             f"could not download {url}: {e}. Check the network, set {BASE_URL_ENV} to a mirror, "
             f"or download the file by hand and pass its local path."
         ) from e
     finally:
-        if os.path.exists(partial) and not os.path.exists(dst):
-            _discard(partial)
+        if os.path.exists(partial):  # a failed or rejected download must not be reused
+            os.remove(partial)
     return dst
-
-
-def _discard(path: str):
-    """Remove a bad download so that the next attempt fetches it again."""
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def resolve_checkpoint(source: str) -> str:
@@ -216,8 +209,9 @@ def load_pretrained(
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{source} does not match {type(model).__name__}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"{source} does not match {type(model).__name__}: {len(missing)} missing keys {missing[:4]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:4]}. It is probably a checkpoint for another "
+            f"architecture: pick the model name that matches the file (or load with strict=False)."
         )
     if missing or unexpected:
         _logger.warning("loaded %s with missing keys %s and unexpected keys %s", source, missing, unexpected)

@@ -95,3 +95,25 @@ paca_torchrun() {
     { local rc=$?; set +x; } 2>/dev/null
     return $rc
 }
+
+# Experiments of the OpenMMLab launchers (train_mmdet.sh / train_mmseg.sh) are marked finished by
+# paca_mark_finished once training returns successfully.  paca_prepare_experiment DIR REMOVE_OLD
+# never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), deletes
+# an unfinished one on Remove_old=1 (after confirmation) and otherwise keeps it to resume from.
+PACA_FINISHED_MARK="FINISHED"
+
+paca_prepare_experiment() {
+    local dir="$1" remove_old="$2"
+    [[ "$remove_old" == 0 || "$remove_old" == 1 ]] || paca_die "Remove_old_if_exist must be 0 or 1, got '$remove_old'"
+    if [[ -e "$dir/$PACA_FINISHED_MARK" ]]; then
+        [[ "$remove_old" == 1 ]] && paca_die "$dir is a finished experiment and is kept: choose another Exp_name/Tag, or delete it by hand to train again"
+        echo "$dir is a finished experiment; nothing to do"
+        exit 0
+    fi
+    [[ "$remove_old" == 0 ]] || paca_confirm_remove "$dir"
+    mkdir -p "$dir"
+}
+
+paca_mark_finished() {
+    date -u +"finished %Y-%m-%dT%H:%M:%SZ" >"$1/$PACA_FINISHED_MARK"
+}

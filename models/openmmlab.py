@@ -34,8 +34,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _module_spec(package: str):
+    """Import spec of a pip package, e.g. 'mmsegmentation' (mmengine's name for 'mmseg::') -> mmseg."""
+    from mmengine.config.utils import MODULE2PACKAGE
+
+    module = {pip_name: name for name, pip_name in MODULE2PACKAGE.items()}.get(package, package)
+    return importlib.util.find_spec(module)
+
+
 def _installed_package_dir(package: str) -> str:
-    spec = importlib.util.find_spec(package)
+    spec = _module_spec(package)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"package {package!r} is not installed (needed by a '{package}::' config base)")
     return os.path.dirname(spec.origin)
@@ -50,7 +58,7 @@ def enable_package_config_lookup() -> None:
     """
     import mmengine.config.config as mmengine_config
 
-    mmengine_config.is_installed = lambda package: importlib.util.find_spec(package) is not None
+    mmengine_config.is_installed = lambda package: _module_spec(package) is not None
     mmengine_config.get_installed_path = _installed_package_dir
 
 

@@ -300,15 +300,20 @@ def complexity(model: torch.nn.Module, height: int, width: int) -> dict:
     )
 
 
-def flops_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
-    """Entry point of ``get_flops.py``: print params and FLOPs of the config's whole model."""
+def flops_main(
+    default_scope: str, task: str, argv: Optional[Sequence[str]] = None, default_shape: Sequence[int] = (1280, 800)
+) -> dict:
+    """Entry point of ``get_flops.py``: print params and FLOPs of the config's whole model.
+
+    ``default_shape`` (H, W) is the input size of the task's published FLOPs.
+    """
     from mmengine.registry import MODELS
 
     parser = argparse.ArgumentParser(description=f"Parameters and FLOPs of a {task} model.")
     _config_options(parser)
     parser.add_argument(
-        "--shape", type=int, nargs="+", default=[1280, 800],
-        help="input size: H W, or one number for a square image (default: 1280 800)",
+        "--shape", type=int, nargs="+", default=list(default_shape),
+        help=f"input size: H W, or one number for a square image (default: {' '.join(map(str, default_shape))})",
     )
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2):

@@ -25,6 +25,7 @@ What this adds on top of mmengine's Runner:
 import argparse
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -70,20 +71,40 @@ def work_dirs_root() -> Path:
     return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
 
 
-def register_checkpoint_safe_globals() -> None:
-    """Allow the types mmengine pickles into its checkpoints under ``weights_only=True``.
+_STATISTICS_METHODS = ("min", "max", "current", "mean")
 
-    mmengine 0.10 stores its ``message_hub`` (``HistoryBuffer`` objects holding numpy arrays) and
-    numpy scalars in every checkpoint it writes.  torch >= 2.6 refuses those by default, which
-    breaks ``--resume`` and testing of the project's own checkpoints.  Registering these data types
-    keeps ``weights_only=True`` for everything else: a pickle that calls any other function is
-    still rejected.
+
+def _history_buffer_getattr(obj, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling: mmengine pickles HistoryBuffer's
+    statistics methods as ``getattr(HistoryBuffer, 'mean')``; any other lookup is refused, since an
+    unrestricted getattr would let a pickle reach arbitrary callables."""
+    from mmengine.logging import HistoryBuffer
+
+    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) and name in _STATISTICS_METHODS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"checkpoint asks for getattr({obj!r}, {name!r}), which is not allowed")
+
+
+def register_checkpoint_safe_globals() -> None:
+    """Allow what mmengine pickles into its own checkpoints under ``torch.load(weights_only=True)``.
+
+    mmengine 0.10 stores its ``message_hub`` (``HistoryBuffer`` objects with numpy arrays and
+    ``getattr(HistoryBuffer, <statistic>)`` references) and numpy scalars in every checkpoint.
+    torch >= 2.6 refuses those by default, which breaks ``--resume`` and testing of the project's
+    own checkpoints.  Registering exactly these data types (and a ``getattr`` that only resolves
+    HistoryBuffer's statistics methods) keeps ``weights_only=True`` for everything: a pickle that
+    reaches for any other callable is still rejected.
     """
     from mmengine.logging import HistoryBuffer
 
-    numpy_types = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
-    reconstructors = [np.core.multiarray._reconstruct, np.core.multiarray.scalar]
-    torch.serialization.add_safe_globals([HistoryBuffer, *numpy_types, *reconstructors])
+    multiarray = np._core.multiarray
+    numpy_globals = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
+    # numpy >= 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        numpy_globals += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, *numpy_globals, (_history_buffer_getattr, "builtins.getattr")]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 DPI = 100
@@ -256,12 +257,17 @@ def draw_query(path, image, rows: List[Tuple[str, torch.Tensor, torch.Tensor]], 
         top = attention.argsort(descending=True)[:topk].tolist()
         bars = _picture_axes(fig, PANEL + 90, HEADER + i * PANEL + 30, BARS_W - 105, PANEL - 75)
         bars.set_axis_on()
-        bars.barh(range(len(top)), attention[top].numpy(), color=colours[top])
+        values = attention[top].numpy()
+        bars.barh(range(len(top)), values, color=colours[top])
         bars.axvline(1 / M, color="black", linestyle="--", linewidth=0.8)
+        bars.set_xlim(0, 1.3 * max(values.max(), 1 / M))
+        for row, value in enumerate(values):  # near-uniform attention is invisible in bar lengths alone
+            bars.text(value, row, f" {value * M:.2f}x", va="center", fontsize=6)
         bars.set_yticks(range(len(top)), [_name(m, names) for m in top], fontsize=7)
         bars.invert_yaxis()
+        bars.xaxis.set_major_locator(MaxNLocator(4))
         bars.tick_params(axis="x", labelsize=7)
-        bars.set_xlabel("attention, mean over heads (dashed: uniform)", fontsize=7)
+        bars.set_xlabel("attention, mean over heads (dashed, 1x: uniform)", fontsize=7)
         bars.set_title(f"top {len(top)} of {M} clusters", fontsize=7)
     _save(fig, path)
 

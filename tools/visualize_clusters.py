@@ -121,51 +121,62 @@ def load_classifier(name: str, checkpoint: Optional[str]) -> Subject:
             raise CheckpointError(f"{name} has no released ImageNet checkpoint; pass a local file with --checkpoint")
     if checkpoint:
         load_pretrained(model, checkpoint)
+    return classifier_subject(model, name, random_weights=not checkpoint)
+
+
+def classifier_subject(model: nn.Module, title: str, random_weights: bool) -> Subject:
+    """Explain a PaCa-ViT classifier (timm model), normalising inputs with its pretrained_cfg."""
     cfg = model.pretrained_cfg
     return Subject(
-        title=name,
+        title=title,
         model=model,
         forward=model,
         backbone=model,
         mean=torch.tensor(cfg["mean"]).view(3, 1, 1),
         std=torch.tensor(cfg["std"]).view(3, 1, 1),
-        random_weights=not checkpoint,
+        random_weights=random_weights,
     )
 
 
 def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
-    """An mmseg segmentor whose decode head is the PaCa head; its clusters are the dataset's classes."""
+    """An mmseg segmentor whose decode head is the PaCa head; its clusters are the dataset's classes.
+
+    ``checkpoint`` (file or URL) must fit the config's model exactly.
+    """
     sys.path.insert(0, str(REPO / "segmentation"))  # the configs' custom_imports live there
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS, MODELS
 
-    if not Path(config).is_file():
-        raise FileNotFoundError(f"segmentation config not found: {config}")
-    cfg = Config.fromfile(config)
-    init_default_scope(cfg.get("default_scope", "mmseg"))
-    segmentor = MODELS.build(cfg.model)  # weights stay as built: init_weights() would fetch ImageNet ones
+    from models.openmmlab import load_checkpoint_strict, load_config, register_checkpoint_safe_globals
+
+    cfg = load_config(config, default_scope="mmseg")
+    segmentor = MODELS.build(cfg.model)  # init_weights() is not called: it would fetch ImageNet weights
+    if checkpoint:
+        register_checkpoint_safe_globals()
+        load_checkpoint_strict(segmentor, checkpoint)
+    meta = getattr(segmentor, "dataset_meta", None) or DATASETS.get(cfg.test_dataloader.dataset.type).METAINFO
+    return segmentor_subject(segmentor, Path(config).stem, list(meta["classes"]), random_weights=not checkpoint)
+
+
+def segmentor_subject(segmentor: nn.Module, title: str, class_names: List[str], random_weights: bool) -> Subject:
+    """Explain an mmseg encoder-decoder with the PaCa head, normalising inputs as its data preprocessor."""
     head = segmentor.decode_head
     if not hasattr(head, "capture"):
-        raise ValueError(
-            f"{config}: the decode head {type(head).__name__} has no clusters to draw; use a config with the PaCa head"
-        )
-    if checkpoint:
-        load_pretrained(segmentor, checkpoint)
-    dataset = DATASETS.get(cfg.test_dataloader.dataset.type)
+        raise ValueError(f"the decode head {type(head).__name__} has no clusters to draw; use the PaCa head")
+    if len(class_names) != head.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a head with {head.num_classes} classes")
     preprocessor = segmentor.data_preprocessor
-    if not getattr(preprocessor, "channel_conversion", True):
-        raise ValueError(f"{config}: the data preprocessor must convert BGR to RGB (bgr_to_rgb=True)")
+    if not preprocessor.channel_conversion:
+        raise ValueError("the data preprocessor must convert BGR to RGB (bgr_to_rgb=True)")
     return Subject(
-        title=Path(config).stem,
+        title=title,
         model=segmentor,
         forward=lambda x: head(segmentor.extract_feat(x)),
         backbone=segmentor.backbone,
         mean=preprocessor.mean.view(3, 1, 1) / 255.0,
         std=preprocessor.std.view(3, 1, 1) / 255.0,
-        random_weights=not checkpoint,
+        random_weights=random_weights,
         head=head,
-        class_names=list(dataset.METAINFO["classes"]),
+        class_names=class_names,
     )
 
 
@@ -186,6 +197,7 @@ class ClusterView:
 
 def run_captured(subject: Subject, x: torch.Tensor) -> Tuple[List[dict], List[dict]]:
     """One forward pass; returns the backbone's ``capture_maps`` records and the head's records."""
+    subject.model.eval()
     head_maps: List[dict] = []
     if subject.head is not None:
         subject.head.capture = head_maps
@@ -240,18 +252,22 @@ class Settings:
 def describe_stage(views: List[ClusterView]) -> str:
     first = views[0]
     h, w = first.hw
+    blocks = f"{len(views)} block{'s' if len(views) > 1 else ''}"
     if first.assignments is None:
-        return (f"{first.group}: no clusters (patch-to-patch attention over {h}x{w} patches in "
-                f"{len(views)} blocks); nothing drawn")
+        return f"{first.group}: no clusters (patch-to-patch attention over {h}x{w} patches in {blocks}); nothing drawn"
     M = first.assignments.shape[0]
-    sources = [v.block for v in views if v.new]
     usage = figures.cluster_usage(first.assignments)
     winners = len(torch.unique(figures.hard_assignment(first.assignments)))
-    top = usage.argsort(descending=True)[:5].tolist()
-    names = first.names
-    largest = ", ".join(f"{names[m] if names else f'#{m}'} {100 * usage[m]:.1f}%" for m in top)
-    return (f"{first.group}: {M} clusters over {h}x{w} patches, assignments computed in blocks {sources} "
-            f"of {len(views)}; {winners} clusters win a patch; largest: {largest}")
+    largest = ", ".join(
+        f"{first.names[m] if first.names else f'#{m}'} {100 * usage[m]:.1f}%"
+        for m in usage.argsort(descending=True)[:5].tolist()
+    )
+    if first.group == "head":
+        where = f"{M} clusters, one per class, over {h}x{w} positions"
+    else:
+        where = (f"{M} clusters over {h}x{w} patches, assignments computed in blocks "
+                 f"{[v.block for v in views if v.new]} of {blocks}")
+    return f"{first.group}: {where}; {winners} clusters win a patch; largest: {largest}"
 
 
 def draw_image(subject: Subject, views: List[ClusterView], image: np.ndarray, out: Path, settings: Settings,
@@ -309,15 +325,21 @@ def draw_image(subject: Subject, views: List[ClusterView], image: np.ndarray, ou
     return written, notes
 
 
+def model_input(subject: Subject, image: np.ndarray) -> torch.Tensor:
+    """(1, 3, H, W) normalised input for ``subject`` from an RGB image in [0, 1]."""
+    x = torch.from_numpy(image).permute(2, 0, 1)
+    return ((x - subject.mean.cpu()) / subject.std.cpu())[None]
+
+
 def explain(subject: Subject, source: str, out: Path, settings: Settings, device: str = "cpu") -> List[Path]:
     """Run one image through ``subject`` and write its figures, ``maps.pt`` and ``notes.txt`` into ``out``."""
     image = load_image(source, settings.img_size)
-    x = torch.from_numpy(image).permute(2, 0, 1)
-    x = ((x - subject.mean.cpu()) / subject.std.cpu())[None].to(device)
-    maps, head_maps = run_captured(subject, x)
-    views = cluster_views(maps, head_maps, subject.class_names)
+    maps, head_maps = run_captured(subject, model_input(subject, image).to(device))
+    views = [_to_cpu(v) for v in cluster_views(maps, head_maps, subject.class_names)]
     out.mkdir(parents=True, exist_ok=True)
-    written, notes = draw_image(subject, [_to_cpu(v) for v in views], image, out, settings)
+    # the figures show the same crop at no less than their own resolution
+    display = image if settings.img_size >= figures.PANEL else load_image(source, figures.PANEL)
+    written, notes = draw_image(subject, views, display, out, settings)
     torch.save(
         dict(source=source, model=subject.title, img_size=settings.img_size, query_pixel=settings.query(),
              image=torch.from_numpy((image * 255).round().astype(np.uint8)), maps=maps, head=head_maps,
@@ -370,6 +392,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "each stage uses the patch that contains it")
     parser.add_argument("--blocks", choices=("all", "first"), default="all",
                         help="all: every block's maps (per block when block-wise); first: each stage's first block")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.img_size < 32:
@@ -384,6 +407,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    torch.manual_seed(args.seed)
     try:
         sources = list_images(args.image, args.image_dir)
         if args.model:

@@ -224,7 +224,9 @@ def _enable_visualization(cfg, show_dir: str) -> None:
         raise SystemExit("error: --show-dir needs default_hooks.visualization in the config")
     hook.update(draw=True, interval=1)
     show_dir = str(Path(show_dir).resolve())
-    if "test_out_dir" in inspect.signature(HOOKS.get(hook["type"])).parameters:
+    with HOOKS.switch_scope_and_registry(cfg.default_scope) as hooks:  # mmdet's / mmseg's hooks
+        hook_class = hooks.get(hook["type"])
+    if "test_out_dir" in inspect.signature(hook_class).parameters:
         hook["test_out_dir"] = show_dir  # mmdet: one PNG per image, named like the image
     else:
         cfg.visualizer["save_dir"] = show_dir  # mmseg: the visualizer's backends write the PNGs

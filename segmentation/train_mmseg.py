@@ -1,0 +1,11 @@
+"""Train an mmseg model from a config (run through ./train_mmseg.sh, or directly for one process).
+
+    python segmentation/train_mmseg.py CONFIG [--work-dir DIR] [--resume CKPT] [--amp] [--auto-scale-lr]
+                                              [--cfg-options KEY=VALUE ...]
+
+Resumes automatically from the work dir's latest checkpoint.  See models/openmmlab.py.
+"""
+from models.openmmlab import train_main
+
+if __name__ == "__main__":
+    train_main(default_scope="mmseg", task="segmentation")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Train a segmentor on 1..N GPUs (or CPU processes when no GPU is visible).
+#
+#   ./train_mmseg.sh Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]
+#
+#   ./train_mmseg.sh configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py \
+#       1 cvpr23 try1 0,1,2,3,4,5,6,7 8 23900
+#
+# The config path is relative to this folder or to the working directory.  Results go to
+# work_dirs/segmentation/<Exp_name>/<config name>_<Tag>/ (root: $PACAVIT_WORK_DIRS).  Remove_old=1
+# deletes an unfinished run of the same name (asks on a terminal; in batch jobs pass --yes),
+# Remove_old=0 resumes it; a finished run is never touched.  [others] go to train_mmseg.py
+# (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
+set -euo pipefail
+source "$(dirname "$0")/../tools/launch_common.sh"
+
+[[ $# -ge 7 ]] || paca_die "usage: $0 Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]"
+SEG_DIR="$PACAVIT_ROOT/segmentation"
+CONFIG="$1" REMOVE_OLD="$2" EXP="$3" TAG="$4" GPUS="$5" NB_GPUS="$6" PORT="$7"
+shift 7
+paca_take_flags "$@"
+
+[[ -f "$CONFIG" ]] || CONFIG="$SEG_DIR/$CONFIG"
+[[ -f "$CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $SEG_DIR)"
+NAME="$(basename "$CONFIG" .py)_$TAG"
+WORK_DIR="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/segmentation/$EXP/$NAME"
+
+paca_prepare_experiment "$WORK_DIR" "$REMOVE_OLD"
+paca_select_devices "$GPUS" "$NB_GPUS"
+paca_torchrun "$PORT" "$SEG_DIR/train_mmseg.py" "$CONFIG" --work-dir "$WORK_DIR" "${PACA_ARGS[@]}"
+paca_mark_finished "$WORK_DIR"
+echo "finished: $WORK_DIR"

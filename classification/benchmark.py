@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Parameters, GFLOPs, inference / training throughput and peak memory of classifiers.
+
+Each measured model appends one row to work_dirs/classification/all_benchmark_results.csv.
+``--compare`` adds timm peers to the same run; ``--img-sizes 224,448,896`` also times the
+backbone (batch 1) at several resolutions and draws latency against pixels on log-log axes,
+where linear complexity shows as a line parallel to the slope-1 guide.
+
+    python benchmark.py --model pacavit_tiny_p2cconv_100_0 --img-size 224 --compare --img-sizes 224,448,896
+
+Synthetic inputs; GFLOPs count one multiply-add as one FLOP at batch 1 (fvcore, attention included).
+Defaults: on CUDA batch 128, 100 timed iterations after 10 warm-up ones (as the seed's
+benchmark.sh); on CPU batch 8, 5 iterations after 2, so a CPU run ends in a minute or two.
+"""
+import argparse
+import csv
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime
+
+import torch
+import timm
+
+import cls_common
+from models.flops import count_flops, count_params
+from models.paca_vit import create_downstream
+from plots import plot_latency_vs_pixels
+
+_logger = logging.getLogger("pacavit")
+PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
+FIELDS = (
+    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile",
+    "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
+    "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "torch", "timm",
+)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("--model", required=True)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--device", default=cls_common.default_device())
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 100 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 / 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--amp", action=flag, default=False, help="float16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action=flag, default=False)
+    p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
+    p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
+    p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
+    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
+    p.add_argument("--img-sizes", default="", help="e.g. 224,448,896: backbone latency vs resolution (batch 1)")
+    p.add_argument("--results-csv", default="", help="default: work_dirs/classification/all_benchmark_results.csv")
+    p.add_argument("--plot", default="", help="latency PNG (default: next to the CSV)")
+    args = p.parse_args(argv)
+    on_cuda = args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (128 if on_cuda else 8)
+    args.iters = args.iters or (100 if on_cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
+    work_dirs = os.environ.get("PACAVIT_WORK_DIRS") or os.path.join(REPO_ROOT, "work_dirs")
+    args.results_csv = args.results_csv or os.path.join(work_dirs, "classification", "all_benchmark_results.csv")
+    args.plot = args.plot or os.path.join(os.path.dirname(args.results_csv), "latency_vs_resolution.png")
+    return args
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA: peak allocated since the last reset.  CPU: peak resident size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
+
+
+def time_per_iteration(step, device, warmup, iters) -> float:
+    """Mean seconds per call of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def prepare(model, args, device):
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    return (torch.compile(model) if args.compile else model), memory_format
+
+
+def benchmark_classifier(name, args, device) -> dict:
+    model = cls_common.create_classifier(name, args.num_classes)
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    row = {"model": name, "params_M": round(count_params(model) / 1e6, 3),
+           "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
+    model, memory_format = prepare(model, args, device)
+    autocast = cls_common.autocast_for(device, args.amp)
+    images = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+
+    model.eval()
+    reset_peak_memory(device)
+
+    def infer():
+        with torch.inference_mode(), autocast():
+            model(images)
+
+    seconds = time_per_iteration(infer, device, args.warmup, args.iters)
+    row.update(infer_img_per_s=round(args.batch_size / seconds, 2), infer_ms_per_batch=round(seconds * 1e3, 2),
+               infer_peak_mem_MB=round(peak_memory_mb(device), 1))
+
+    if args.train:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+        target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+        reset_peak_memory(device)
+
+        def train_step():
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(images), target)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = time_per_iteration(train_step, device, args.warmup, args.iters)
+        row.update(train_img_per_s=round(args.batch_size / seconds, 2), train_ms_per_batch=round(seconds * 1e3, 2),
+                   train_peak_mem_MB=round(peak_memory_mb(device), 1))
+    return row
+
+
+def create_backbone(name, img_size):
+    """Feature extractor without classifier: PaCa's dense backbone, or timm's features_only."""
+    if name.startswith("pacavit_"):
+        return create_downstream(name)
+    cls_common.check_model_name(name)
+    fixed = timm.get_pretrained_cfg(name) and timm.get_pretrained_cfg(name).fixed_input_size
+    return timm.create_model(name, features_only=True, **({"img_size": img_size} if fixed else {}))
+
+
+def latency_curve(name, sizes, args, device) -> list:
+    """(img_size, ms per image) at batch 1 for each size."""
+    points = []
+    for size in sizes:
+        model, memory_format = prepare(create_backbone(name, size).eval(), args, device)
+        image = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        autocast = cls_common.autocast_for(device, args.amp)
+
+        def infer():
+            with torch.inference_mode(), autocast():
+                model(image)
+
+        ms = time_per_iteration(infer, device, args.warmup, args.iters) * 1e3
+        _logger.info(f"{name} backbone at {size}x{size}: {ms:.1f} ms/image")
+        points.append((size, round(ms, 2)))
+    return points
+
+
+def append_rows(path, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.amp and device.type != "cuda":
+        _logger.info("note: --amp is CUDA-only; measuring fp32 on CPU")
+    names = [args.model] + ([p for p in args.peers.split(",") if p] if args.compare else [])
+    for name in names:
+        cls_common.check_model_name(name)
+    common = {"date": datetime.now().isoformat(timespec="seconds"), "img_size": args.img_size,
+              "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
+              "amp": args.amp and device.type == "cuda", "channels_last": args.channels_last, "compile": args.compile,
+              "torch": torch.__version__, "timm": timm.__version__}
+    rows = []
+    for name in names:
+        _logger.info(f"benchmarking {name} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
+                     f"{args.iters} iterations on {common['device']}")
+        rows.append({**common, **benchmark_classifier(name, args, device)})
+        _logger.info("  " + ", ".join(f"{k} {rows[-1].get(k)}" for k in FIELDS[9:17]))
+    append_rows(args.results_csv, rows)
+    _print_table(rows)
+    _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
+
+    if args.img_sizes:
+        sizes = [int(s) for s in args.img_sizes.split(",")]
+        curves = {name: latency_curve(name, sizes, args, device) for name in names}
+        title = f"backbone latency vs resolution, batch 1, {common['device']}"
+        _logger.info(f"latency plot: {plot_latency_vs_pixels(curves, args.plot, title)}")
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def _print_table(rows):
+    columns = ("model", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "train_peak_mem_MB")
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    cls_common.run_main(main)

@@ -1,0 +1,148 @@
+"""Pieces shared by train_timm.py, validate.py and benchmark.py: data, models, evaluation, errors.
+
+The scripts run with ``classification/`` as ``sys.path[0]`` (Python puts a script's folder
+there), so ``import models`` finds the ``classification/models -> ../models`` link from any
+working directory and registers the PaCa-ViT models with timm.
+"""
+import difflib
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+import timm
+from timm.data import create_dataset, create_transform
+
+import models  # noqa: F401  (registers the PaCa-ViT models with timm)
+from models.checkpoint import CheckpointError
+
+_logger = logging.getLogger("pacavit")
+
+
+class UsageError(RuntimeError):
+    """Bad input from the user (missing data, unknown model, ...): reported as one clear line."""
+
+
+def run_main(main):
+    """Call ``main()``; report user errors as ``error: ...`` and exit 2 instead of a traceback."""
+    try:
+        main()
+    except (UsageError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def default_device() -> str:
+    """The launchers export PACA_DEVICE (cuda|cpu); direct runs pick CUDA when present."""
+    return os.environ.get("PACA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+def require_split(data_dir: str, split: str) -> str:
+    """The ImageFolder folder ``data_dir/split``, or a UsageError saying how to provide it."""
+    path = os.path.join(data_dir, split)
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"dataset folder {path} not found. Expected an ImageFolder layout "
+            f"<dataset>/{{train,val}}/<class>/<image>; link your data under datasets/ "
+            f"(see datasets/README.md) or export the bundled digits with "
+            f"'python classification/make_digits_dataset.py'"
+        )
+    return path
+
+
+def class_map_for(data_dir: str, split: str) -> dict:
+    """Class-name -> index mapping, taken from ``train/`` when it exists (as in training).
+
+    Indexing the validation images by the training classes keeps labels right even when the
+    validation split lacks a class; a validation class unknown to training is an error.
+    """
+    val_classes = sorted(e.name for e in os.scandir(require_split(data_dir, split)) if e.is_dir())
+    train_dir = os.path.join(data_dir, "train")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) if os.path.isdir(train_dir) else val_classes
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        raise UsageError(f"classes {unknown[:5]} in {data_dir}/{split} are missing from {train_dir}")
+    if not classes:
+        raise UsageError(f"no class folders in {os.path.join(data_dir, split)}")
+    return {name: index for index, name in enumerate(classes)}
+
+
+def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False):
+    """Deterministic evaluation loader; under torch.distributed each rank gets a disjoint shard.
+
+    Shards are strided without padding, so summing counts over ranks gives the exact accuracy
+    of the whole split (a padded sampler would count some images twice).
+    """
+    dataset = create_dataset(
+        "", root=data_dir, split=split, is_training=False, class_map=class_map_for(data_dir, split)
+    )
+    dataset.transform = create_transform(**data_config, is_training=False)
+    if dist.is_available() and dist.is_initialized():
+        dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+def check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    paca = ", ".join(timm.list_models("pacavit_*"))
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UsageError(f"unknown model {name!r}.{hint} PaCa-ViT models: {paca} (or any timm model name)")
+
+
+def create_classifier(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
+    check_model_name(name)
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def autocast_for(device: torch.device, amp: bool, dtype: str = "float16"):
+    """A mixed-precision context factory on CUDA when asked; plain fp32 everywhere else."""
+    if amp and device.type == "cuda":
+        return partial(torch.autocast, device_type="cuda", dtype=getattr(torch, dtype))
+    return nullcontext
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+@torch.inference_mode()
+def evaluate(model, loader, device, autocast=nullcontext, channels_last=False, log_every=0):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over all ranks.
+
+    Counts correct predictions (not per-batch percentages) so sharded evaluation is exact.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, images
+    for step, (images, target) in enumerate(loader):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(images)
+        output = output.float()
+        topk = output.topk(min(5, output.size(1)), dim=1).indices
+        hits = topk.eq(target[:, None])
+        totals += torch.stack(
+            [
+                torch.nn.functional.cross_entropy(output, target, reduction="sum").double(),
+                hits[:, :1].sum().double(),
+                hits.sum().double(),
+                torch.tensor(target.numel(), dtype=torch.float64, device=device),
+            ]
+        )
+        if log_every and (step + 1) % log_every == 0:
+            _logger.info(f"eval [{step + 1}/{len(loader)}]")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "images": int(count)}

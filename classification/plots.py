@@ -1,0 +1,68 @@
+"""PNG figures for the classification scripts (matplotlib, no display needed)."""
+import csv
+import os
+from typing import Dict, List, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _read_columns(path: str) -> Dict[str, List[float]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in rows[0]}
+
+
+def plot_training_curves(summary_csv: str, png: str = "") -> str:
+    """Loss, accuracy and learning rate per epoch from the trainer's summary.csv."""
+    columns = _read_columns(summary_csv)
+    epochs = [e + 1 for e in columns["epoch"]]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax_loss.plot(epochs, columns["train_loss"], "o-", label="train")
+    ax_loss.plot(epochs, columns["eval_loss"], "s-", label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    for key, style in (("eval_top1", "o-"), ("eval_top5", "s--"), ("eval_ema_top1", "^-")):
+        if key in columns:
+            ax_acc.plot(epochs, columns[key], style, label=key.replace("eval_", "val "))
+    ax_acc.set(title="validation accuracy (%)", xlabel="epoch")
+    ax_lr.plot(epochs, columns["lr"], "o-")
+    ax_lr.set(title="learning rate", xlabel="epoch")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = png or os.path.join(os.path.dirname(summary_csv), "training_curves.png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def plot_latency_vs_pixels(curves: Dict[str, Sequence[tuple]], png: str, title: str) -> str:
+    """Log-log latency against input pixels, one line per model, with a slope-1 (linear) guide.
+
+    ``curves`` maps a model name to (img_size, latency_ms) pairs.  A model whose cost grows
+    linearly with the number of pixels runs parallel to the dashed guide; quadratic attention
+    bends upwards towards slope 2.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    anchor = None
+    for name, points in curves.items():
+        pixels = [s * s for s, _ in points]
+        latency = [ms for _, ms in points]
+        ax.plot(pixels, latency, "o-", label=name)
+        anchor = anchor or (pixels[0], latency[0])
+    if anchor:
+        xs = sorted({s * s for points in curves.values() for s, _ in points})
+        ax.plot(xs, [anchor[1] * x / anchor[0] for x in xs], "k--", alpha=0.5, label="linear in pixels")
+    ax.set(xscale="log", yscale="log", xlabel="input pixels (H x W)", ylabel="latency per image (ms)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -1,0 +1,437 @@
+#!/usr/bin/env python
+"""Train an image classifier (PaCa-ViT or any timm model) on an ImageFolder dataset.
+
+Written on timm's building blocks (data pipeline, Mixup/CutMix, optimizer and scheduler
+factories, EMA, checkpoint saver, AMP scaler).  Usually started by ``train_timm.sh``, which picks
+the output folder and runs one process per GPU (or CPU processes with gloo) through torchrun:
+
+    python train_timm.py -c configs/imagenet_vit_adamw.yml --model pacavit_tiny_p2cconv_100_0 \
+        --data-dir ../datasets/IMNET --output ../work_dirs/classification/try
+
+YAML keys are the argument names below (``batch_size``, ``lr_base``, ...); command-line flags
+override them.  Without ``--lr`` the rate is ``lr_base * global_batch / lr_base_size``.
+"""
+import argparse
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import load_checkpoint, resume_checkpoint
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import (
+    AverageMeter,
+    CheckpointSaver,
+    ModelEmaV3,
+    NativeScaler,
+    dispatch_clip_grad,
+    distribute_bn,
+    init_distributed_device,
+    random_seed,
+    reduce_tensor,
+    setup_default_logging,
+    update_summary,
+)
+
+import cls_common
+from cls_common import UsageError
+from plots import plot_training_curves
+
+_logger = logging.getLogger("pacavit")
+SUMMARY_CSV = "summary.csv"
+LAST_CHECKPOINT = "last.pth.tar"
+
+config_parser = argparse.ArgumentParser(add_help=False)
+config_parser.add_argument("-c", "--config", default="", help="YAML file of argument defaults")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("-c", "--config", default="", help="YAML file of argument defaults")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="ImageFolder root holding train/ and val/")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
+    g.add_argument("--crop-pct", type=float, default=None, help="evaluation center-crop fraction")
+    g.add_argument("--mean", type=float, nargs="+", default=None)
+    g.add_argument("--std", type=float, nargs="+", default=None)
+    g.add_argument("--interpolation", default="", help="evaluation resize interpolation")
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("-b", "--batch-size", type=int, default=128, help="per-process batch size")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes per training process")
+    g.add_argument("--pin-mem", action=flag, default=False)
+    g.add_argument("--use-multi-epochs-loader", action=flag, default=False)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="timm model name, e.g. pacavit_tiny_p2cconv_100_0")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g.add_argument("--model-ema", action=flag, default=False, help="keep an EMA of the weights")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    g.add_argument("--grad-accumulation-steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=None, help="absolute rate; overrides the lr_base rule")
+    g.add_argument("--lr-base", type=float, default=5e-4)
+    g.add_argument("--lr-base-size", type=int, default=512)
+    g.add_argument("--lr-base-scale", default="linear", choices=("linear", "sqrt"))
+    g.add_argument("--auto-scale-warmup-min-lr", action=flag, default=False,
+                   help="scale warmup_lr and min_lr by the same batch ratio as lr")
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action=flag, default=False, help="step the schedule every update")
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--no-aug", action=flag, default=False, help="resize + crop only")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
+    g.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="random-resized-crop aspect range")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", default=None, help="RandAugment/AutoAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0 = never)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="", help="folder for logs, checkpoints and plots")
+    g.add_argument("--resume", default="", help="training checkpoint to continue from")
+    g.add_argument("--device", default=cls_common.default_device())
+    g.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
+    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    g.add_argument("--channels-last", action=flag, default=False, help="NHWC memory layout (CUDA only)")
+    g.add_argument("--dist-bn", default="", choices=("", "broadcast", "reduce"),
+                   help="sync BatchNorm statistics across processes after each epoch")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--checkpoint-hist", type=int, default=3, help="best epoch checkpoints to keep")
+    g.add_argument("--log-tensorboard", action=flag, default=False)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line over YAML over built-in defaults; unknown YAML keys are an error."""
+    parser = build_parser()
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        if not os.path.isfile(known.config):
+            parser.error(f"config file {known.config} not found")
+        with open(known.config) as f:
+            overrides = yaml.safe_load(f) or {}
+        unknown = sorted(set(overrides) - set(vars(parser.parse_args([]))))
+        if unknown:
+            parser.error(f"{known.config}: unknown keys {unknown}")
+        parser.set_defaults(**overrides)
+    args = parser.parse_args(argv)
+    for name in ("data_dir", "model", "output"):
+        if not getattr(args, name):
+            parser.error(f"--{name.replace('_', '-')} is required")
+    return args
+
+
+def scale_learning_rate(args) -> None:
+    """lr = lr_base * global_batch / lr_base_size (sqrt of the ratio for 'sqrt'), unless --lr is set."""
+    global_batch = args.batch_size * args.world_size * args.grad_accumulation_steps
+    if args.lr is None:
+        ratio = global_batch / args.lr_base_size
+        if args.lr_base_scale == "sqrt":
+            ratio = math.sqrt(ratio)
+        args.lr = args.lr_base * ratio
+        if args.auto_scale_warmup_min_lr:
+            args.warmup_lr *= ratio
+            args.min_lr *= ratio
+    _logger.info(f"global batch {global_batch}: lr {args.lr:.3g}, warmup_lr {args.warmup_lr:.3g}, min_lr {args.min_lr:.3g}")
+
+
+def build_train_loader(args, dataset, data_config, device):
+    use_prefetcher = device.type == "cuda"  # normalise/erase on the GPU
+    return create_loader(
+        dataset,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation=args.train_interpolation,
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=use_prefetcher,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        persistent_workers=args.workers > 0,
+    )
+
+
+def build_mixup(args, num_classes):
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_train_loss(args, mixup):
+    if mixup is not None:  # mixup produces smoothed soft targets itself
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+class Progress:
+    """Log lines with loss, lr, throughput and time left, for the epoch and the whole run."""
+
+    def __init__(self, args, steps_per_epoch, num_epochs, start_epoch):
+        self.args, self.steps_per_epoch, self.num_epochs = args, steps_per_epoch, num_epochs
+        self.step_time = AverageMeter()
+        self.run_start, self.start_epoch = time.time(), start_epoch
+
+    def log(self, epoch, step, loss, optimizer, batch):
+        left_in_epoch = self.steps_per_epoch - step - 1
+        left_total = left_in_epoch + (self.num_epochs - epoch - 1) * self.steps_per_epoch
+        lr = optimizer.param_groups[0]["lr"]
+        rate = batch * self.args.world_size / max(self.step_time.avg, 1e-9)
+        _logger.info(
+            f"epoch {epoch + 1}/{self.num_epochs} [{step + 1:>4}/{self.steps_per_epoch}] "
+            f"loss {loss.val:.4f} ({loss.avg:.4f}) lr {lr:.3e} {rate:.1f} img/s "
+            f"eta epoch {timedelta(seconds=round(left_in_epoch * self.step_time.avg))} "
+            f"run {timedelta(seconds=round(left_total * self.step_time.avg))}"
+        )
+
+
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
+    """One pass over the training data; returns {'loss': mean over all processes}."""
+    mixup, scaler, scheduler, model_ema = run["mixup"], run["scaler"], run["scheduler"], run["model_ema"]
+    if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        mixup.mixup_enabled = False
+    model.train()
+    accum = args.grad_accumulation_steps
+    updates_per_epoch = math.ceil(len(loader) / accum)
+    num_updates = epoch * updates_per_epoch
+    losses = AverageMeter()
+    end = time.time()
+    for step, (images, target) in enumerate(loader):
+        need_update = (step + 1) % accum == 0 or step + 1 == len(loader)
+        images, target = images.to(run["device"]), target.to(run["device"])
+        if mixup is not None:
+            images, target = mixup(images, target)
+        if run["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # between updates, skip DDP's gradient all-reduce
+        sync = nullcontext() if need_update or not args.distributed else model.no_sync()
+        with sync:
+            with run["autocast"]():
+                loss = loss_fn(model(images), target)
+            if scaler is not None:
+                scaler(loss / accum, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                       parameters=model.parameters(), need_update=need_update)
+            else:
+                (loss / accum).backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        if need_update:
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            scheduler.step_update(num_updates=num_updates)
+        losses.update(loss.detach(), images.size(0))  # a tensor: no device sync per step
+        run["progress"].step_time.update(time.time() - end)
+        end = time.time()
+        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+            if args.rank == 0:
+                run["progress"].log(epoch, step, _as_float(losses), optimizer, images.size(0))
+    mean_loss = losses.avg.detach().float()
+    if args.distributed:
+        mean_loss = reduce_tensor(mean_loss, args.world_size)
+    return {"loss": mean_loss.item()}
+
+
+def _as_float(meter):
+    """A copy of an AverageMeter holding tensors, with floats for printing."""
+    out = AverageMeter()
+    out.val, out.avg = float(meter.val), float(meter.avg)
+    return out
+
+
+def resume(args, model, optimizer, scaler, model_ema) -> int:
+    """Restore model, optimizer, AMP scaler and EMA from ``args.resume``; returns the next epoch."""
+    if not os.path.isfile(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such checkpoint")
+    next_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=scaler,
+                                   log_info=args.rank == 0)
+    if model_ema is not None:
+        load_checkpoint(model_ema.module, args.resume, use_ema=True)
+    _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}")
+    return next_epoch
+
+
+def evaluate_epoch(model, model_ema, loader, run):
+    metrics = cls_common.evaluate(model, loader, run["device"], run["autocast"], run["channels_last"])
+    if model_ema is not None:
+        ema = cls_common.evaluate(model_ema, loader, run["device"], run["autocast"], run["channels_last"])
+        metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "images"})
+    metrics.pop("images")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    device = init_distributed_device(args)
+    primary = args.rank == 0
+    setup_default_logging(log_path=os.path.join(args.output, "train.log") if primary else "")
+    if not primary:
+        _logger.setLevel(logging.WARNING)
+    random_seed(args.seed, args.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif args.amp or args.channels_last:
+        _logger.info("CPU run: mixed precision and channels_last are CUDA-only, training in fp32 NCHW")
+
+    cls_common.require_split(args.data_dir, args.train_split)
+    class_map = cls_common.class_map_for(args.data_dir, args.val_split)
+    dataset_train = create_dataset("", root=args.data_dir, split=args.train_split, is_training=True,
+                                   class_map=class_map, seed=args.seed)
+    num_classes = len(class_map)
+    model = cls_common.create_classifier(args.model, num_classes, drop_rate=args.drop,
+                                         **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}))
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    channels_last = args.channels_last and device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                 f"{num_classes} classes, {len(dataset_train)} training images, {args.world_size} process(es) on {device.type}")
+
+    scale_learning_rate(args)
+    opt_kwargs = {k: v for k, v in (("eps", args.opt_eps), ("betas", args.opt_betas)) if v is not None}
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    use_amp = args.amp and device.type == "cuda"
+    scaler = NativeScaler(device=device.type) if use_amp and args.amp_dtype == "float16" else None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    start_epoch = resume(args, model, optimizer, scaler, model_ema) if args.resume else 0
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader_train = build_train_loader(args, dataset_train, data_config, device)
+    loader_eval = cls_common.build_eval_loader(args.data_dir, args.val_split, data_config,
+                                               args.validation_batch_size or args.batch_size, args.workers,
+                                               pin_memory=args.pin_mem)
+    mixup = build_mixup(args, num_classes)
+    loss_fn = build_train_loss(args, mixup)
+    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accumulation_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
+    )
+    # timm schedules are functions of the epoch / update count: stepping there restores them
+    scheduler.step(start_epoch) if not args.sched_on_updates else scheduler.step_update(start_epoch * updates_per_epoch)
+
+    saver = summary_path = writer = None
+    if primary:
+        with open(os.path.join(args.output, "args.yaml"), "w") as f:
+            yaml.safe_dump(vars(args), f, sort_keys=False)
+        # args=None keeps the checkpoint plain tensors/numbers, loadable with weights_only=True
+        saver = CheckpointSaver(model, optimizer, model_ema=model_ema, amp_scaler=scaler,
+                                checkpoint_dir=args.output, recovery_dir=args.output,
+                                max_history=args.checkpoint_hist)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(args.output):
+            saver.load_state_dict_from_checkpoint(args.resume)
+        summary_path = os.path.join(args.output, SUMMARY_CSV)
+        writer = _tensorboard_writer(args)
+
+    run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),
+               channels_last=channels_last, mixup=mixup, scaler=scaler, scheduler=scheduler,
+               model_ema=model_ema, progress=Progress(args, len(loader_train), num_epochs, start_epoch))
+    for epoch in range(start_epoch, num_epochs):
+        if hasattr(loader_train.sampler, "set_epoch"):
+            loader_train.sampler.set_epoch(epoch)
+        epoch_start = time.time()
+        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run)
+        if args.distributed and args.dist_bn:
+            distribute_bn(model, args.world_size, args.dist_bn == "reduce")
+        eval_metrics = evaluate_epoch(model, model_ema, loader_eval, run)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(epoch + 1, eval_metrics["top1"])
+        if primary:
+            train_metrics["epoch_time"] = round(time.time() - epoch_start, 2)
+            update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=lr)
+            best, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics["top1"])
+            _logger.info(f"epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
+                         f"val top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
+                         f"(best {best:.2f} at epoch {best_epoch + 1}) in {train_metrics['epoch_time']:.1f}s")
+            if writer is not None:
+                for key, value in {**{f"train/{k}": v for k, v in train_metrics.items()},
+                                   **{f"val/{k}": v for k, v in eval_metrics.items()}, "lr": lr}.items():
+                    writer.add_scalar(key, value, epoch + 1)
+    if primary:
+        if os.path.isfile(summary_path):
+            _logger.info(f"training curves: {plot_training_curves(summary_path)}")
+        if writer is not None:
+            writer.close()
+    if args.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _tensorboard_writer(args):
+    if not args.log_tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard") from err
+    return SummaryWriter(os.path.join(args.output, "tensorboard"))
+
+
+if __name__ == "__main__":
+    cls_common.run_main(main)

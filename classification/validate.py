@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Top-1 / top-5 accuracy of a classifier on ``<data-dir>/val`` (an ImageFolder).
+
+The checkpoint is a local file, a URL, or ``pretrained`` for the released ImageNet weights of
+the model name; the number of classes comes from the data.  Usually started by validate.sh:
+
+    python validate.py --model pacavit_tiny_p2cconv_100_0 --checkpoint pretrained --data-dir ../datasets/IMNET
+"""
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+from timm.data import resolve_data_config
+from timm.utils import init_distributed_device, setup_default_logging
+
+import cls_common
+from models.checkpoint import load_pretrained
+
+_logger = logging.getLogger("pacavit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", required=True, help="file, URL, or 'pretrained' (released weights)")
+    p.add_argument("--data-dir", required=True, help="ImageFolder root holding val/ (and train/ for class order)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("--interpolation", default="")
+    p.add_argument("--mean", type=float, nargs="+", default=None)
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--use-ema", action=flag, default=False, help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--device", default=cls_common.default_device())
+    p.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
+    p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--channels-last", action=flag, default=False, help="NHWC layout (CUDA only)")
+    p.add_argument("--pin-mem", action=flag, default=False)
+    p.add_argument("--results-file", default="", help="also write the metrics to this JSON file")
+    return p.parse_args(argv)
+
+
+def build_model(args, num_classes):
+    """The classifier with the requested weights; errors name the model and the file."""
+    if args.checkpoint == "pretrained":
+        # timm routes pretrained=True through models.checkpoint (release URL, mirror, cache)
+        return cls_common.create_classifier(args.model, num_classes, pretrained=True)
+    model = cls_common.create_classifier(args.model, num_classes)
+    load_pretrained(model, args.checkpoint, strict=True, use_ema=args.use_ema)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_default_logging()
+    device = init_distributed_device(args)
+    if args.rank != 0:
+        _logger.setLevel(logging.WARNING)
+    cls_common.check_model_name(args.model)
+    num_classes = len(cls_common.class_map_for(args.data_dir, args.split))
+    model = build_model(args, num_classes)
+    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    channels_last = args.channels_last and device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    loader = cls_common.build_eval_loader(args.data_dir, args.split, data_config, args.batch_size,
+                                          args.workers, pin_memory=args.pin_mem)
+    start = time.time()
+    metrics = cls_common.evaluate(model, loader, device, cls_common.autocast_for(device, args.amp, args.amp_dtype),
+                                  channels_last, log_every=20)
+    seconds = time.time() - start
+    if args.rank == 0:
+        result = {"model": args.model, "checkpoint": args.checkpoint, "data_dir": os.path.abspath(args.data_dir),
+                  "split": args.split, "img_size": data_config["input_size"][-1], "num_classes": num_classes,
+                  **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
+        _logger.info(f"{args.model} on {args.data_dir}/{args.split}: top1 {metrics['top1']:.2f} "
+                     f"top5 {metrics['top5']:.2f} loss {metrics['loss']:.4f} "
+                     f"({metrics['images']} images, {metrics['images'] / seconds:.1f} img/s)")
+        if args.results_file:
+            with open(args.results_file, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cls_common.run_main(main)

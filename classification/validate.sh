@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Top-1 / top-5 accuracy on datasets/<dataset_name>/val with validate.py under torchrun.
+#
+#   validate.sh model_name checkpoint_file dataset_name img_size gpus num_gpus [others]
+#
+# checkpoint_file: a local file, a URL, or 'pretrained' (the released ImageNet weights).
+# e.g. ./validate.sh pacavit_tiny_p2cconv_100_0 pretrained IMNET 224 0 1
+#      ./validate.sh pacavit_tiny_p2cconv_100_0 ../work_dirs/classification/cvpr23/TrainingFinished/IMNET_224_pacavit_tiny_p2cconv_100_0_try1/model_best.pth.tar IMNET 224 0,1 2
+# [others] go to validate.py (e.g. --use-ema, --crop-pct 1.0, --results-file r.json).
+# $PACAVIT_DATASETS replaces the datasets/ root; MASTER_PORT picks the rendezvous port.
+set -euo pipefail
+source "$(dirname "$0")/../tools/launch_common.sh"
+
+if (( $# < 6 )); then
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+MODEL=$1 CHECKPOINT=$2 DATASET=$3 IMG_SIZE=$4 GPUS=$5 NB_GPUS=$6
+shift 6
+paca_take_flags "$@"
+
+DATA_DIR="${PACAVIT_DATASETS:-$PACAVIT_ROOT/datasets}/$DATASET"
+[[ -d "$DATA_DIR/val" ]] || paca_die "dataset folder $DATA_DIR/val not found. \
+Link your data there (see datasets/README.md), or for the bundled digits run: python classification/make_digits_dataset.py"
+# a relative checkpoint path means relative to where the user is, not to the script
+if [[ "$CHECKPOINT" != "pretrained" && "$CHECKPOINT" != *://* && -e "$CHECKPOINT" ]]; then
+    CHECKPOINT="$(cd "$(dirname "$CHECKPOINT")" && pwd)/$(basename "$CHECKPOINT")"
+fi
+
+paca_select_devices "$GPUS" "$NB_GPUS"
+CUDA_ARGS=()
+[[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--pin-mem --channels-last --amp --workers 8)
+# a free port unless one is given, so several evaluations can run side by side
+PORT="${MASTER_PORT:-$("$(paca_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
+
+paca_torchrun "$PORT" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
+    --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}"

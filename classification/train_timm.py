@@ -12,6 +12,7 @@ YAML keys are the argument names below (``batch_size``, ``lr_base``, ...); comma
 override them.  Without ``--lr`` the rate is ``lr_base * global_batch / lr_base_size``.
 """
 import argparse
+import csv
 import logging
 import math
 import os
@@ -314,6 +315,19 @@ def resume(args, model, optimizer, scaler, model_ema) -> int:
     return next_epoch
 
 
+def drop_summary_rows_from(path, epoch):
+    """Forget summary rows of epochs that will be trained again (interrupted before their checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [row for row in reader if int(row["epoch"]) < epoch]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def evaluate_epoch(model, model_ema, loader, run):
     metrics = cls_common.evaluate(model, loader, run["device"], run["autocast"], run["channels_last"])
     if model_ema is not None:
@@ -384,9 +398,10 @@ def main(argv=None):
         saver = CheckpointSaver(model, optimizer, model_ema=model_ema, amp_scaler=scaler,
                                 checkpoint_dir=args.output, recovery_dir=args.output,
                                 max_history=args.checkpoint_hist)
+        summary_path = os.path.join(args.output, SUMMARY_CSV)
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(args.output):
             saver.load_state_dict_from_checkpoint(args.resume)
-        summary_path = os.path.join(args.output, SUMMARY_CSV)
+            drop_summary_rows_from(summary_path, start_epoch)
         writer = _tensorboard_writer(args)
 
     run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),

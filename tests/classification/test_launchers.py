@@ -1,0 +1,143 @@
+"""End-to-end runs of train_timm.sh / validate.sh / benchmark.sh on a tiny colour dataset (CPU)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cls_helpers import CLS_DIR, MODEL, experiment_dirs, free_port, run, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def read_summary(folder):
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(cls_env):
+    """Two epochs of PaCa-Tiny through the launcher, from a folder other than classification/."""
+    result = run(train_cmd("e2e", "t1", "--epochs", 2), cls_env, cwd=CLS_DIR.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, experiment_dirs(cls_env, "e2e", "t1")[1]
+
+
+def test_training_writes_logs_checkpoints_and_curves(finished_run, cls_env):
+    result, done_dir = finished_run
+    run_dir, _ = experiment_dirs(cls_env, "e2e", "t1")
+    assert not run_dir.exists() and done_dir.is_dir()  # moved to TrainingFinished/
+    assert [row["epoch"] for row in read_summary(done_dir)] == ["0", "1"]
+    for name in ("last.pth.tar", "model_best.pth.tar", "args.yaml", "train.log", "training_curves.png"):
+        assert (done_dir / name).is_file(), name
+    log = (done_dir / "train.log").read_text()
+    assert "img/s" in log and "eta epoch" in log and "lr " in log
+
+
+def test_validate_reproduces_the_trainers_last_evaluation(finished_run, cls_env, tmp_path):
+    _, done_dir = finished_run
+    last_eval = read_summary(done_dir)[-1]
+    results = tmp_path / "val.json"
+    result = run([CLS_DIR / "validate.sh", MODEL, done_dir / "last.pth.tar", "TINY", 32, 0, 1,
+                  "--crop-pct", "1.0", "--results-file", results], cls_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(results.read_text())
+    assert metrics["images"] == 9 and metrics["num_classes"] == 3
+    assert metrics["top1"] == pytest.approx(float(last_eval["eval_top1"]), abs=1e-3)
+    assert metrics["top5"] == pytest.approx(float(last_eval["eval_top5"]), abs=1e-3)
+    assert metrics["loss"] == pytest.approx(float(last_eval["eval_loss"]), abs=1e-3)
+
+
+def test_finished_experiment_is_never_retrained(finished_run, cls_env):
+    _, done_dir = finished_run
+    before = (done_dir / "last.pth.tar").stat().st_mtime_ns
+    for remove_old in (0, 1):
+        result = run(train_cmd("e2e", "t1", "--epochs", 2, "--yes", remove_old=remove_old), cls_env)
+        assert result.returncode != 0
+        assert "already finished" in result.stderr and "never retrained" in result.stderr
+    assert (done_dir / "last.pth.tar").stat().st_mtime_ns == before
+
+
+def test_resume_after_interruption_continues_from_the_saved_epoch(cls_env):
+    epochs, steps_per_epoch = 3, 2  # 18 training images, batch 9
+    run_dir, done_dir = experiment_dirs(cls_env, "resume", "t1")
+    cmd = [str(c) for c in train_cmd("resume", "t1", "--epochs", epochs)]
+    job = subprocess.Popen(cmd, env=cls_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "last.pth.tar").exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert job.poll() is None, "training ended before it could be interrupted"
+    finally:
+        # as a scheduler preempting the job: SIGTERM to the launcher's group, torchrun stops its workers
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    assert not done_dir.exists()
+    saved_epoch = torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"]
+    assert saved_epoch < epochs - 1
+
+    refused = run(train_cmd("resume", "t1", "--epochs", epochs), cls_env)
+    assert refused.returncode != 0 and "Resume=1" in refused.stderr
+
+    resumed = run(train_cmd("resume", "t1", "--epochs", epochs, resume=1), cls_env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"continuing at epoch {saved_epoch + 2}" in (done_dir / "train.log").read_text()
+    assert [int(row["epoch"]) for row in read_summary(done_dir)] == list(range(epochs))
+    final = torch.load(done_dir / "last.pth.tar", weights_only=True)
+    assert final["epoch"] == epochs - 1
+    # the optimizer state came back: AdamW's step count covers every update of every epoch
+    steps = {int(state["step"]) for state in final["optimizer"]["state"].values()}
+    assert steps == {epochs * steps_per_epoch}
+
+
+def test_remove_old_needs_confirmation_in_batch_mode(cls_env):
+    run_dir, _ = experiment_dirs(cls_env, "keep", "t1")
+    run_dir.mkdir(parents=True)
+    precious = run_dir / "last.pth.tar"
+    precious.write_bytes(b"old run")
+    result = run(train_cmd("keep", "t1", remove_old=1), cls_env)
+    assert result.returncode != 0 and "--yes" in result.stderr
+    assert precious.read_bytes() == b"old run"
+
+
+def test_missing_dataset_folder_is_reported_by_every_launcher(cls_env):
+    train = run(train_cmd("none", "t1", dataset="NO_SUCH_SET"), cls_env)
+    validate = run([CLS_DIR / "validate.sh", MODEL, "pretrained", "NO_SUCH_SET", 32, 0, 1], cls_env)
+    for result in (train, validate):
+        assert result.returncode != 0
+        assert "NO_SUCH_SET" in result.stderr and "make_digits_dataset.py" in result.stderr
+
+
+def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, cls_env):
+    _, done_dir = finished_run
+    data_dir = os.path.join(cls_env["PACAVIT_DATASETS"], "TINY")
+    validate = [sys.executable, CLS_DIR / "validate.py", "--data-dir", data_dir, "--img-size", 32]
+    unknown = run(validate + ["--model", "pacavit_tiny_p2cconv_100", "--checkpoint", done_dir / "last.pth.tar"],
+                  cls_env)
+    assert unknown.returncode == 2
+    assert "unknown model 'pacavit_tiny_p2cconv_100'" in unknown.stderr and "Did you mean" in unknown.stderr
+    other_arch = run(validate + ["--model", "pacavit_base_p2cconv_100_0", "--checkpoint", done_dir / "last.pth.tar"],
+                     cls_env)
+    assert other_arch.returncode == 2
+    assert "another architecture" in other_arch.stderr and "Traceback" not in other_arch.stderr
+
+
+def test_benchmark_appends_a_row_and_plots_latency(cls_env):
+    csv_path = os.path.join(cls_env["PACAVIT_WORK_DIRS"], "classification", "all_benchmark_results.csv")
+    args = ["-b", 2, "--iters", 1, "--warmup", 0, "--compare", "--peers", "pvt_v2_b1", "--img-sizes", "32,64"]
+    result = run([CLS_DIR / "benchmark.sh", MODEL, 32, 10, 0, *args], cls_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["model"] for row in rows] == [MODEL, "pvt_v2_b1"]
+    paca = rows[0]
+    assert float(paca["params_M"]) == pytest.approx(11.82, abs=0.01)  # 10-class head
+    assert float(paca["gflops"]) > 0 and float(paca["infer_img_per_s"]) > 0 and float(paca["train_img_per_s"]) > 0
+    assert (paca["img_size"], paca["num_classes"], paca["device"].startswith("cpu")) == ("32", "10", True)
+    assert os.path.getsize(os.path.join(os.path.dirname(csv_path), "latency_vs_resolution.png")) > 0

@@ -154,16 +154,20 @@ for pin in sys.argv[1:]:
 EOF
 }
 
-# Installs the pins that are missing; prints what is already there otherwise.
+# Added to the pip calls of ensure: the index of the torch step, then the torch pins, so that no later
+# dependency can replace the torch build installed first.
+ENSURE_EXTRA_ARGS=()
+
+# Installs the pins given as arguments that are missing; says so when none is.
 ensure() {
     local missing
     missing="$(unsatisfied "$@")"
     if [[ -z "$missing" ]]; then
-        echo "    already installed: $*" | cut -c1-150
+        if (($# > 3)); then echo "    already installed: all $# pins"; else echo "    already installed: $*"; fi
         return
     fi
     # shellcheck disable=SC2086  # one pin per word
-    pip_install $missing
+    pip_install $missing "${ENSURE_EXTRA_ARGS[@]}"
 }
 
 # --------------------------------------------------------------------------- packages
@@ -173,28 +177,19 @@ step "build tools ($(pins | grep -E '^(pip|setuptools|ninja)==' | paste -sd' '))
 ensure $(pins | grep -E '^(pip|setuptools|ninja)==')
 
 step "$TORCH_PIN $TORCHVISION_PIN${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}" \
-    "set TORCH_INDEX_URL for another CPU/CUDA build, TORCH_VERSION/TORCHVISION_VERSION for another (matching) release"
-if [[ -n "$(unsatisfied "$TORCH_PIN" "$TORCHVISION_PIN")" ]]; then
-    pip_install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_PIN" "$TORCHVISION_PIN"
-else
-    echo "    already installed: $TORCH_PIN $TORCHVISION_PIN"
-fi
+    "set TORCH_INDEX_URL for another CPU/CUDA build, TORCH_VERSION/TORCHVISION_VERSION for another (matching) release; a pip constraint file can cap them (pip config list)"
+ENSURE_EXTRA_ARGS=(${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"})
+ensure "$TORCH_PIN" "$TORCHVISION_PIN"
+ENSURE_EXTRA_ARGS=("$TORCH_PIN" "$TORCHVISION_PIN")
 
 step "timm, OpenMMLab, test tools and their locked dependencies (requirements.txt)" \
     "pip could not install a pin of requirements.txt; its message above names the package"
 # shellcheck disable=SC2046
-missing="$(unsatisfied $(pins | grep -viE "^($OWN_STEP_PACKAGES)=="))"
-if [[ -n "$missing" ]]; then
-    # torch is named again so that no dependency can replace the build installed above
-    # shellcheck disable=SC2086
-    pip_install $missing "$TORCH_PIN" "$TORCHVISION_PIN"
-else
-    echo "    already installed: all $(pins | grep -cviE "^($OWN_STEP_PACKAGES)==") pins"
-fi
+ensure $(pins | grep -viE "^($OWN_STEP_PACKAGES)==")
 
 if ((WITH_XFORMERS)); then
     step "$(pin_of xformers)" "xformers wheels exist only for some torch/CUDA pairs: pick a matching pin in requirements.txt"
-    ensure "$(pin_of xformers)" "$TORCH_PIN"
+    ensure "$(pin_of xformers)"
 fi
 
 # --------------------------------------------------------------------------- mmcv with compiled ops
@@ -290,10 +285,10 @@ EOF
         "$PY" -m pip wheel --verbose --no-build-isolation --no-deps --wheel-dir "$wheel_dir" . 2>&1
     ) | while IFS= read -r line; do
         printf '%s\n' "$line" >>"$log"
-        if [[ "$line" =~ ^\[([0-9]+)/([0-9]+)\] ]]; then
+        if [[ "$line" =~ ^[[:space:]]*\[([1-9][0-9]*)/([0-9]+)\] ]]; then
             done_count=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]} elapsed=$((SECONDS - started))
             eta=$((elapsed * (total - done_count) / done_count))
-            printf '    mmcv build: %d/%d sources, %dm%02ds elapsed, about %dm%02ds left\n' \
+            printf '    mmcv build: source %d of %d, %dm%02ds elapsed, about %dm%02ds left\n' \
                 "$done_count" "$total" $((elapsed / 60)) $((elapsed % 60)) $((eta / 60)) $((eta % 60))
         fi
     done
@@ -316,7 +311,7 @@ EOF
     built_dir="$WHEEL_CACHE/$variant"
     if install_mmcv_wheel_from "$built_dir"; then
         echo "    installed the wheel built before in $built_dir"
-    elif [[ -n "$PIP_FIND_LINKS" ]] && install_mmcv_wheel_from "$PIP_FIND_LINKS"; then
+    elif [[ -n "${PIP_FIND_LINKS:-}" ]] && install_mmcv_wheel_from "$PIP_FIND_LINKS"; then
         echo "    installed a prebuilt wheel from PIP_FIND_LINKS ($PIP_FIND_LINKS)"
     else
         echo "    no working $MMCV_PIN wheel in $built_dir or PIP_FIND_LINKS: building it from source"

@@ -68,10 +68,7 @@ def upsample(maps: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear") 
     """(..., h, w) -> (..., H, W)."""
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    if mode == "nearest":
-        out = F.interpolate(flat, size=size, mode="nearest")
-    else:
-        out = F.interpolate(flat, size=size, mode=mode, align_corners=False)
+    out = F.interpolate(flat, size=size, mode=mode, align_corners=None if mode == "nearest" else False)
     return out.reshape(*lead, *size)
 
 
@@ -128,10 +125,10 @@ def query_picture(photo: np.ndarray, assignments: torch.Tensor, query_attention:
     return heat_overlay(photo, scaled.clamp(0, 1).numpy()), (float(low * M), float(high * M))
 
 
-def mark_query(ax, query_cell: Tuple[int, int], hw: Tuple[int, int], size: int, x0: float = 0.0, y0: float = 0.0):
-    """Outline the query patch (row, col of an ``hw`` grid) on a ``size`` picture drawn at (x0, y0)."""
+def mark_query(ax, query_cell: Tuple[int, int], hw: Tuple[int, int], size: int, x0: float = 0.0):
+    """Outline the query patch (row, col of an ``hw`` grid) on a ``size`` picture drawn at x = ``x0``."""
     step_y, step_x = size / hw[0], size / hw[1]
-    box = (x0 + query_cell[1] * step_x, y0 + query_cell[0] * step_y)
+    box = (x0 + query_cell[1] * step_x, query_cell[0] * step_y)
     ax.add_patch(Rectangle(box, step_x, step_y, fill=False, edgecolor="white", linewidth=2.0))
     ax.add_patch(Rectangle(box, step_x, step_y, fill=False, edgecolor="black", linewidth=0.8))
 

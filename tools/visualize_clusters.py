@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 
 TOOLS = Path(__file__).resolve().parent
@@ -44,7 +44,7 @@ for path in (REPO, TOOLS):
 import timm  # noqa: E402
 
 import cluster_figures as figures  # noqa: E402
-import models  # noqa: E402,F401  (registers the pacavit_* models)
+import models  # noqa: E402  (importing it registers the pacavit_* models with timm)
 from models import CheckpointError, capture_maps, load_pretrained  # noqa: E402
 
 _logger = logging.getLogger("visualize_clusters")
@@ -75,18 +75,25 @@ def list_images(images: Sequence[str], image_dir: Optional[str]) -> List[str]:
     return sources
 
 
+class ImageReadError(RuntimeError):
+    """An input image could not be read (the other images of a folder are still drawn)."""
+
+
 def load_image(source: str, size: int) -> np.ndarray:
     """RGB float image in [0, 1], shorter side resized to ``size`` and centre-cropped to a square.
 
     ``sklearn:NAME`` reads one of scikit-learn's bundled sample photos (china.jpg, flower.jpg).
     """
-    if source.startswith(SKLEARN_PREFIX):
-        from sklearn.datasets import load_sample_image
+    try:
+        if source.startswith(SKLEARN_PREFIX):
+            from sklearn.datasets import load_sample_image
 
-        image = Image.fromarray(load_sample_image(source[len(SKLEARN_PREFIX):]))
-    else:
-        image = Image.open(source)
-    image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
+            image = Image.fromarray(load_sample_image(source[len(SKLEARN_PREFIX):]))
+        else:
+            image = Image.open(source)
+        image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
+    except (OSError, AttributeError) as e:  # sklearn reports an unknown sample name as AttributeError
+        raise ImageReadError(f"cannot read {source}: {e}") from e
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -265,13 +272,14 @@ def describe_stage(views: List[ClusterView]) -> str:
     if first.group == "head":
         where = f"{M} clusters, one per class, over {h}x{w} positions"
     else:
-        where = (f"{M} clusters over {h}x{w} patches, assignments computed in blocks "
+        where = (f"{M} clusters over {h}x{w} patches, new assignments at blocks "
                  f"{[v.block for v in views if v.new]} of {blocks}")
     return f"{first.group}: {where}; {winners} clusters win a patch; largest: {largest}"
 
 
-def draw_image(subject: Subject, views: List[ClusterView], image: np.ndarray, out: Path, settings: Settings,
-               ) -> Tuple[List[Path], List[str]]:
+def draw_image(
+    subject: Subject, views: List[ClusterView], image: np.ndarray, out: Path, settings: Settings
+) -> Tuple[List[Path], List[str]]:
     """Write the figures for one image; returns the files written and the notes."""
     written, notes = [], []
     suffix = " · random weights" if subject.random_weights else ""
@@ -334,8 +342,8 @@ def model_input(subject: Subject, image: np.ndarray) -> torch.Tensor:
 def explain(subject: Subject, source: str, out: Path, settings: Settings, device: str = "cpu") -> List[Path]:
     """Run one image through ``subject`` and write its figures, ``maps.pt`` and ``notes.txt`` into ``out``."""
     image = load_image(source, settings.img_size)
-    maps, head_maps = run_captured(subject, model_input(subject, image).to(device))
-    views = [_to_cpu(v) for v in cluster_views(maps, head_maps, subject.class_names)]
+    maps, head_maps = (_records_to_cpu(r) for r in run_captured(subject, model_input(subject, image).to(device)))
+    views = cluster_views(maps, head_maps, subject.class_names)
     out.mkdir(parents=True, exist_ok=True)
     # the figures show the same crop at no less than their own resolution
     display = image if settings.img_size >= figures.PANEL else load_image(source, figures.PANEL)
@@ -355,12 +363,9 @@ def explain(subject: Subject, source: str, out: Path, settings: Settings, device
     return written + [out / "maps.pt", out / "notes.txt"]
 
 
-def _to_cpu(view: ClusterView) -> ClusterView:
-    for field in ("assignments", "attention"):
-        value = getattr(view, field)
-        if value is not None:
-            setattr(view, field, value.float().cpu())
-    return view
+def _records_to_cpu(records: List[dict]) -> List[dict]:
+    """Captured records with their tensors on the CPU (a ``maps.pt`` loads anywhere)."""
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in records]
 
 
 def output_folders(sources: Sequence[str], out: Path) -> List[Path]:
@@ -425,8 +430,8 @@ def main(argv=None) -> int:
     for i, (source, folder) in enumerate(zip(sources, output_folders(sources, Path(args.out))), start=1):
         try:
             written = explain(subject, source, folder, settings, args.device)
-        except (OSError, UnidentifiedImageError) as e:
-            _logger.error("[%d/%d] %s: skipped, cannot read it (%s)", i, len(sources), source, e)
+        except ImageReadError as e:
+            _logger.error("[%d/%d] %s: skipped (%s)", i, len(sources), source, e)
             failed.append(source)
             continue
         rate = i / (time.time() - start)

@@ -228,19 +228,17 @@ def build_train_loss(args, mixup):
 class Progress:
     """Log lines with loss, lr, throughput and time left, for the epoch and the whole run."""
 
-    def __init__(self, args, steps_per_epoch, num_epochs, start_epoch):
-        self.args, self.steps_per_epoch, self.num_epochs = args, steps_per_epoch, num_epochs
+    def __init__(self, world_size, steps_per_epoch, num_epochs):
+        self.world_size, self.steps_per_epoch, self.num_epochs = world_size, steps_per_epoch, num_epochs
         self.step_time = AverageMeter()
-        self.run_start, self.start_epoch = time.time(), start_epoch
 
-    def log(self, epoch, step, loss, optimizer, batch):
+    def log(self, epoch, step, loss, mean_loss, lr, batch):
         left_in_epoch = self.steps_per_epoch - step - 1
         left_total = left_in_epoch + (self.num_epochs - epoch - 1) * self.steps_per_epoch
-        lr = optimizer.param_groups[0]["lr"]
-        rate = batch * self.args.world_size / max(self.step_time.avg, 1e-9)
+        rate = batch * self.world_size / max(self.step_time.avg, 1e-9)
         _logger.info(
             f"epoch {epoch + 1}/{self.num_epochs} [{step + 1:>4}/{self.steps_per_epoch}] "
-            f"loss {loss.val:.4f} ({loss.avg:.4f}) lr {lr:.3e} {rate:.1f} img/s "
+            f"loss {loss:.4f} ({mean_loss:.4f}) lr {lr:.3e} {rate:.1f} img/s "
             f"eta epoch {timedelta(seconds=round(left_in_epoch * self.step_time.avg))} "
             f"run {timedelta(seconds=round(left_total * self.step_time.avg))}"
         )
@@ -259,7 +257,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
     end = time.time()
     for step, (images, target) in enumerate(loader):
         need_update = (step + 1) % accum == 0 or step + 1 == len(loader)
-        images, target = images.to(run["device"]), target.to(run["device"])
+        images, target = images.to(run["device"], non_blocking=True), target.to(run["device"], non_blocking=True)
         if mixup is not None:
             images, target = mixup(images, target)
         if run["channels_last"]:
@@ -289,18 +287,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
         end = time.time()
         if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
             if args.rank == 0:
-                run["progress"].log(epoch, step, _as_float(losses), optimizer, images.size(0))
+                run["progress"].log(epoch, step, float(losses.val), float(losses.avg),
+                                    optimizer.param_groups[0]["lr"], images.size(0))
     mean_loss = losses.avg.detach().float()
     if args.distributed:
         mean_loss = reduce_tensor(mean_loss, args.world_size)
     return {"loss": mean_loss.item()}
-
-
-def _as_float(meter):
-    """A copy of an AverageMeter holding tensors, with floats for printing."""
-    out = AverageMeter()
-    out.val, out.avg = float(meter.val), float(meter.avg)
-    return out
 
 
 def resume(args, model, optimizer, scaler, model_ema) -> int:
@@ -388,7 +380,10 @@ def main(argv=None):
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
     )
     # timm schedules are functions of the epoch / update count: stepping there restores them
-    scheduler.step(start_epoch) if not args.sched_on_updates else scheduler.step_update(start_epoch * updates_per_epoch)
+    if args.sched_on_updates:
+        scheduler.step_update(start_epoch * updates_per_epoch)
+    else:
+        scheduler.step(start_epoch)
 
     saver = summary_path = writer = None
     if primary:
@@ -406,7 +401,7 @@ def main(argv=None):
 
     run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),
                channels_last=channels_last, mixup=mixup, scaler=scaler, scheduler=scheduler,
-               model_ema=model_ema, progress=Progress(args, len(loader_train), num_epochs, start_epoch))
+               model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs))
     for epoch in range(start_epoch, num_epochs):
         if hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)

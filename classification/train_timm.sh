@@ -9,7 +9,7 @@
 # Data: datasets/<Dataset_name>/{train,val} (root overridable with $PACAVIT_DATASETS).
 # Output: work_dirs/classification/<Exp>/<Dataset>_<Img>_<Model>_<Tag>/ (root: $PACAVIT_WORK_DIRS),
 # moved to .../<Exp>/TrainingFinished/<same name>/ when training completes; a finished run is
-# never retrained.  Remove_old=1 deletes an unfinished run after confirmation (a prompt, or
+# never retrained (Remove_old=0: nothing to do, exit 0; Remove_old=1: refused).  Remove_old=1 deletes an unfinished run after confirmation (a prompt, or
 # --yes / PACAVIT_YES=1 in batch jobs); Resume=1 continues it from its last.pth.tar.
 # [others] go to train_timm.py and override the config (e.g. --epochs 10 -b 64 --lr 1e-3).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
@@ -29,6 +29,7 @@ CLS_DIR="$PACAVIT_ROOT/classification"
 [[ -f "$CONFIG" ]] || CONFIG="$CLS_DIR/$CONFIG"
 [[ -f "$CONFIG" ]] || paca_die "config file $1 not found (relative to $(pwd) or $CLS_DIR)"
 [[ "$IMG_SIZE" =~ ^[0-9]+$ ]] || paca_die "Img_size must be an integer, got '$IMG_SIZE'"
+[[ "$REMOVE_OLD" == [01] && "$RESUME" == [01] ]] || paca_die "Remove_old and Resume must be 0 or 1, got '$REMOVE_OLD' '$RESUME'"
 DATA_DIR="${PACAVIT_DATASETS:-$PACAVIT_ROOT/datasets}/$DATASET"
 [[ -d "$DATA_DIR/train" && -d "$DATA_DIR/val" ]] || paca_die "dataset folder $DATA_DIR/{train,val} not found. \
 Link your data there (see datasets/README.md), or for the bundled digits run: python classification/make_digits_dataset.py"
@@ -38,21 +39,26 @@ NAME="${DATASET}_${IMG_SIZE}_${MODEL}_${TAG}"
 RUN_DIR="$EXP_DIR/$NAME"
 DONE_DIR="$EXP_DIR/TrainingFinished/$NAME"
 
-[[ -e "$DONE_DIR" ]] && paca_die "$NAME has already finished training: $DONE_DIR. \
-It is never retrained or overwritten; choose another Tag, or move that folder away yourself."
-RESUME_ARGS=()
-if [[ -e "$RUN_DIR" ]]; then
+# a finished run is never retrained: nothing to do (Remove_old=0) or refused (Remove_old=1)
+if [[ -e "$DONE_DIR" ]]; then
+    [[ "$REMOVE_OLD" == "1" ]] && paca_die "$NAME has already finished training and is kept: $DONE_DIR. \
+It is never retrained or overwritten; choose another Tag, or delete that folder by hand to train again."
+    echo "$NAME has already finished training: $DONE_DIR; nothing to do (it is never retrained)"
+    exit 0
+fi
+# Node 0 owns the run folder (shared by all nodes); every node makes the same resume decision.
+if [[ "${NODE_RANK:-0}" == "0" && -e "$RUN_DIR" ]]; then
     if [[ "$REMOVE_OLD" == "1" ]]; then
         paca_confirm_remove "$RUN_DIR"
     elif [[ "$RESUME" == "1" ]]; then
-        if [[ -f "$RUN_DIR/last.pth.tar" ]]; then
-            RESUME_ARGS=(--resume "$RUN_DIR/last.pth.tar")
-        else
-            echo "note: $RUN_DIR has no last.pth.tar yet; starting from scratch there"
-        fi
+        [[ -f "$RUN_DIR/last.pth.tar" ]] || echo "note: $RUN_DIR has no last.pth.tar yet; starting from scratch there"
     else
         paca_die "$RUN_DIR exists: pass Resume=1 to continue it or Remove_old=1 to start over"
     fi
+fi
+RESUME_ARGS=()
+if [[ "$REMOVE_OLD" == "0" && "$RESUME" == "1" && -f "$RUN_DIR/last.pth.tar" ]]; then
+    RESUME_ARGS=(--resume "$RUN_DIR/last.pth.tar")
 fi
 mkdir -p "$RUN_DIR"
 

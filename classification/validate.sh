@@ -30,8 +30,7 @@ fi
 paca_select_devices "$GPUS" "$NB_GPUS"
 CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--pin-mem --channels-last --amp --workers 8)
-# a free port unless one is given, so several evaluations can run side by side
-PORT="${MASTER_PORT:-$("$(paca_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
+PORT="${MASTER_PORT:-$(paca_free_port)}"
 
 paca_torchrun "$PORT" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
     --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}"

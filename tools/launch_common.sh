@@ -117,3 +117,9 @@ paca_prepare_experiment() {
 paca_mark_finished() {
     date -u +"finished %Y-%m-%dT%H:%M:%SZ" >"$1/$PACA_FINISHED_MARK"
 }
+
+# A free TCP port on this machine: the default rendezvous port of single-node runs that take no
+# Port argument, so several of them can run side by side.
+paca_free_port() {
+    "$(paca_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}

@@ -97,7 +97,7 @@ def register_checkpoint_safe_globals() -> None:
     """
     from mmengine.logging import HistoryBuffer
 
-    multiarray = np._core.multiarray
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
     numpy_globals = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
     # numpy >= 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
@@ -152,7 +152,12 @@ def _prepare_environment(cfg, launcher: str) -> None:
     cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
-    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+    cfg.model_wrapper_cfg = dict(
+        type="MMDistributedDataParallel",
+        device_ids=None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False),
+    )
 
 
 def _default_work_dir(task: str, *parts: str) -> str:
@@ -215,21 +220,13 @@ def _test_parser(task: str) -> argparse.ArgumentParser:
 
 
 def _enable_visualization(cfg, show_dir: str) -> None:
-    """Draw every test prediction into ``show_dir`` with the config's visualisation hook."""
-    from mmengine.registry import HOOKS
-    import inspect
-
+    """Draw every test prediction with the config's visualisation hook; the visualizer's local
+    backend writes them as PNG files under ``show_dir/vis_data/vis_image/``."""
     hook = cfg.get("default_hooks", {}).get("visualization")
     if hook is None:
         raise SystemExit("error: --show-dir needs default_hooks.visualization in the config")
     hook.update(draw=True, interval=1)
-    show_dir = str(Path(show_dir).resolve())
-    with HOOKS.switch_scope_and_registry(cfg.default_scope) as hooks:  # mmdet's / mmseg's hooks
-        hook_class = hooks.get(hook["type"])
-    if "test_out_dir" in inspect.signature(hook_class).parameters:
-        hook["test_out_dir"] = show_dir  # mmdet: one PNG per image, named like the image
-    else:
-        cfg.visualizer["save_dir"] = show_dir  # mmseg: the visualizer's backends write the PNGs
+    cfg.visualizer["save_dir"] = str(Path(show_dir).resolve())
 
 
 def load_checkpoint_strict(model: torch.nn.Module, source: str) -> dict:
@@ -307,7 +304,9 @@ def complexity(model: torch.nn.Module, height: int, width: int) -> dict:
 
     shape = (height, width)
     meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, scale_factor=(1.0, 1.0))
-    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    # a noise image: on a blank one the RPN keeps few proposals and the RoI heads would run on fewer
+    # boxes than on a real image (up to rpn max_per_img, 1000 in the COCO configs)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = model.data_preprocessor(dict(inputs=[image], data_samples=[BaseDataElement(metainfo=meta)]), False)
     model.eval()
     analyzer = FlopAnalyzer(_TensorForward(model, data["data_samples"]), (data["inputs"],))
@@ -347,7 +346,7 @@ def flops_main(
     result = complexity(model, height, width)
     print(f"config: {args.config}")
     print(f"input shape: {height}x{width} (padded to {result['input_shape'][0]}x{result['input_shape'][1]})")
-    print(f"params: {result['params'] / 1e6:.1f}M")
+    print(f"params: {result['params'] / 1e6:.2f}M")
     print(f"FLOPs: {result['flops'] / 1e9:.1f}G (multiply-adds)")
     if result["unsupported_ops"]:
         ops = ", ".join(f"{name} x{count}" for name, count in sorted(result["unsupported_ops"].items()))

@@ -23,6 +23,7 @@ from timm.models._features import feature_take_indices
 
 from .checkpoint import RELEASE_BASE_URL, adapt_state_dict, load_pretrained
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
+from .layers.attention import assignments_from_logits
 
 __all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
 
@@ -191,7 +192,8 @@ class PaCaViT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def _stages(self, x: torch.Tensor, last_stage: Optional[int] = None):
         """Yield (stage index, normalised stage output as (B, H, W, C)) for each stage."""
-        x = self.patch_embed(x)  # B H W C
+        # channels_last input: every conv then returns NHWC memory and the token views are free
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # B H W C
         teacher_logits, teacher_feats = [None] * self.num_stages, None
         if self.paca_teacher is not None:
             teacher_logits, teacher_feats = self.paca_teacher(x.permute(0, 3, 1, 2))
@@ -200,7 +202,7 @@ class PaCaViT(nn.Module):
                 x = getattr(self, f"transition{i}")(x.permute(0, 3, 1, 2))
             B, H, W, C = x.shape
             tokens = x.reshape(B, H * W, C)
-            assignments = None if teacher_logits[i] is None else teacher_logits[i].softmax(dim=-1)
+            assignments = None if teacher_logits[i] is None else assignments_from_logits(teacher_logits[i])
             for blk in getattr(self, f"stage{i + 1}"):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     tokens, assignments = checkpoint(blk, tokens, (H, W), assignments, use_reentrant=False)

@@ -1,12 +1,14 @@
 """Clustering modules: map N patch tokens to M cluster-assignment logits.
 
 Every module takes tokens ``x`` of shape (B, N, C) with their spatial size ``hw`` and returns
-logits of shape (B, M, N); the softmax over the N patches is taken by the caller.
+logits of shape (B, N, M), token-major like the tokens themselves, so that no layout copy is
+needed; the softmax over the N patches (dim 1) is taken by the caller.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layout import tokens_to_nchw
+from .layout import nchw_to_tokens, tokens_to_nchw
 
 
 class ConvClustering(nn.Module):
@@ -23,7 +25,12 @@ class ConvClustering(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return self.clustering(tokens_to_nchw(x, hw)).flatten(2)
+        depthwise, act1, pointwise, act2, to_clusters = self.clustering
+        x = nchw_to_tokens(act1(depthwise(tokens_to_nchw(x, hw))))
+        # The 1x1 convs are applied as linear layers on the (B, N, C) tokens: same weights and
+        # math, but no NCHW round trip and a faster GEMM than a 1x1 convolution.
+        x = act2(F.linear(x, pointwise.weight.flatten(1), pointwise.bias))
+        return F.linear(x, to_clusters.weight.flatten(1))
 
 
 class MlpClustering(nn.Module):
@@ -35,7 +42,7 @@ class MlpClustering(nn.Module):
         self.clustering = nn.Sequential(nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, num_clusters))
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return self.clustering(x).transpose(1, 2)
+        return self.clustering(x)
 
 
 class LinearClustering(nn.Module):
@@ -46,7 +53,7 @@ class LinearClustering(nn.Module):
         self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return self.clustering(x).transpose(1, 2)
+        return self.clustering(x)
 
 
 CLUSTERING_LAYERS = {"conv": ConvClustering, "mlp": MlpClustering, "linear": LinearClustering}

@@ -1,19 +1,29 @@
 """The PaCa block's feed-forward network: fc1 -> 3x3 depthwise conv (+ shortcut) -> GELU -> fc2."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layout import nchw_to_tokens, tokens_to_nchw
 
 
 class DWConv(nn.Module):
-    """3x3 depthwise convolution over tokens, with its own identity shortcut."""
+    """3x3 depthwise convolution over tokens, with its own identity shortcut.
+
+    ``x + dwconv(x)`` is computed as one convolution whose kernel has 1 added at its centre tap:
+    the same function, without a separate pass over the block's largest tensor.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        identity = torch.zeros(dim, 1, 3, 3)
+        identity[:, :, 1, 1] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return x + nchw_to_tokens(self.dwconv(tokens_to_nchw(x, hw)))
+        weight = self.dwconv.weight + self.identity.to(self.dwconv.weight.dtype)
+        y = F.conv2d(tokens_to_nchw(x, hw), weight, self.dwconv.bias, padding=1, groups=x.shape[-1])
+        return nchw_to_tokens(y)
 
 
 class ConvMlp(nn.Module):

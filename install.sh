@@ -108,7 +108,7 @@ if [[ -n "$CONDA_NAME" ]]; then
     step "conda environment '$CONDA_NAME' from environment.yaml" \
         "conda could not create or run the environment; read its message above (channel access? disk space?)"
     command -v conda >/dev/null || fail "conda is not on PATH: install Miniforge, or run ./install.sh without a name for a virtualenv"
-    if ! conda env list | awk '{print $1}' | grep -qx "$CONDA_NAME"; then
+    if ! conda env list | awk -v name="$CONDA_NAME" '$1 == name {found = 1} END {exit !found}'; then
         conda env create --quiet --name "$CONDA_NAME" --file "$REPO/environment.yaml"
     fi
     PY="$(conda run --name "$CONDA_NAME" python -c 'import sys; print(sys.executable)')"

@@ -51,6 +51,7 @@ _logger = logging.getLogger("visualize_clusters")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SKLEARN_PREFIX = "sklearn:"
+SKLEARN_SAMPLES = ("china.jpg", "flower.jpg")  # photos shipped with scikit-learn
 DEFAULT_QUERY_BARS = 10
 RANDOM_WEIGHTS_NOTE = "random weights: the maps show the architecture's spatial prior, not learned semantics"
 
@@ -60,7 +61,11 @@ def list_images(images: Sequence[str], image_dir: Optional[str]) -> List[str]:
     """The ``--image`` sources then the images of ``--image-dir`` (sorted); fails early on bad paths."""
     sources = list(images or [])
     for source in sources:
-        if not source.startswith(SKLEARN_PREFIX) and not Path(source).is_file():
+        if source.startswith(SKLEARN_PREFIX):
+            if source[len(SKLEARN_PREFIX):] not in SKLEARN_SAMPLES:
+                choices = " or ".join(SKLEARN_PREFIX + name for name in SKLEARN_SAMPLES)
+                raise FileNotFoundError(f"no scikit-learn sample {source}; choose {choices}")
+        elif not Path(source).is_file():
             raise FileNotFoundError(f"image not found: {source}")
     if image_dir:
         folder = Path(image_dir)
@@ -92,7 +97,7 @@ def load_image(source: str, size: int) -> np.ndarray:
         else:
             image = Image.open(source)
         image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
-    except (OSError, AttributeError) as e:  # sklearn reports an unknown sample name as AttributeError
+    except OSError as e:
         raise ImageReadError(f"cannot read {source}: {e}") from e
     return np.asarray(image, dtype=np.float32) / 255.0
 
@@ -380,7 +385,9 @@ def output_folders(sources: Sequence[str], out: Path) -> List[Path]:
 
 # -- command line -------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="a pacavit_* model name")
     what.add_argument("--seg-config", help="an mmseg config whose decode head is the PaCa head")
@@ -398,7 +405,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks", choices=("all", "first"), default="all",
                         help="all: every block's maps (per block when block-wise); first: each stage's first block")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --checkpoint)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu")
     args = parser.parse_args(argv)
     if args.img_size < 32:
         parser.error("--img-size must be at least 32 (the last stage is 1/32 of the input)")

@@ -195,13 +195,15 @@ def test_offline_pretrained_fails_clearly(tmp_path, monkeypatch, caplog, photo):
 
 
 def test_bad_inputs_are_refused_before_loading(tmp_path, caplog):
-    assert vc.main(["--model", "pacavit_tiny_p2cconv_100_0", "--image", str(tmp_path / "missing.jpg"),
-                    "--out", str(tmp_path)]) == 2
+    tiny = ["--model", "pacavit_tiny_p2cconv_100_0", "--out", str(tmp_path)]
+    assert vc.main(tiny + ["--image", str(tmp_path / "missing.jpg")]) == 2
     assert "image not found" in caplog.text
+    assert vc.main(tiny + ["--image", "sklearn:nope.jpg"]) == 2
+    assert "choose sklearn:china.jpg or sklearn:flower.jpg" in caplog.text
     assert vc.main(["--model", "pacavit_nope", "--image", "sklearn:china.jpg", "--out", str(tmp_path)]) == 2
     assert "unknown model 'pacavit_nope'" in caplog.text
     with pytest.raises(SystemExit):
-        vc.parse_args(["--model", "pacavit_tiny_p2cconv_100_0", "--image", "x", "--out", "o", "--query-patch", "0", "300"])
+        vc.parse_args(tiny + ["--image", "x", "--query-patch", "0", "300"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,64 @@
+"""Every Mask R-CNN config builds its detector and runs its backbone and FPN; weights and data point
+at the released ImageNet checkpoint of the variant and at <repo>/datasets/coco."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.registry import MODELS
+
+from conftest import DETECTION, REPO
+from models.checkpoint import RELEASE_BASE_URL
+from models.openmmlab import load_config
+from models.paca_vit import RELEASED_IMAGENET, VARIANTS
+
+CONFIGS = sorted((DETECTION / "configs" / "paca_vit").rglob("*.py"))
+SEED_ROWS = [
+    "tiny_p2cconv_100_0", "small_p2cconv_100_0", "small_p2cmlp_100_0", "base_p2cconv_100_0",
+    "convmixer_tiny_100_0", "convmixer_small_100_0", "convmixer_base_100_0",
+    "small_p2cconv_2_0", "small_p2cconv_49_0", "small_p2cconv_49_100", "small_p2cconv_100_49",
+    "small_p2cconv_100", "small_p2cconv_100_blockwise",
+]
+
+
+def test_one_config_per_zoo_row():
+    stems = {p.stem for p in CONFIGS}
+    assert stems == {f"mask_rcnn_pacavit_{row}_mstrain_480_800_1x_coco" for row in SEED_ROWS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem[len("mask_rcnn_pacavit_"):-len("_mstrain_480_800_1x_coco")])
+def test_config_builds_and_runs(path: Path, monkeypatch):
+    monkeypatch.delenv("PACAVIT_DATASETS", raising=False)
+    cfg = load_config(str(path), "mmdet")
+    backbone = cfg.model.backbone
+    variant = backbone.type[: -len("_downstream")]
+    assert variant in VARIANTS
+    size = re.search(r"_(tiny|small|base)_", variant).group(1)
+    assert backbone.drop_path_rate == {"tiny": 0.1, "small": 0.2, "base": 0.3}[size]
+
+    released = RELEASED_IMAGENET.get(variant)
+    if released:
+        assert backbone.init_cfg == dict(type="Pretrained", checkpoint=f"{RELEASE_BASE_URL}/{released}")
+    else:
+        assert backbone.get("init_cfg") is None
+    assert cfg.train_dataloader.dataset.data_root == str(REPO / "datasets" / "coco") + "/"
+    assert cfg.test_evaluator.ann_file == str(REPO / "datasets" / "coco" / "annotations" / "instances_val2017.json")
+
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model).eval()
+    # backbone + FPN: what differs between the configs (the heads are mmdet's, run in test_pipeline)
+    with torch.no_grad():
+        features = model.extract_feat(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in features] == [(256, 16 // 2**i, 16 // 2**i) for i in range(5)]
+
+
+def test_training_pipeline_is_the_multi_scale_crop_recipe():
+    cfg = load_config(str(CONFIGS[0]), "mmdet")
+    choice = next(t for t in cfg.train_dataloader.dataset.pipeline if t.type == "RandomChoice")
+    resize_only, crop_branch = choice.transforms
+    scales = [(s, 1333) for s in range(480, 801, 32)]
+    assert resize_only[0].scales == scales
+    assert [t.type for t in crop_branch] == ["RandomChoiceResize", "RandomCrop", "RandomChoiceResize"]
+    assert crop_branch[1].crop_size == (384, 600) and crop_branch[2].scales == scales
+    assert cfg.optim_wrapper.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.0

@@ -1,0 +1,73 @@
+"""PaCaSegHead against the official head's golden data."""
+import json
+
+import pytest
+import torch
+from mmseg.registry import MODELS
+
+import mmseg_custom  # noqa: F401  (registers the head and the segmentor)
+
+
+@pytest.fixture(scope="module")
+def manifest(seg_golden_dir):
+    return json.loads((seg_golden_dir / "manifests" / "paca_seg_head_ade20k.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def golden_outputs(seg_golden_dir):
+    return torch.load(seg_golden_dir / "outputs" / "paca_seg_head_ade20k.pt", weights_only=True)
+
+
+def build_head(manifest, golden_weights):
+    """The golden config's head (SyncBN as plain BN: one process) with the deterministic weights."""
+    cfg = dict(manifest["config"], norm_cfg=dict(type="BN", requires_grad=True))
+    head = MODELS.build(cfg)
+    head.load_state_dict(golden_weights.deterministic_state_dict(head), strict=True)
+    return head.double()
+
+
+def golden_inputs(manifest, golden_weights):
+    return [golden_weights.golden_input(entry["shape"], entry["seed"]) for entry in manifest["inputs"]]
+
+
+def test_state_dict_matches_official_names_and_shapes(manifest, golden_weights):
+    head = MODELS.build(dict(manifest["config"], norm_cfg=dict(type="BN", requires_grad=True)))
+    ours = {key: list(value.shape) for key, value in head.state_dict().items()}
+    assert ours == {key: shape for key, shape in manifest["state_dict"]}
+    assert sum(p.numel() for p in head.parameters()) == manifest["num_params"]
+
+
+def test_eval_forward_matches_golden(manifest, golden_weights, golden_outputs):
+    head = build_head(manifest, golden_weights).eval()
+    with torch.no_grad():
+        seg_logits = head(golden_inputs(manifest, golden_weights))
+    assert [list(seg_logits.shape)] == manifest["output_shapes"]
+    torch.testing.assert_close(seg_logits.float(), golden_outputs["outputs"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_train_forward_matches_golden(manifest, golden_weights, golden_outputs):
+    """Training mode also returns the raw cluster logits (Dropout and BatchNorm kept in eval mode)."""
+    head = build_head(manifest, golden_weights).train()
+    for module in head.modules():
+        if isinstance(module, (torch.nn.Dropout2d, torch.nn.modules.batchnorm._BatchNorm)):
+            module.eval()
+    with torch.no_grad():
+        outputs = head(golden_inputs(manifest, golden_weights))
+    assert [list(o.shape) for o in outputs] == manifest["train_output_shapes"]
+    for ours, golden in zip(outputs, golden_outputs["train_outputs"]):
+        torch.testing.assert_close(ours.float(), golden, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_records_assignments_without_changing_the_output(manifest, golden_weights, golden_outputs):
+    head = build_head(manifest, golden_weights).eval()
+    head.capture = []
+    with torch.no_grad():
+        seg_logits = head(golden_inputs(manifest, golden_weights))
+    torch.testing.assert_close(seg_logits.float(), golden_outputs["outputs"][0], rtol=1e-5, atol=1e-5)
+    (record,) = head.capture
+    height, width = manifest["output_shapes"][0][2:]
+    assert record["hw"] == (height, width)
+    assert record["assignments"].shape == (1, manifest["config"]["num_classes"], height, width)
+    # a softmax over the pixels: each cluster's map sums to one
+    torch.testing.assert_close(record["assignments"].sum(dim=(2, 3)), torch.ones(1, 150, dtype=torch.float64))
+

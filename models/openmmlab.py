@@ -160,6 +160,19 @@ def _prepare_environment(cfg, launcher: str) -> None:
     )
 
 
+def check_data_roots(cfg, loaders: Sequence[str]) -> None:
+    """Fail early, with what to do, when a dataset folder named by the config is missing."""
+    for loader in loaders:
+        dataset = (cfg.get(loader) or {}).get("dataset", {})
+        root = dataset.get("data_root")
+        if root and not Path(root).is_dir():
+            raise SystemExit(
+                f"error: dataset folder {root} ({loader}) not found. Link your copy there (see "
+                f"datasets/README.md), set PACAVIT_DATASETS to the folder that holds it, or override it with "
+                f"--cfg-options {loader}.dataset.data_root=..."
+            )
+
+
 def _default_work_dir(task: str, *parts: str) -> str:
     return str(work_dirs_root() / task / Path(*parts))
 
@@ -203,6 +216,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
         if "base_batch_size" not in cfg.get("auto_scale_lr", {}):
             raise SystemExit(f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}")
         cfg.auto_scale_lr.enable = True
+    check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     _prepare_environment(cfg, cfg.launcher)
     Runner.from_cfg(cfg).train()
 
@@ -266,6 +280,7 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
     cfg.resume = False
     if args.show_dir:
         _enable_visualization(cfg, args.show_dir)
+    check_data_roots(cfg, ("test_dataloader",))
     _prepare_environment(cfg, cfg.launcher)
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model

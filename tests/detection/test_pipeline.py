@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from mmdet.datasets import CocoDataset
 
 from conftest import DETECTION, TINY_CONFIG
+from models.openmmlab import train_main
 
 NAME = "mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco_t1"
 
@@ -66,3 +68,21 @@ def test_train_resume_and_test(launcher_env, tmp_path):
     for metric in ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_75"):
         assert f"{metric}: " in output
     assert len(list(show_dir.rglob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, env, message",
+    [
+        (["--amp"], {}, "--amp needs a CUDA device"),
+        ([], {"PACAVIT_DATASETS": "/nonexistent"}, "dataset folder /nonexistent/coco_tiny/ .* not found"),
+    ],
+    ids=["amp-on-cpu", "missing-dataset"],
+)
+def test_clear_errors_before_any_work(extra, env, message, monkeypatch, tmp_path):
+    if extra == ["--amp"] and torch.cuda.is_available():
+        pytest.skip("--amp is allowed where CUDA is available")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=message):
+        train_main("mmdet", "detection", [str(DETECTION / TINY_CONFIG), "--work-dir", str(tmp_path), *extra])
+    assert not any(tmp_path.iterdir())

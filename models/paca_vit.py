@@ -23,7 +23,6 @@ from timm.models._features import feature_take_indices
 
 from .checkpoint import RELEASE_BASE_URL, adapt_state_dict, load_pretrained
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
-from .layers.attention import assignments_from_logits
 
 __all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
 
@@ -202,7 +201,7 @@ class PaCaViT(nn.Module):
                 x = getattr(self, f"transition{i}")(x.permute(0, 3, 1, 2))
             B, H, W, C = x.shape
             tokens = x.reshape(B, H * W, C)
-            assignments = None if teacher_logits[i] is None else assignments_from_logits(teacher_logits[i])
+            assignments = None if teacher_logits[i] is None else teacher_logits[i].softmax(dim=-1)
             for blk in getattr(self, f"stage{i + 1}"):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     tokens, assignments = checkpoint(blk, tokens, (H, W), assignments, use_reentrant=False)

@@ -11,12 +11,6 @@ except ImportError:  # optional dependency
     xops = None
 
 
-def assignments_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Token-major logits (B, N, M) -> assignments (B, M, N), each cluster a softmax over the N
-    patches.  The result is a transposed view; ``bmm`` consumes it without a copy."""
-    return logits.softmax(dim=1).transpose(1, 2)
-
-
 class PaCaAttention(nn.Module):
     """Multi-head attention of N patch tokens over M cluster tokens.
 
@@ -68,7 +62,7 @@ class PaCaAttention(nn.Module):
         """
         if self.num_clusters > 0:
             if self.computes_assignments:
-                assignments = assignments_from_logits(self.clustering(x, hw))
+                assignments = self.clustering(x, hw).softmax(dim=-1)
             elif assignments is None:
                 raise RuntimeError("a block without a clustering module needs assignments from an earlier block")
             context = self.cluster_norm(torch.bmm(assignments, x))

@@ -1,14 +1,21 @@
 """Clustering modules: map N patch tokens to M cluster-assignment logits.
 
 Every module takes tokens ``x`` of shape (B, N, C) with their spatial size ``hw`` and returns
-logits of shape (B, N, M), token-major like the tokens themselves, so that no layout copy is
-needed; the softmax over the N patches (dim 1) is taken by the caller.
+logits of shape (B, M, N); the softmax over the N patches (last dim) is taken by the caller.
+The last projection is computed as ``W @ x^T`` so that the logits come out cluster-major and
+contiguous (a softmax over a non-last dim, or a transposing copy, costs more than the GEMM).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layout import nchw_to_tokens, tokens_to_nchw
+
+
+def project_to_clusters(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """Cluster-major ``linear``: (B, N, C) tokens and (M, C[,1,1]) weights -> (B, M, N) logits."""
+    logits = torch.matmul(weight.flatten(1), x.transpose(1, 2))
+    return logits if bias is None else logits + bias.unsqueeze(-1)
 
 
 class ConvClustering(nn.Module):
@@ -30,7 +37,7 @@ class ConvClustering(nn.Module):
         # The 1x1 convs are applied as linear layers on the (B, N, C) tokens: same weights and
         # math, but no NCHW round trip and a faster GEMM than a 1x1 convolution.
         x = act2(F.linear(x, pointwise.weight.flatten(1), pointwise.bias))
-        return F.linear(x, to_clusters.weight.flatten(1))
+        return project_to_clusters(x, to_clusters.weight)
 
 
 class MlpClustering(nn.Module):
@@ -42,7 +49,8 @@ class MlpClustering(nn.Module):
         self.clustering = nn.Sequential(nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, num_clusters))
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return self.clustering(x)
+        hidden, act, to_clusters = self.clustering
+        return project_to_clusters(act(hidden(x)), to_clusters.weight, to_clusters.bias)
 
 
 class LinearClustering(nn.Module):
@@ -53,7 +61,7 @@ class LinearClustering(nn.Module):
         self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return self.clustering(x)
+        return project_to_clusters(x, self.clustering[0].weight)
 
 
 CLUSTERING_LAYERS = {"conv": ConvClustering, "mlp": MlpClustering, "linear": LinearClustering}

@@ -79,7 +79,7 @@ class ConvMixerTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
         """x: stem output (B, C, H, W).
 
-        Returns per-stage assignment logits (B, N, M) (None for a stage without clusters) and the
+        Returns per-stage assignment logits (B, M, N) (None for a stage without clusters) and the
         bottom-up stage features (B, C, H, W).
         """
         bottom_up = []
@@ -96,5 +96,5 @@ class ConvMixerTeacher(nn.Module):
         logits = []
         for i, feat in enumerate(merged):
             head = getattr(self, f"to_clusters{i + 1}", None)
-            logits.append(None if head is None else head(feat).flatten(2).transpose(1, 2))
+            logits.append(None if head is None else head(feat).flatten(2))
         return logits, bottom_up

@@ -69,7 +69,7 @@ def test_capture_maps_keeps_the_math_and_returns_assignments():
     assert [(m["stage"], m["block"]) for m in maps] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (3, 0), (3, 1)]
     first = maps[0]
     assert first["assignments"].shape == (1, 100, 16, 16) and first["attention"].shape == (1, 2, 256, 100)
-    torch.testing.assert_close(first["assignments"].flatten(2), logits.softmax(dim=1).transpose(1, 2))
+    torch.testing.assert_close(first["assignments"].flatten(2), logits.softmax(dim=-1))
     torch.testing.assert_close(first["assignments"].sum(dim=(2, 3)), torch.ones(1, 100, dtype=x.dtype))
     assert maps[-1]["assignments"] is None and maps[-1]["attention"].shape == (1, 16, 4, 4)
     assert all(blk.attn.capture is None for blk in model.stage1)

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _read_columns(path: str) -> Dict[str, List[float]]:
@@ -34,6 +35,7 @@ def plot_training_curves(summary_csv: str, png: str = "") -> str:
         ax.legend()
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     png = png or os.path.join(os.path.dirname(summary_csv), "training_curves.png")
     fig.savefig(png, dpi=110)

@@ -12,11 +12,13 @@ import logging
 import os
 import time
 
+import timm
 import torch
 from timm.data import resolve_data_config
 from timm.utils import init_distributed_device, setup_default_logging
 
 import cls_common
+from cls_common import UsageError
 from models.checkpoint import load_pretrained
 
 _logger = logging.getLogger("pacavit")
@@ -47,12 +49,21 @@ def parse_args(argv=None):
 
 
 def build_model(args, num_classes):
-    """The classifier with the requested weights; errors name the model and the file."""
+    """The classifier with the requested weights; errors name the model, the file and the classes."""
     if args.checkpoint == "pretrained":
+        released = timm.get_pretrained_cfg(args.model)
+        if released is not None and released.num_classes != num_classes:
+            raise UsageError(f"the released {args.model} weights classify {released.num_classes} classes, "
+                             f"but {args.data_dir}/{args.split} has {num_classes}")
         # timm routes pretrained=True through models.checkpoint (release URL, mirror, cache)
         return cls_common.create_classifier(args.model, num_classes, pretrained=True)
     model = cls_common.create_classifier(args.model, num_classes)
+    initial_head = model.get_classifier().weight.detach().clone()
     load_pretrained(model, args.checkpoint, strict=True, use_ema=args.use_ema)
+    # the loader re-initialises a classifier of another shape (right for fine-tuning, wrong here)
+    if torch.equal(model.get_classifier().weight, initial_head):
+        raise UsageError(f"the classifier in {args.checkpoint} does not fit the {num_classes} classes of "
+                         f"{args.data_dir}/{args.split}: it was trained on another set of classes")
     return model
 
 

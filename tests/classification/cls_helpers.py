@@ -44,10 +44,10 @@ def experiment_dirs(env, exp, tag, dataset="TINY", img=32, model=MODEL):
     return root / name, root / "TrainingFinished" / name
 
 
-def train_cmd(exp, tag, *others, remove_old=0, resume=0, dataset="TINY", port=0):
+def train_cmd(exp, tag, *others, remove_old=0, resume=0, dataset="TINY"):
     """train_timm.sh with the digits demo config, 1 CPU process, no loader workers."""
     return [CLS_DIR / "train_timm.sh", "configs/digits_demo.yml", MODEL, dataset, 32, remove_old, resume,
-            exp, tag, 0, 1, 0, port or free_port(), "-b", 9, "--log-interval", 1, *others]
+            exp, tag, 0, 1, 0, free_port(), "-b", 9, "--log-interval", 1, *others]
 
 
 def free_port():

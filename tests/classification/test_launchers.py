@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cls_helpers import CLS_DIR, MODEL, experiment_dirs, free_port, run, train_cmd
+from cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,7 @@ def test_missing_dataset_folder_is_reported_by_every_launcher(cls_env):
         assert "NO_SUCH_SET" in result.stderr and "make_digits_dataset.py" in result.stderr
 
 
-def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, cls_env):
+def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, cls_env, tmp_path):
     _, done_dir = finished_run
     data_dir = os.path.join(cls_env["PACAVIT_DATASETS"], "TINY")
     validate = [sys.executable, CLS_DIR / "validate.py", "--data-dir", data_dir, "--img-size", 32]
@@ -127,18 +128,26 @@ def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, 
                      cls_env)
     assert other_arch.returncode == 2
     assert "another architecture" in other_arch.stderr and "Traceback" not in other_arch.stderr
+    two_classes = write_colour_dataset(tmp_path / "TWO", {"val": 1})
+    shutil.rmtree(two_classes / "val" / "class2")
+    other_classes = run(validate[:2] + ["--data-dir", two_classes, "--model", MODEL,
+                                        "--checkpoint", done_dir / "last.pth.tar"], cls_env)
+    assert other_classes.returncode == 2 and "does not fit the 2 classes" in other_classes.stderr
 
 
-def test_benchmark_appends_a_row_and_plots_latency(cls_env):
+def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env):
     csv_path = os.path.join(cls_env["PACAVIT_WORK_DIRS"], "classification", "all_benchmark_results.csv")
-    args = ["-b", 2, "--iters", 1, "--warmup", 0, "--compare", "--peers", "pvt_v2_b1", "--img-sizes", "32,64"]
-    result = run([CLS_DIR / "benchmark.sh", MODEL, 32, 10, 0, *args], cls_env)
+    args = ["-b", 1, "--iters", 1, "--warmup", 0, "--compare", "--peers", "pvt_v2_b1", "--img-sizes", "32,64"]
+    result = run([CLS_DIR / "benchmark.sh", MODEL, 224, 1000, 0, *args], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["model"] for row in rows] == [MODEL, "pvt_v2_b1"]
     paca = rows[0]
-    assert float(paca["params_M"]) == pytest.approx(11.82, abs=0.01)  # 10-class head
-    assert float(paca["gflops"]) > 0 and float(paca["infer_img_per_s"]) > 0 and float(paca["train_img_per_s"]) > 0
-    assert (paca["img_size"], paca["num_classes"], paca["device"].startswith("cpu")) == ("32", "10", True)
+    # the seed's ImageNet table: PaCa-Tiny 12.2M parameters, 3.2 GFLOPs at 224x224
+    assert float(paca["params_M"]) == pytest.approx(12.2, abs=0.05)
+    assert float(paca["gflops"]) == pytest.approx(3.2, abs=0.05)
+    assert float(paca["infer_img_per_s"]) > 0 and float(paca["train_img_per_s"]) > 0
+    assert (paca["img_size"], paca["num_classes"], paca["device"].startswith("cpu")) == ("224", "1000", True)
+    assert float(rows[1]["params_M"]) == pytest.approx(14.0, abs=0.05)
     assert os.path.getsize(os.path.join(os.path.dirname(csv_path), "latency_vs_resolution.png")) > 0

@@ -90,3 +90,14 @@ def test_flop_counter_counts_attention():
     # stage-wise attention over 100 clusters in stages 1-3 and over 49 patches in stage 4 (2 matmuls each)
     attention = 2 * sum(n * m * c * d for n, m, c, d in [(3136, 100, 96, 2), (784, 100, 192, 2), (196, 100, 320, 4), (49, 49, 384, 2)])
     assert count_flops(model, x) - plain == attention
+
+
+def test_readme_model_zoo_is_up_to_date(repo_root):
+    """The README's zoo table is what ``tools/model_zoo.py`` computes from the code today."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_zoo", repo_root / "tools" / "model_zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    readme = (repo_root / "README.md").read_text()
+    assert f"{zoo.START}\n{zoo.table()}\n{zoo.END}" in readme, "run: python tools/model_zoo.py --write README.md"

@@ -1,0 +1,118 @@
+"""End to end on the tiny synthetic ADE20K, on CPU: train_mmseg.sh, test_mmseg.sh, get_flops.py."""
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SEGMENTATION = REPO / "segmentation"
+PACAHEAD_TINY = "configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
+UPERNET_TINY = "configs/paca_vit/upernet/upernet_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
+
+# 64x64 crops of the 64x96 tiny images, data loading in the main process, no ImageNet download
+# (the pipeline indices are those of mmseg's ADE20K base config).
+SMALL = [
+    "model.backbone.init_cfg=None",
+    "model.data_preprocessor.size=(64,64)",
+    "test_dataloader.dataset.pipeline.1.scale=(96,64)",
+    "test_dataloader.num_workers=0",
+    "test_dataloader.persistent_workers=False",
+]
+TRAIN_SMALL = SMALL + [
+    "train_dataloader.dataset.pipeline.2.scale=(96,64)",
+    "train_dataloader.dataset.pipeline.3.crop_size=(64,64)",
+    "train_dataloader.num_workers=0",
+    "train_dataloader.persistent_workers=False",
+    "train_cfg.val_interval=1000",  # evaluation is test_mmseg.sh's job here
+    "default_hooks.logger.interval=1",
+]
+
+
+def run(args, env, expect_ok=True) -> str:
+    result = subprocess.run(
+        [str(a) for a in args], env=env, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == expect_ok, output[-4000:]
+    return output
+
+
+@pytest.fixture
+def env(tiny_ade, tmp_path):
+    return dict(os.environ, PACAVIT_DATASETS=str(tiny_ade), PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"))
+
+
+def train(config, iters, env, port, remove_old="1", expect_ok=True) -> str:
+    return run(
+        [SEGMENTATION / "train_mmseg.sh", config, remove_old, "ci", "tiny", "0", "1", port,
+         "--cfg-options", *TRAIN_SMALL, f"train_cfg.max_iters={iters}", f"default_hooks.checkpoint.interval={iters}"],
+        env, expect_ok,
+    )
+
+
+def logged_losses(work_dir: Path) -> list:
+    """The training iterations logged by the latest run in ``work_dir``."""
+    scalars = sorted(work_dir.glob("*/vis_data/scalars.json"))[-1]
+    records = [json.loads(line) for line in scalars.read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def experiment_dir(env, config) -> Path:
+    return Path(env["PACAVIT_WORK_DIRS"]) / "segmentation" / "ci" / f"{Path(config).stem}_tiny"
+
+
+@pytest.mark.slow
+def test_paca_head_train_resume_test_and_keep_finished(env, tmp_path, free_port):
+    train(PACAHEAD_TINY, 1, env, free_port)
+    work_dir = experiment_dir(env, PACAHEAD_TINY)
+    assert (work_dir / "iter_1.pth").is_file() and (work_dir / "FINISHED").is_file()
+
+    # an interrupted run (no FINISHED mark) resumes from its latest checkpoint with Remove_old=0
+    (work_dir / "FINISHED").unlink()
+    output = train(PACAHEAD_TINY, 2, env, free_port, remove_old="0")
+    assert "resumed" in output.lower()
+    assert (work_dir / "iter_2.pth").is_file() and (work_dir / "FINISHED").is_file()
+    (record,) = logged_losses(work_dir)
+    assert record["iter"] == 2
+    for key in ("decode.loss_ce", "paca.loss_ce"):
+        assert math.isfinite(record[key]) and record[key] > 0
+
+    show_dir = tmp_path / "show"
+    output = run(
+        [SEGMENTATION / "test_mmseg.sh", PACAHEAD_TINY, work_dir / "iter_2.pth", "0", "1", free_port,
+         "--show-dir", show_dir, "--cfg-options", *SMALL],
+        env,
+    )
+    miou = float(re.search(r"mIoU: (\d+\.\d+)", output).group(1))
+    assert 0.0 <= miou <= 100.0
+    assert len(list(show_dir.rglob("*.png"))) == 2  # one per validation image
+
+    # a finished experiment is never deleted or retrained
+    output = train(PACAHEAD_TINY, 2, env, free_port, remove_old="1", expect_ok=False)
+    assert "finished experiment" in output
+    assert (work_dir / "iter_2.pth").is_file()
+
+
+@pytest.mark.slow
+def test_upernet_train(env, free_port):
+    train(UPERNET_TINY, 1, env, free_port)
+    work_dir = experiment_dir(env, UPERNET_TINY)
+    assert (work_dir / "iter_1.pth").is_file()
+    (record,) = logged_losses(work_dir)
+    assert all(math.isfinite(record[key]) and record[key] > 0 for key in ("decode.loss_ce", "aux.loss_ce"))
+
+
+def test_get_flops_params_of_paca_tiny_with_paca_head(capsys):
+    """The seed table: PaCa-Tiny + PaCa head has 13.3M parameters."""
+    from models.openmmlab import flops_main
+
+    result = flops_main("mmseg", "segmentation", [str(SEGMENTATION / PACAHEAD_TINY), "--shape", "64"])
+    assert abs(result["params"] / 1e6 - 13.3) <= 0.1
+    assert result["flops"] > 0
+    printed = float(re.search(r"params: ([\d.]+)M", capsys.readouterr().out).group(1))
+    assert abs(printed - 13.3) <= 0.1

@@ -18,7 +18,7 @@ from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.models.losses import accuracy
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
-from mmseg.utils import ConfigType, SampleList
+from mmseg.utils import ConfigType, SampleList, add_prefix
 from torch import Tensor, nn
 
 
@@ -107,7 +107,7 @@ class PaCaSegHead(BaseDecodeHead):
         """Segmentation losses, plus the clustering losses under ``paca.`` names."""
         seg_logits, cluster_logits = self.forward(inputs)
         losses = self.loss_by_feat(seg_logits, batch_data_samples)
-        losses.update({f"paca.{k}": v for k, v in self.clustering_loss_by_feat(cluster_logits, batch_data_samples).items()})
+        losses.update(add_prefix(self.clustering_loss_by_feat(cluster_logits, batch_data_samples), "paca"))
         return losses
 
     def clustering_loss_by_feat(self, cluster_logits: Tensor, batch_data_samples: SampleList) -> dict:

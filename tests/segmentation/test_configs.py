@@ -70,7 +70,8 @@ def test_released_checkpoint_names(tiny_pacahead, seg_golden_dir):
     checkpoints hold); only the clustering output layers grow from 100 to 200 clusters."""
     _, model = tiny_pacahead
     official = {}
-    for prefix, manifest in (("backbone.", "pacavit_tiny_p2cconv_100_0_downstream"), ("decode_head.", "paca_seg_head_ade20k")):
+    parts = (("backbone.", "pacavit_tiny_p2cconv_100_0_downstream"), ("decode_head.", "paca_seg_head_ade20k"))
+    for prefix, manifest in parts:
         entries = json.loads((seg_golden_dir / "manifests" / f"{manifest}.json").read_text())["state_dict"]
         official.update({prefix + key: shape for key, shape in entries})
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}

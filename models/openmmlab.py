@@ -158,6 +158,20 @@ def _prepare_environment(cfg, launcher: str) -> None:
         broadcast_buffers=False,
         find_unused_parameters=cfg.get("find_unused_parameters", False),
     )
+    # SyncBatchNorm runs on GPUs only; several CPU processes normalise their own batches instead
+    _sync_bn_to_bn(cfg.model)
+
+
+def _sync_bn_to_bn(node) -> None:
+    """Turn every ``type='SyncBN'`` of a (nested) config into ``'BN'``, in place."""
+    if isinstance(node, dict):
+        if node.get("type") == "SyncBN":
+            node["type"] = "BN"
+        for value in node.values():
+            _sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _sync_bn_to_bn(value)
 
 
 def check_data_roots(cfg, loaders: Sequence[str]) -> None:

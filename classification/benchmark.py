@@ -205,7 +205,7 @@ def main(argv=None):
         _logger.info(f"benchmarking {name} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                      f"{args.iters} iterations on {common['device']}")
         rows.append({**common, **benchmark_classifier(name, args, device)})
-        _logger.info("  " + ", ".join(f"{k} {rows[-1].get(k)}" for k in FIELDS[9:17]))
+        _logger.info("  " + ", ".join(f"{k} {rows[-1][k]}" for k in FIELDS[9:17] if k in rows[-1]))
     append_rows(args.results_csv, rows)
     _print_table(rows)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")

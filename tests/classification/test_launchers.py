@@ -44,7 +44,8 @@ def test_validate_reproduces_the_trainers_last_evaluation(finished_run, cls_env,
     _, done_dir = finished_run
     last_eval = read_summary(done_dir)[-1]
     results = tmp_path / "val.json"
-    result = run([CLS_DIR / "validate.sh", MODEL, done_dir / "last.pth.tar", "TINY", 32, 0, 1,
+    checkpoint_url = (done_dir / "last.pth.tar").as_uri()  # file://..., through the URL route of the loader
+    result = run([CLS_DIR / "validate.sh", MODEL, checkpoint_url, "TINY", 32, 0, 1,
                   "--crop-pct", "1.0", "--results-file", results], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(results.read_text())

@@ -49,7 +49,6 @@ from plots import plot_training_curves
 
 _logger = logging.getLogger("pacavit")
 SUMMARY_CSV = "summary.csv"
-LAST_CHECKPOINT = "last.pth.tar"
 
 config_parser = argparse.ArgumentParser(add_help=False)
 config_parser.add_argument("-c", "--config", default="", help="YAML file of argument defaults")

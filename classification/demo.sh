@@ -14,10 +14,6 @@ set -euo pipefail
 CLS_DIR="$(cd "$(dirname "$0")" && pwd)"
 source "$CLS_DIR/../tools/launch_common.sh"
 
-# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other jobs,
-# spinning threads steal each other's time slices (measured here: 2 threads 10x slower than 1).
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-
 TAG="${1:-demo}"
 (( $# )) && shift
 MODEL=pacavit_tiny_p2cconv_100_0 DATASET=DIGITS IMG_SIZE=32 EXP=demo

@@ -21,7 +21,7 @@ from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import RELEASE_BASE_URL, adapt_state_dict, load_pretrained
+from .checkpoint import RELEASE_BASE_URL, CheckpointError, adapt_state_dict, load_pretrained, release_url
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
 
 __all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
@@ -261,12 +261,14 @@ class PaCaViTDownstream(PaCaViT):
     Accepts the keyword arguments of the official mmdet / mmseg configs: ``pretrained`` (a
     checkpoint path or URL), ``downstream_cluster_num`` (per-stage cluster numbers replacing the
     ImageNet ones; the clustering output layers are then re-initialised when loading), and the
-    OpenMMLab ``init_cfg=dict(type='Pretrained', checkpoint=...)``.  Weights are loaded by
-    ``init_weights()``, which mmengine's Runner calls before training.
+    OpenMMLab ``init_cfg=dict(type='Pretrained', checkpoint=...)``.  The checkpoint ``'imagenet'``
+    names the variant's released ImageNet file.  Weights are loaded by ``init_weights()``, which
+    mmengine's Runner calls before training.
     """
 
     def __init__(
         self,
+        variant: Optional[str] = None,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         pretrained: Optional[str] = None,
         init_cfg: Optional[dict] = None,
@@ -277,15 +279,28 @@ class PaCaViTDownstream(PaCaViT):
             kwargs["num_clusters"] = tuple(downstream_cluster_num)
         kwargs.pop("num_classes", None)
         super().__init__(num_classes=0, global_pool="", **kwargs)
+        self.variant = variant
         self.out_indices = tuple(out_indices)
         if init_cfg is not None and init_cfg.get("type") != "Pretrained":
             raise ValueError(f"only init_cfg=dict(type='Pretrained', checkpoint=...) is supported, got {init_cfg}")
         self.pretrained = pretrained or (init_cfg or {}).get("checkpoint")
         self.is_init = False
 
+    def checkpoint_source(self) -> Optional[str]:
+        """The file or URL ``init_weights`` loads; ``'imagenet'`` resolves to the released file."""
+        if self.pretrained != "imagenet":
+            return self.pretrained
+        if self.variant not in RELEASED_IMAGENET:
+            raise CheckpointError(
+                f"{self.variant} has no released ImageNet checkpoint: give a local file as "
+                f"init_cfg=dict(type='Pretrained', checkpoint=PATH), or train from scratch with init_cfg=None"
+            )
+        return release_url(RELEASED_IMAGENET[self.variant])
+
     def init_weights(self):
-        if self.pretrained and not self.is_init:
-            load_pretrained(self, self.pretrained, strict=False)
+        source = self.checkpoint_source()
+        if source and not self.is_init:
+            load_pretrained(self, source, strict=False)
         self.is_init = True
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -396,7 +411,7 @@ def create_downstream(variant: str, **kwargs) -> PaCaViTDownstream:
         variant = variant[: -len("_downstream")]
     if variant not in VARIANTS:
         raise KeyError(f"unknown PaCa-ViT variant {variant!r}; choose from {sorted(VARIANTS)}")
-    return PaCaViTDownstream(**{**VARIANTS[variant], **kwargs})
+    return PaCaViTDownstream(variant=variant, **{**VARIANTS[variant], **kwargs})
 
 
 def _register_downstream_backbones():

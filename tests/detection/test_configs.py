@@ -38,7 +38,8 @@ def test_config_builds_and_runs(path: Path, monkeypatch):
 
     released = RELEASED_IMAGENET.get(variant)
     if released:
-        assert backbone.init_cfg == dict(type="Pretrained", checkpoint=f"{RELEASE_BASE_URL}/{released}")
+        assert backbone.init_cfg == dict(type="Pretrained", checkpoint="imagenet")
+        assert MODELS.build(backbone).checkpoint_source() == f"{RELEASE_BASE_URL}/{released}"
     else:
         assert backbone.get("init_cfg") is None
     assert cfg.train_dataloader.dataset.data_root == str(REPO / "datasets" / "coco") + "/"

@@ -168,3 +168,14 @@ def test_checkpoint_of_another_architecture(tmp_path):
 def test_variant_without_release_says_so():
     with pytest.raises(RuntimeError, match="no released ImageNet checkpoint"):
         timm.create_model("pacavit_convmixer_tiny_100", pretrained=True)
+
+
+def test_downstream_imagenet_shorthand(release_server):
+    ckpt = _official_checkpoint(NAME)
+    torch.save(ckpt, release_server / RELEASED_IMAGENET[NAME])
+    backbone = create_downstream(NAME, init_cfg=dict(type="Pretrained", checkpoint="imagenet"))
+    assert backbone.checkpoint_source() == release_url(RELEASED_IMAGENET[NAME])
+    backbone.init_weights()
+    torch.testing.assert_close(backbone.norm1.weight, ckpt["state_dict"]["norm1.weight"])
+    with pytest.raises(CheckpointError, match="no released ImageNet checkpoint"):
+        create_downstream("pacavit_convmixer_tiny_100", pretrained="imagenet").init_weights()

@@ -1,6 +1,6 @@
 # PaCa-ViT backbone + PaCa segmentation head on ADE20K.  The head and the backbone's clustering
 # output layers (new: 200 clusters instead of ImageNet's 100) learn at 10x the base lr.  Variant
-# configs in paca_vit/paca_head/ name the backbone and its ImageNet checkpoint.
+# configs in paca_vit/paca_head/ name the backbone.
 _base_ = 'ade20k_160k_adamw.py'
 
 crop_size = (512, 512)
@@ -21,7 +21,9 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
         layer_scale=None,
-        downstream_cluster_num=[200, 200, 200, 0]),
+        downstream_cluster_num=[200, 200, 200, 0],
+        # the variant's released ImageNet-1k weights (models/paca_vit.py: RELEASED_IMAGENET)
+        init_cfg=dict(type='Pretrained', checkpoint='imagenet')),
     decode_head=dict(
         type='PaCaSegHead',
         in_channels=[96, 192, 320, 384],

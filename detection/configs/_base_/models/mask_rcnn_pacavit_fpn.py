@@ -1,5 +1,5 @@
 # Mask R-CNN + FPN with a PaCa-ViT backbone.  Variant configs set the backbone type, its
-# drop_path_rate and ImageNet checkpoint, and the FPN input channels when they differ.
+# drop_path_rate, and the FPN input channels when they differ.
 _base_ = 'mmdet::_base_/models/mask-rcnn_r50_fpn.py'
 
 # registers the pacavit_*_downstream backbones (detection/mmdet_custom)
@@ -11,5 +11,7 @@ model = dict(
         type='pacavit_tiny_p2cconv_100_0_downstream',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
-        layer_scale=None),
+        layer_scale=None,
+        # the variant's released ImageNet-1k weights (models/paca_vit.py: RELEASED_IMAGENET)
+        init_cfg=dict(type='Pretrained', checkpoint='imagenet')),
     neck=dict(in_channels=[96, 192, 320, 384]))

@@ -2,11 +2,6 @@
 # the file upernet_*, but the model uses the PaCa head). Seed table: 23.2M, 47.2 GFLOPs, 47.7 mIoU.
 _base_ = '../../_base_/pacahead_ade20k.py'
 
-import models  # noqa: E402  (after _base_, which mmengine needs first)
-
-pacavit = 'pacavit_small_p2cconv_2_0'
 model = dict(
     backbone=dict(
-        type=f'{pacavit}_downstream',
-        init_cfg=dict(type='Pretrained', checkpoint=models.checkpoint.release_url(
-            models.paca_vit.RELEASED_IMAGENET[pacavit]))))
+        type='pacavit_small_p2cconv_2_0_downstream'))

@@ -2,12 +2,7 @@
 # upernet_*, PaCa head model). Seed table: 23.2M, 47.2 GFLOPs, 48.1 mIoU.
 _base_ = '../../_base_/pacahead_ade20k.py'
 
-import models  # noqa: E402  (after _base_, which mmengine needs first)
-
-pacavit = 'pacavit_small_p2cconv_49_100'
 model = dict(
     backbone=dict(
-        type=f'{pacavit}_downstream',
-        downstream_cluster_num=[200, 200, 200, 200],
-        init_cfg=dict(type='Pretrained', checkpoint=models.checkpoint.release_url(
-            models.paca_vit.RELEASED_IMAGENET[pacavit]))))
+        type='pacavit_small_p2cconv_49_100_downstream',
+        downstream_cluster_num=[200, 200, 200, 200]))

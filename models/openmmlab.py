@@ -17,13 +17,9 @@ What this adds on top of mmengine's Runner:
   own checkpoints resume and test while arbitrary pickled callables are still refused;
 * checkpoints given to ``test_main`` (file or URL) go through ``models.checkpoint`` (cached download,
   clear errors for corrupt files) and must fit the config's model exactly;
-* FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``;
-* ``_base_ = 'mmdet::...'`` / ``'mmseg::...'`` inheritance works with setuptools >= 81 (see
-  :func:`enable_package_config_lookup`).  Read configs with :func:`load_config`, or import this
-  module before calling ``mmengine.Config.fromfile`` yourself.
+* FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``.
 """
 import argparse
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -33,37 +29,6 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module_spec(package: str):
-    """Import spec of a pip package, e.g. 'mmsegmentation' (mmengine's name for 'mmseg::') -> mmseg."""
-    from mmengine.config.utils import MODULE2PACKAGE
-
-    module = {pip_name: name for name, pip_name in MODULE2PACKAGE.items()}.get(package, package)
-    return importlib.util.find_spec(module)
-
-
-def _installed_package_dir(package: str) -> str:
-    spec = _module_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"package {package!r} is not installed (needed by a '{package}::' config base)")
-    return os.path.dirname(spec.origin)
-
-
-def enable_package_config_lookup() -> None:
-    """Let mmengine resolve ``'mmdet::path'`` config bases without ``pkg_resources``.
-
-    mmengine 0.10.7 locates installed packages with ``pkg_resources``, which setuptools >= 81 no
-    longer ships, so every config inheriting ``mmdet::``/``mmseg::`` bases would fail to load.  The
-    same two lookups are answered here with ``importlib``.
-    """
-    import mmengine.config.config as mmengine_config
-
-    mmengine_config.is_installed = lambda package: _module_spec(package) is not None
-    mmengine_config.get_installed_path = _installed_package_dir
-
-
-enable_package_config_lookup()
 
 
 def work_dirs_root() -> Path:

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from cls_helpers import write_colour_dataset
+from .cls_helpers import write_colour_dataset
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
+from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
 pytestmark = pytest.mark.slow
 

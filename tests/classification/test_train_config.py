@@ -3,7 +3,7 @@ import pytest
 
 import cls_common
 import train_timm
-from cls_helpers import CLS_DIR, write_colour_dataset
+from .cls_helpers import CLS_DIR, write_colour_dataset
 from make_digits_dataset import export
 
 REQUIRED = ["--data-dir", "d", "--model", "m", "--output", "o"]

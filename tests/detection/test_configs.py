@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmengine.registry import MODELS
 
-from conftest import DETECTION, REPO
+from .conftest import DETECTION, REPO
 from models.checkpoint import RELEASE_BASE_URL
 from models.openmmlab import load_config
 from models.paca_vit import RELEASED_IMAGENET, VARIANTS

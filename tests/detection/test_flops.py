@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from conftest import DETECTION
+from .conftest import DETECTION
 
 TINY = "configs/paca_vit/mask_rcnn_1x/mask_rcnn_pacavit_tiny_p2cconv_100_0_mstrain_480_800_1x_coco.py"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mmdet.datasets import CocoDataset
 
-from conftest import DETECTION, TINY_CONFIG
+from .conftest import DETECTION, TINY_CONFIG
 from models.openmmlab import train_main
 
 NAME = "mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco_t1"

@@ -35,7 +35,8 @@ PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tin
 FIELDS = (
     "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile",
     "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
-    "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "torch", "timm",
+    "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "infer_gflops_per_s", "train_gflops_per_s",
+    "infer_efficiency", "train_efficiency", "torch", "timm",
 )
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
+    p.add_argument("--reference", default="convnext_tiny",
+                   help="efficiency = (img/s x GFLOPs) relative to this model when it is measured in the same run")
     p.add_argument("--img-sizes", default="", help="e.g. 224,448,896: backbone latency vs resolution (batch 1)")
+    p.add_argument("--curve-models", default="",
+                   help="models for --img-sizes (default: all measured models), e.g. pacavit_tiny_p2cconv_100_0,convnext_tiny")
     p.add_argument("--results-csv", default="", help="default: work_dirs/classification/all_benchmark_results.csv")
     p.add_argument("--plot", default="", help="latency PNG (default: next to the CSV)")
     args = p.parse_args(argv)
@@ -206,15 +211,37 @@ def main(argv=None):
                      f"{args.iters} iterations on {common['device']}")
         rows.append({**common, **benchmark_classifier(name, args, device)})
         _logger.info("  " + ", ".join(f"{k} {rows[-1][k]}" for k in FIELDS[9:17] if k in rows[-1]))
+    add_efficiency(rows, args.reference)
     append_rows(args.results_csv, rows)
     _print_table(rows)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
 
     if args.img_sizes:
         sizes = [int(s) for s in args.img_sizes.split(",")]
-        curves = {name: latency_curve(name, sizes, args, device) for name in names}
+        curve_models = [m for m in args.curve_models.split(",") if m] or names
+        curves = {name: latency_curve(name, sizes, args, device) for name in curve_models}
+        for name, points in curves.items():
+            (small, first), (large, last) = points[0], points[-1]
+            _logger.info(f"{name}: latency x{last / first:.2f} from {small}^2 to {large}^2 "
+                         f"(pixels x{(large / small) ** 2:.0f})")
         title = f"backbone latency vs resolution, batch 1, {common['device']}"
         _logger.info(f"latency plot: {plot_latency_vs_pixels(curves, args.plot, title)}")
+
+
+def add_efficiency(rows, reference):
+    """Work rate (img/s x GFLOPs per image) of each model, and its ratio to the reference model's:
+    how well a model turns its FLOPs into throughput on this machine."""
+    for row in rows:
+        for phase in ("infer", "train"):
+            if f"{phase}_img_per_s" in row:
+                row[f"{phase}_gflops_per_s"] = round(row[f"{phase}_img_per_s"] * row["gflops"], 2)
+    ref = next((r for r in rows if r["model"] == reference), None)
+    if ref is None:
+        return
+    for row in rows:
+        for phase in ("infer", "train"):
+            if f"{phase}_gflops_per_s" in row:
+                row[f"{phase}_efficiency"] = round(row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"], 3)
 
 
 def _device_name(device) -> str:
@@ -224,7 +251,8 @@ def _device_name(device) -> str:
 
 
 def _print_table(rows):
-    columns = ("model", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "train_peak_mem_MB")
+    columns = ("model", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
+               "train_efficiency", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)

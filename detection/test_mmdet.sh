@@ -15,14 +15,4 @@
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 
-[[ $# -ge 5 ]] || paca_die "usage: $0 config checkpoint gpus nb_gpus port [others]"
-DET_DIR="$PACAVIT_ROOT/detection"
-CONFIG="$1" CHECKPOINT="$2" GPUS="$3" NB_GPUS="$4" PORT="$5"
-shift 5
-paca_take_flags "$@"
-
-[[ -f "$CONFIG" ]] || CONFIG="$DET_DIR/$CONFIG"
-[[ -f "$CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $DET_DIR)"
-
-paca_select_devices "$GPUS" "$NB_GPUS"
-paca_torchrun "$PORT" "$DET_DIR/test_mmdet.py" "$CONFIG" "$CHECKPOINT" "${PACA_ARGS[@]}"
+paca_openmmlab_test detection test_mmdet.py "$@"

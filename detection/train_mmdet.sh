@@ -15,22 +15,4 @@
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 
-[[ $# -ge 7 ]] || paca_die "usage: $0 Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]"
-DET_DIR="$PACAVIT_ROOT/detection"
-CONFIG="$1" REMOVE_OLD="$2" EXP="$3" TAG="$4" GPUS="$5" NB_GPUS="$6" PORT="$7"
-shift 7
-paca_take_flags "$@"
-
-[[ -f "$CONFIG" ]] || CONFIG="$DET_DIR/$CONFIG"
-[[ -f "$CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $DET_DIR)"
-NAME="$(basename "$CONFIG" .py)_$TAG"
-WORK_DIR="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/detection/$EXP/$NAME"
-
-paca_prepare_experiment "$WORK_DIR" "$REMOVE_OLD"
-paca_select_devices "$GPUS" "$NB_GPUS"
-if ! paca_torchrun "$PORT" "$DET_DIR/train_mmdet.py" "$CONFIG" --work-dir "$WORK_DIR" "${PACA_ARGS[@]}"; then
-    echo "training stopped before the end; $WORK_DIR is kept: rerun with Remove_old=0 to resume it" >&2
-    exit 1
-fi
-paca_mark_finished "$WORK_DIR"
-echo "finished: $WORK_DIR"
+paca_openmmlab_train detection train_mmdet.py "$@"

@@ -14,14 +14,4 @@
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 
-[[ $# -ge 5 ]] || paca_die "usage: $0 config checkpoint gpus nb_gpus port [others]"
-SEG_DIR="$PACAVIT_ROOT/segmentation"
-CONFIG="$1" CHECKPOINT="$2" GPUS="$3" NB_GPUS="$4" PORT="$5"
-shift 5
-paca_take_flags "$@"
-
-[[ -f "$CONFIG" ]] || CONFIG="$SEG_DIR/$CONFIG"
-[[ -f "$CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $SEG_DIR)"
-
-paca_select_devices "$GPUS" "$NB_GPUS"
-paca_torchrun "$PORT" "$SEG_DIR/test_mmseg.py" "$CONFIG" "$CHECKPOINT" "${PACA_ARGS[@]}"
+paca_openmmlab_test segmentation test_mmseg.py "$@"

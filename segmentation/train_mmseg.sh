@@ -14,19 +14,4 @@
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 
-[[ $# -ge 7 ]] || paca_die "usage: $0 Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]"
-SEG_DIR="$PACAVIT_ROOT/segmentation"
-CONFIG="$1" REMOVE_OLD="$2" EXP="$3" TAG="$4" GPUS="$5" NB_GPUS="$6" PORT="$7"
-shift 7
-paca_take_flags "$@"
-
-[[ -f "$CONFIG" ]] || CONFIG="$SEG_DIR/$CONFIG"
-[[ -f "$CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $SEG_DIR)"
-NAME="$(basename "$CONFIG" .py)_$TAG"
-WORK_DIR="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/segmentation/$EXP/$NAME"
-
-paca_prepare_experiment "$WORK_DIR" "$REMOVE_OLD"
-paca_select_devices "$GPUS" "$NB_GPUS"
-paca_torchrun "$PORT" "$SEG_DIR/train_mmseg.py" "$CONFIG" --work-dir "$WORK_DIR" "${PACA_ARGS[@]}"
-paca_mark_finished "$WORK_DIR"
-echo "finished: $WORK_DIR"
+paca_openmmlab_train segmentation train_mmseg.py "$@"

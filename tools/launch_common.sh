@@ -126,3 +126,45 @@ paca_mark_finished() {
 paca_free_port() {
     "$(paca_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }
+
+# The OpenMMLab launchers (detection/ and segmentation/) differ only in their task folder.
+# A config path is taken relative to the working directory, else to the task folder.
+_paca_task_config() {
+    PACA_CONFIG="$1"
+    [[ -f "$PACA_CONFIG" ]] || PACA_CONFIG="$PACAVIT_ROOT/$2/$1"
+    [[ -f "$PACA_CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $PACAVIT_ROOT/$2)"
+}
+
+# paca_openmmlab_train TASK ENTRY.py Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]
+paca_openmmlab_train() {
+    local task="$1" entry="$2"
+    shift 2
+    [[ $# -ge 7 ]] || paca_die "usage: $(basename "$0") Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]"
+    local remove_old="$2" exp="$3" tag="$4" gpus="$5" nb_gpus="$6" port="$7"
+    _paca_task_config "$1" "$task"
+    shift 7
+    paca_take_flags "$@"
+    local work_dir
+    work_dir="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/$task/$exp/$(basename "$PACA_CONFIG" .py)_$tag"
+    paca_prepare_experiment "$work_dir" "$remove_old"
+    paca_select_devices "$gpus" "$nb_gpus"
+    if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" "${PACA_ARGS[@]}"; then
+        echo "training stopped before the end; $work_dir is kept: rerun with Remove_old=0 to resume it" >&2
+        exit 1
+    fi
+    paca_mark_finished "$work_dir"
+    echo "finished: $work_dir"
+}
+
+# paca_openmmlab_test TASK ENTRY.py config checkpoint gpus nb_gpus port [others]
+paca_openmmlab_test() {
+    local task="$1" entry="$2"
+    shift 2
+    [[ $# -ge 5 ]] || paca_die "usage: $(basename "$0") config checkpoint gpus nb_gpus port [others]"
+    local checkpoint="$2" gpus="$3" nb_gpus="$4" port="$5"
+    _paca_task_config "$1" "$task"
+    shift 5
+    paca_take_flags "$@"
+    paca_select_devices "$gpus" "$nb_gpus"
+    paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}"
+}

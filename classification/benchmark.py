@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 100 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 / 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds over all models; each model's fastest round is reported")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--amp", action=flag, default=False, help="float16 autocast (CUDA only)")
     p.add_argument("--channels-last", action=flag, default=False)
@@ -112,45 +114,58 @@ def prepare(model, args, device):
     return (torch.compile(model) if args.compile else model), memory_format
 
 
-def benchmark_classifier(name, args, device) -> dict:
-    model = cls_common.create_classifier(name, args.num_classes)
-    shape = (args.batch_size, 3, args.img_size, args.img_size)
-    row = {"model": name, "params_M": round(count_params(model) / 1e6, 3),
-           "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
-    model, memory_format = prepare(model, args, device)
-    autocast = cls_common.autocast_for(device, args.amp)
-    images = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+class ClassifierBench:
+    """One model's inference and training steps on synthetic data, timed on demand."""
 
-    model.eval()
-    reset_peak_memory(device)
+    def __init__(self, name, args, device):
+        model = cls_common.create_classifier(name, args.num_classes)
+        self.row = {"model": name, "params_M": round(count_params(model) / 1e6, 3),
+                    "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
+        self.model, memory_format = prepare(model, args, device)
+        self.args, self.device = args, device
+        self.autocast = cls_common.autocast_for(device, args.amp)
+        shape = (args.batch_size, 3, args.img_size, args.img_size)
+        self.images = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+        self.target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
 
-    def infer():
-        with torch.inference_mode(), autocast():
-            model(images)
+    def infer(self):
+        with torch.inference_mode(), self.autocast():
+            self.model(self.images)
 
-    seconds = time_per_iteration(infer, device, args.warmup, args.iters)
-    row.update(infer_img_per_s=round(args.batch_size / seconds, 2), infer_ms_per_batch=round(seconds * 1e3, 2),
-               infer_peak_mem_MB=round(peak_memory_mb(device), 1))
+    def train_step(self):
+        with self.autocast():
+            loss = torch.nn.functional.cross_entropy(self.model(self.images), self.target)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    if args.train:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-        target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-        reset_peak_memory(device)
+    def measure(self, phase: str):
+        """Time one phase ('infer' or 'train'); keep the fastest round and the peak memory."""
+        self.model.train(phase == "train")
+        reset_peak_memory(self.device)
+        step = self.infer if phase == "infer" else self.train_step
+        seconds = time_per_iteration(step, self.device, self.args.warmup, self.args.iters)
+        if seconds * 1e3 < self.row.get(f"{phase}_ms_per_batch", float("inf")):
+            self.row.update({f"{phase}_img_per_s": round(self.args.batch_size / seconds, 2),
+                             f"{phase}_ms_per_batch": round(seconds * 1e3, 2)})
+        self.row[f"{phase}_peak_mem_MB"] = max(self.row.get(f"{phase}_peak_mem_MB", 0), round(peak_memory_mb(self.device), 1))
 
-        def train_step():
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(model(images), target)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
 
-        seconds = time_per_iteration(train_step, device, args.warmup, args.iters)
-        row.update(train_img_per_s=round(args.batch_size / seconds, 2), train_ms_per_batch=round(seconds * 1e3, 2),
-                   train_peak_mem_MB=round(peak_memory_mb(device), 1))
-    return row
+def benchmark_classifiers(names, args, device) -> list:
+    """Measure all models in ``args.rounds`` interleaved rounds and keep each one's fastest round,
+    so that drift of the machine (other load, allocator state) does not favour one model."""
+    benches = [ClassifierBench(name, args, device) for name in names]
+    phases = ("infer", "train") if args.train else ("infer",)
+    for round_index in range(args.rounds):
+        for bench in benches:
+            for phase in phases:
+                bench.measure(phase)
+            _logger.info(f"round {round_index + 1}/{args.rounds} {bench.row['model']}: "
+                         + ", ".join(f"{k} {bench.row[k]}" for k in FIELDS[9:17] if k in bench.row))
+    return [bench.row for bench in benches]
 
 
 def create_backbone(name, img_size):
@@ -205,12 +220,9 @@ def main(argv=None):
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
               "amp": args.amp and device.type == "cuda", "channels_last": args.channels_last, "compile": args.compile,
               "torch": torch.__version__, "timm": timm.__version__}
-    rows = []
-    for name in names:
-        _logger.info(f"benchmarking {name} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
-                     f"{args.iters} iterations on {common['device']}")
-        rows.append({**common, **benchmark_classifier(name, args, device)})
-        _logger.info("  " + ", ".join(f"{k} {rows[-1][k]}" for k in FIELDS[9:17] if k in rows[-1]))
+    _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
+                 f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}")
+    rows = [{**common, **row} for row in benchmark_classifiers(names, args, device)]
     add_efficiency(rows, args.reference)
     append_rows(args.results_csv, rows)
     _print_table(rows)

@@ -70,6 +70,7 @@ class PaCaViT(nn.Module):
     """PaCa-ViT for classification (``num_classes > 0``) or as a dense-prediction backbone.
 
     Args:
+        img_size: accepted for timm compatibility; the model works for any input size.
         embed_dims / depths / num_heads / mlp_ratios: per-stage widths, block counts, heads, MLP ratios.
         num_clusters: clusters M per stage; 0 gives ordinary patch-to-patch attention in that stage.
         clustering: how blocks compute assignments: ``'conv'``, ``'mlp'`` or ``'linear'``; ignored
@@ -388,7 +389,6 @@ default_cfgs = generate_default_cfgs({name: _cfg(name) for name in VARIANTS})
 
 def _create_pacavit(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    kwargs.pop("img_size", None)  # any input size works; accepted for timm compatibility
     model = build_model_with_cfg(
         PaCaViT,
         variant,

@@ -21,7 +21,7 @@ def project_to_clusters(x: torch.Tensor, weight: torch.Tensor, bias=None) -> tor
 class ConvClustering(nn.Module):
     """7x7 depthwise conv -> GELU -> 1x1 conv -> GELU -> 1x1 conv to M (no bias): ``p2cconv``."""
 
-    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7, act_layer=nn.GELU, **_):
+    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7, act_layer=nn.GELU):
         super().__init__()
         self.clustering = nn.Sequential(
             nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
@@ -43,7 +43,7 @@ class ConvClustering(nn.Module):
 class MlpClustering(nn.Module):
     """Linear -> GELU -> Linear to M: ``p2cmlp``, the domain-agnostic token-to-cluster form."""
 
-    def __init__(self, dim: int, num_clusters: int, mlp_ratio: float = 4.0, act_layer=nn.GELU, **_):
+    def __init__(self, dim: int, num_clusters: int, mlp_ratio: float = 4.0, act_layer=nn.GELU):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.clustering = nn.Sequential(nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, num_clusters))
@@ -56,7 +56,7 @@ class MlpClustering(nn.Module):
 class LinearClustering(nn.Module):
     """A single linear projection to M (no bias): ``p2clinear``."""
 
-    def __init__(self, dim: int, num_clusters: int, **_):
+    def __init__(self, dim: int, num_clusters: int):
         super().__init__()
         self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
 

@@ -4,3 +4,4 @@ from .downsample import ConvDownsample
 from .layout import nchw_to_tokens, tokens_to_nchw
 from .mlp import ConvMlp, DWConv
 from .teacher import ConvMixerTeacher
+from .fused import conv_act, fused_kernels, linear_act

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import linear_act
+
 try:
     import xformers.ops as xops
 except ImportError:  # optional dependency
@@ -71,9 +73,9 @@ class PaCaAttention(nn.Module):
         B, N, C = x.shape
         M = context.shape[1]
         heads = self.num_heads
-        q = self.q(x).view(B, N, heads, C // heads)
-        k = self.k(context).view(B, M, heads, C // heads)
-        v = self.v(context).view(B, M, heads, C // heads)
+        q = linear_act(x, self.q.weight, self.q.bias).view(B, N, heads, C // heads)
+        k = linear_act(context, self.k.weight, self.k.bias).view(B, M, heads, C // heads)
+        v = linear_act(context, self.v.weight, self.v.bias).view(B, M, heads, C // heads)
         dropout_p = self.attn_drop if self.training else 0.0
 
         if self.capture is not None:
@@ -84,7 +86,7 @@ class PaCaAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p
             ).transpose(1, 2)
-        out = self.proj_drop(self.proj(out.reshape(B, N, C)))
+        out = self.proj_drop(linear_act(out.reshape(B, N, C), self.proj.weight, self.proj.bias))
         return out, assignments
 
     def _explicit_attention(self, q, k, v, dropout_p, assignments, hw):

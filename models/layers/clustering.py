@@ -6,9 +6,9 @@ The last projection is computed as ``W @ x^T`` so that the logits come out clust
 contiguous (a softmax over a non-last dim, or a transposing copy, costs more than the GEMM).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .fused import conv_act, linear_act
 from .layout import nchw_to_tokens, tokens_to_nchw
 
 
@@ -33,10 +33,10 @@ class ConvClustering(nn.Module):
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
         depthwise, act1, pointwise, act2, to_clusters = self.clustering
-        x = nchw_to_tokens(act1(depthwise(tokens_to_nchw(x, hw))))
+        x = conv_act(tokens_to_nchw(x, hw), depthwise.weight, depthwise.bias, depthwise.padding, x.shape[-1], act1)
         # The 1x1 convs are applied as linear layers on the (B, N, C) tokens: same weights and
         # math, but no NCHW round trip and a faster GEMM than a 1x1 convolution.
-        x = act2(F.linear(x, pointwise.weight.flatten(1), pointwise.bias))
+        x = linear_act(nchw_to_tokens(x), pointwise.weight.flatten(1), pointwise.bias, act2)
         return project_to_clusters(x, to_clusters.weight)
 
 
@@ -50,7 +50,7 @@ class MlpClustering(nn.Module):
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
         hidden, act, to_clusters = self.clustering
-        return project_to_clusters(act(hidden(x)), to_clusters.weight, to_clusters.bias)
+        return project_to_clusters(linear_act(x, hidden.weight, hidden.bias, act), to_clusters.weight, to_clusters.bias)
 
 
 class LinearClustering(nn.Module):

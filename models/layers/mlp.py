@@ -1,8 +1,10 @@
 """The PaCa block's feed-forward network: fc1 -> 3x3 depthwise conv (+ shortcut) -> GELU -> fc2."""
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .fused import conv_act, linear_act
 from .layout import nchw_to_tokens, tokens_to_nchw
 
 
@@ -20,9 +22,10 @@ class DWConv(nn.Module):
         identity[:, :, 1, 1] = 1.0
         self.register_buffer("identity", identity, persistent=False)
 
-    def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw, act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``act(x + dwconv(x))``; ``act=None`` is the identity."""
         weight = self.dwconv.weight + self.identity.to(self.dwconv.weight.dtype)
-        y = F.conv2d(tokens_to_nchw(x, hw), weight, self.dwconv.bias, padding=1, groups=x.shape[-1])
+        y = conv_act(tokens_to_nchw(x, hw), weight, self.dwconv.bias, (1, 1), x.shape[-1], act)
         return nchw_to_tokens(y)
 
 
@@ -36,5 +39,5 @@ class ConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        x = self.drop(self.act(self.dwconv(self.fc1(x), hw)))
-        return self.drop(self.fc2(x))
+        x = self.drop(self.dwconv(linear_act(x, self.fc1.weight, self.fc1.bias), hw, act=self.act))
+        return self.drop(linear_act(x, self.fc2.weight, self.fc2.bias))

@@ -4,7 +4,9 @@
 Each measured model appends one row to work_dirs/classification/all_benchmark_results.csv.
 ``--compare`` adds timm peers to the same run; ``--img-sizes 224,448,896`` also times the
 backbone (batch 1) at several resolutions and draws latency against pixels on log-log axes,
-where linear complexity shows as a line parallel to the slope-1 guide.
+where linear complexity shows as a line parallel to the slope-1 guide.  With the reference model
+(``--reference``, default convnext_tiny) in the run, efficiency.png next to the CSV compares how
+many FLOPs per second each model achieves relative to it.
 
     python benchmark.py --model pacavit_tiny_p2cconv_100_0 --img-size 224 --compare --img-sizes 224,448,896
 
@@ -17,6 +19,7 @@ import csv
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -28,7 +31,7 @@ import timm
 import cls_common
 from models.flops import count_flops, count_params
 from models.paca_vit import create_downstream
-from plots import plot_latency_vs_pixels
+from plots import plot_efficiency, plot_latency_vs_pixels
 
 _logger = logging.getLogger("pacavit")
 PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
@@ -54,9 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved rounds over all models; each model's fastest round is reported")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--amp", action=flag, default=False, help="float16 autocast (CUDA only)")
+    p.add_argument("--amp", action=flag, default=False, help="mixed-precision autocast (CUDA only)")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--channels-last", action=flag, default=False)
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
+    p.add_argument("--compile-modes", choices=("eager", "compiled", "both"), default=None,
+                   help="'both' measures every model eager and compiled in the same run (default: per --compile)")
     p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
@@ -75,6 +81,9 @@ def parse_args(argv=None):
     work_dirs = os.environ.get("PACAVIT_WORK_DIRS") or os.path.join(REPO_ROOT, "work_dirs")
     args.results_csv = args.results_csv or os.path.join(work_dirs, "classification", "all_benchmark_results.csv")
     args.plot = args.plot or os.path.join(os.path.dirname(args.results_csv), "latency_vs_resolution.png")
+    args.efficiency_plot = os.path.join(os.path.dirname(os.path.abspath(args.plot)), "efficiency.png")
+    modes = args.compile_modes or ("compiled" if args.compile else "eager")
+    args.compile_settings = {"eager": (False,), "compiled": (True,), "both": (False, True)}[modes]
     return args
 
 
@@ -86,12 +95,20 @@ def synchronize(device):
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif os.access("/proc/self/clear_refs", os.W_OK):
+        # Linux: "5" resets the process's resident-size high-water mark (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
 
 def peak_memory_mb(device) -> float:
-    """CUDA: peak allocated since the last reset.  CPU: peak resident size of this process."""
+    """CUDA: peak allocated since the last reset.  CPU: peak resident size of the process since the
+    last reset on Linux (it includes the other models' weights), since it started elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
 
@@ -108,27 +125,30 @@ def time_per_iteration(step, device, warmup, iters) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def prepare(model, args, device):
+def prepare(model, args, device, compiled=False):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    return (torch.compile(model) if args.compile else model), memory_format
+    return (torch.compile(model) if compiled else model), memory_format
 
 
 class ClassifierBench:
     """One model's inference and training steps on synthetic data, timed on demand."""
 
-    def __init__(self, name, args, device):
+    def __init__(self, name, args, device, compiled=False):
         model = cls_common.create_classifier(name, args.num_classes)
-        self.row = {"model": name, "params_M": round(count_params(model) / 1e6, 3),
+        self.row = {"model": name, "compile": compiled, "params_M": round(count_params(model) / 1e6, 3),
                     "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
-        self.model, memory_format = prepare(model, args, device)
+        self.label = name + (" (compiled)" if compiled else "")
+        self.model, memory_format = prepare(model, args, device, compiled)
         self.args, self.device = args, device
-        self.autocast = cls_common.autocast_for(device, args.amp)
+        self.autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
         shape = (args.batch_size, 3, args.img_size, args.img_size)
         self.images = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
         self.target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+        # bfloat16 has float32's range: only float16 needs loss scaling
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=args.amp and args.amp_dtype == "float16" and device.type == "cuda")
 
     def infer(self):
         with torch.inference_mode(), self.autocast():
@@ -157,13 +177,13 @@ class ClassifierBench:
 def benchmark_classifiers(names, args, device) -> list:
     """Measure all models in ``args.rounds`` interleaved rounds and keep each one's fastest round,
     so that drift of the machine (other load, allocator state) does not favour one model."""
-    benches = [ClassifierBench(name, args, device) for name in names]
+    benches = [ClassifierBench(name, args, device, compiled) for name in names for compiled in args.compile_settings]
     phases = ("infer", "train") if args.train else ("infer",)
     for round_index in range(args.rounds):
         for bench in benches:
             for phase in phases:
                 bench.measure(phase)
-            _logger.info(f"round {round_index + 1}/{args.rounds} {bench.row['model']}: "
+            _logger.info(f"round {round_index + 1}/{args.rounds} {bench.label}: "
                          + ", ".join(f"{k} {bench.row[k]}" for k in FIELDS[9:17] if k in bench.row))
     return [bench.row for bench in benches]
 
@@ -183,7 +203,7 @@ def latency_curve(name, sizes, args, device) -> list:
     for size in sizes:
         model, memory_format = prepare(create_backbone(name, size).eval(), args, device)
         image = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
-        autocast = cls_common.autocast_for(device, args.amp)
+        autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
 
         def infer():
             with torch.inference_mode(), autocast():
@@ -218,7 +238,8 @@ def main(argv=None):
         cls_common.check_model_name(name)
     common = {"date": datetime.now().isoformat(timespec="seconds"), "img_size": args.img_size,
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
-              "amp": args.amp and device.type == "cuda", "channels_last": args.channels_last, "compile": args.compile,
+              "amp": args.amp_dtype if args.amp and device.type == "cuda" else False,
+              "channels_last": args.channels_last,
               "torch": torch.__version__, "timm": timm.__version__}
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}")
@@ -227,6 +248,11 @@ def main(argv=None):
     append_rows(args.results_csv, rows)
     _print_table(rows)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
+    if any("infer_efficiency" in row for row in rows):
+        title = f"img/s x GFLOPs relative to {args.reference}, {common['device']}, batch {args.batch_size}"
+        if common["amp"]:
+            title += f", {common['amp']} autocast"
+        _logger.info(f"efficiency plot: {plot_efficiency(rows, args.efficiency_plot, title)}")
 
     if args.img_sizes:
         sizes = [int(s) for s in args.img_sizes.split(",")]
@@ -247,12 +273,11 @@ def add_efficiency(rows, reference):
         for phase in ("infer", "train"):
             if f"{phase}_img_per_s" in row:
                 row[f"{phase}_gflops_per_s"] = round(row[f"{phase}_img_per_s"] * row["gflops"], 2)
-    ref = next((r for r in rows if r["model"] == reference), None)
-    if ref is None:
-        return
     for row in rows:
+        # a compiled model is compared with the compiled reference, an eager one with the eager one
+        ref = next((r for r in rows if r["model"] == reference and r["compile"] == row["compile"]), None)
         for phase in ("infer", "train"):
-            if f"{phase}_gflops_per_s" in row:
+            if ref is not None and f"{phase}_gflops_per_s" in row:
                 row[f"{phase}_efficiency"] = round(row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"], 3)
 
 
@@ -263,7 +288,7 @@ def _device_name(device) -> str:
 
 
 def _print_table(rows):
-    columns = ("model", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
+    columns = ("model", "compile", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
                "train_efficiency", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:

@@ -6,7 +6,7 @@
 #
 # e.g. ./benchmark.sh pacavit_tiny_p2cconv_100_0 224 1000 0
 #      ./benchmark.sh pacavit_tiny_p2cconv_100_0 224 1000 0 --compare --img-sizes 224,448,896
-# On CUDA it adds --amp --channels-last (batch 128, 100 iterations); without CUDA it measures
+# On CUDA it adds --amp (bfloat16) --channels-last (batch 128, 100 iterations); without CUDA it measures
 # fp32 on the CPU with small defaults (batch 8, 5 iterations; change with -b / --iters).
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"

@@ -68,3 +68,29 @@ def plot_latency_vs_pixels(curves: Dict[str, Sequence[tuple]], png: str, title: 
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def plot_efficiency(rows: Sequence[dict], png: str, title: str) -> str:
+    """Horizontal bars of each model's inference and training efficiency (1 = the reference)."""
+    rows = [row for row in rows if "infer_efficiency" in row]
+    labels = [row["model"] + (" (compiled)" if row.get("compile") else "") for row in rows]
+    phases = [phase for phase in ("infer", "train") if any(f"{phase}_efficiency" in row for row in rows)]
+    height = 0.8 / len(phases)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(rows) * len(phases)))
+    for k, phase in enumerate(phases):
+        values = [row.get(f"{phase}_efficiency", 0.0) for row in rows]
+        ys = [i + (k - (len(phases) - 1) / 2) * height for i in range(len(rows))]
+        bars = ax.barh(ys, values, height, label={"infer": "inference", "train": "training"}[phase])
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
+    ax.axvline(1.0, color="k", linestyle="--", alpha=0.5)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="FLOPs per second relative to the reference", title=title)
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

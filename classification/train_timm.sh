@@ -9,8 +9,9 @@
 # Data: datasets/<Dataset_name>/{train,val} (root overridable with $PACAVIT_DATASETS).
 # Output: work_dirs/classification/<Exp>/<Dataset>_<Img>_<Model>_<Tag>/ (root: $PACAVIT_WORK_DIRS),
 # moved to .../<Exp>/TrainingFinished/<same name>/ when training completes; a finished run is
-# never retrained (Remove_old=0: nothing to do, exit 0; Remove_old=1: refused).  Remove_old=1 deletes an unfinished run after confirmation (a prompt, or
-# --yes / PACAVIT_YES=1 in batch jobs); Resume=1 continues it from its last.pth.tar.
+# never retrained (Remove_old=0: nothing to do, exit 0; Remove_old=1: refused).  Remove_old=1
+# deletes an unfinished run only with --yes (or PACAVIT_YES=1); Resume=1 continues it from its
+# last.pth.tar.  The launcher never prompts.
 # [others] go to train_timm.py and override the config (e.g. --epochs 10 -b 64 --lr 1e-3).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
 set -euo pipefail

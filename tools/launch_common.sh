@@ -38,20 +38,13 @@ paca_take_flags() {
     done
 }
 
-# Delete an old experiment folder only when confirmed: a prompt on a terminal, otherwise
-# --yes / PACAVIT_YES=1.  A batch job without confirmation stops instead of waiting on stdin.
+# Delete an old experiment folder only when confirmed by --yes / PACAVIT_YES=1.  Launchers never
+# prompt: without the confirmation they stop and say how to go on, on a terminal or in a batch job.
 paca_confirm_remove() {
     local dir="$1"
     [[ -e "$dir" ]] || return 0
-    if [[ "${PACAVIT_YES:-0}" == "1" ]]; then
-        echo "removing old experiment $dir (confirmed by --yes / PACAVIT_YES=1)"
-    elif [[ -t 0 ]]; then
-        local answer
-        read -r -p "Remove the old experiment $dir? [y/N] " answer
-        [[ "$answer" == [yY]* ]] || paca_die "kept $dir; rerun with Remove_old=0 to resume or keep it"
-    else
-        paca_die "$dir exists and Remove_old=1, but this run is not interactive: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
-    fi
+    [[ "${PACAVIT_YES:-0}" == "1" ]] || paca_die "$dir exists and Remove_old=1: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
+    echo "removing old experiment $dir (confirmed by --yes / PACAVIT_YES=1)"
     rm -rf -- "$dir"
 }
 
@@ -102,7 +95,7 @@ paca_torchrun() {
 # Experiments of the OpenMMLab launchers (train_mmdet.sh / train_mmseg.sh) are marked finished by
 # paca_mark_finished once training returns successfully.  paca_prepare_experiment DIR REMOVE_OLD
 # never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), deletes
-# an unfinished one on Remove_old=1 (after confirmation) and otherwise keeps it to resume from.
+# an unfinished one on Remove_old=1 (with --yes) and otherwise keeps it to resume from.
 PACA_FINISHED_MARK="FINISHED"
 
 paca_prepare_experiment() {

@@ -17,14 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_enabled = torch.backends.mkldnn.is_available()
+
+def _available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_enabled = _available()
 
 
 @contextlib.contextmanager
 def fused_kernels(enabled: bool):
     """Use (or not) the oneDNN fused kernels inside this context."""
     global _enabled
-    previous, _enabled = _enabled, enabled and torch.backends.mkldnn.is_available()
+    previous, _enabled = _enabled, enabled and _available()
     try:
         yield
     finally:

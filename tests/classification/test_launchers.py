@@ -99,7 +99,7 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(cls_env):
     assert steps == {epochs * steps_per_epoch}
 
 
-def test_remove_old_needs_confirmation_in_batch_mode(cls_env):
+def test_remove_old_needs_yes_and_never_prompts(cls_env):
     run_dir, _ = experiment_dirs(cls_env, "keep", "t1")
     run_dir.mkdir(parents=True)
     precious = run_dir / "last.pth.tar"
@@ -152,3 +152,23 @@ def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env
     assert (paca["img_size"], paca["num_classes"], paca["device"].startswith("cpu")) == ("224", "1000", True)
     assert float(rows[1]["params_M"]) == pytest.approx(14.0, abs=0.05)
     assert os.path.getsize(os.path.join(os.path.dirname(csv_path), "latency_vs_resolution.png")) > 0
+
+
+def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_path):
+    csv_path = tmp_path / "speed.csv"
+    quick = ["-b", 1, "--iters", 1, "--warmup", 0, "--rounds", 1, "--img-sizes", "32,64", "--results-csv", csv_path]
+    result = run([CLS_DIR / "speed_report.sh", 0, *quick], cls_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(csv_path, newline="") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert list(rows) == [MODEL, "pacavit_small_p2cconv_100_0", "pacavit_base_p2cconv_100_0", "convnext_tiny"]
+    assert float(rows["convnext_tiny"]["infer_efficiency"]) == 1.0
+    for row in rows.values():
+        # efficiency = this model's GFLOP/s over convnext_tiny's, for inference and training
+        for phase in ("infer", "train"):
+            expected = float(row[f"{phase}_gflops_per_s"]) / float(rows["convnext_tiny"][f"{phase}_gflops_per_s"])
+            assert float(row[f"{phase}_efficiency"]) == pytest.approx(expected, abs=2e-3)
+    for curve_model in (MODEL, "pvt_v2_b1", "convnext_tiny"):
+        assert f"{curve_model} backbone at 64x64" in result.stderr
+    for png in ("efficiency.png", "latency_vs_resolution.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png

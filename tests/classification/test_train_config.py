@@ -91,3 +91,14 @@ def test_unknown_model_suggests_close_names():
     with pytest.raises(cls_common.UsageError, match="Did you mean pacavit_tiny_p2cconv_100_0"):
         cls_common.check_model_name("pacavit_tiny_p2cconv_100")
 
+
+
+def test_efficiency_compares_compiled_with_compiled_and_eager_with_eager():
+    from benchmark import add_efficiency
+
+    rows = [dict(model=name, compile=compiled, gflops=gflops, infer_img_per_s=ips)
+            for name, compiled, gflops, ips in [("paca", False, 2.0, 10.0), ("ref", False, 4.0, 10.0),
+                                                 ("paca", True, 2.0, 30.0), ("ref", True, 4.0, 20.0)]]
+    add_efficiency(rows, "ref")
+    assert [row["infer_efficiency"] for row in rows] == [0.5, 1.0, 0.75, 1.0]
+    assert all("train_efficiency" not in row for row in rows)

@@ -8,7 +8,6 @@ from torch.profiler import ProfilerActivity, profile
 from models import fused_kernels
 from models.layers import conv_act, linear_act
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
 
 def fused_ops_run(fn) -> set:

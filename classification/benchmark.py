@@ -218,6 +218,15 @@ def latency_curve(name, sizes, args, device) -> list:
 def append_rows(path, rows):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != FIELDS:
+            # written by another version of this script: keep it under another name, start anew
+            kept = f"{os.path.splitext(path)[0]}.columns-until-{datetime.now():%Y%m%d-%H%M%S}.csv"
+            os.replace(path, kept)
+            _logger.info(f"note: {path} had other columns; it is kept as {kept}")
+            new = True
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:

@@ -88,9 +88,8 @@ def plot_efficiency(rows: Sequence[dict], png: str, title: str) -> str:
     ax.set(xlabel="FLOPs per second relative to the reference", title=title)
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return png

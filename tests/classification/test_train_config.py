@@ -102,3 +102,16 @@ def test_efficiency_compares_compiled_with_compiled_and_eager_with_eager():
     add_efficiency(rows, "ref")
     assert [row["infer_efficiency"] for row in rows] == [0.5, 1.0, 0.75, 1.0]
     assert all("train_efficiency" not in row for row in rows)
+
+
+def test_benchmark_csv_with_other_columns_is_kept_aside(tmp_path):
+    from benchmark import FIELDS, append_rows
+
+    path = tmp_path / "results.csv"
+    path.write_text("date,model,old_column\n2025-01-01,m,1\n")
+    append_rows(str(path), [{"model": "pacavit_tiny_p2cconv_100_0"}])
+    assert path.read_text().splitlines()[0] == ",".join(FIELDS)
+    (kept,) = tmp_path.glob("results.columns-until-*.csv")
+    assert kept.read_text() == "date,model,old_column\n2025-01-01,m,1\n"
+    append_rows(str(path), [{"model": "convnext_tiny"}])
+    assert len(path.read_text().splitlines()) == 3 and len(list(tmp_path.iterdir())) == 2

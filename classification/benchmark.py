@@ -29,6 +29,7 @@ import torch
 import timm
 
 import cls_common
+from models import fused_kernels
 from models.flops import count_flops, count_params
 from models.paca_vit import create_downstream
 from plots import plot_efficiency, plot_latency_vs_pixels
@@ -36,7 +37,7 @@ from plots import plot_efficiency, plot_latency_vs_pixels
 _logger = logging.getLogger("pacavit")
 PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
 FIELDS = (
-    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile",
+    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile", "fused_kernels",
     "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
     "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "infer_gflops_per_s", "train_gflops_per_s",
     "infer_efficiency", "train_efficiency", "torch", "timm",
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
     p.add_argument("--compile-modes", choices=("eager", "compiled", "both"), default=None,
                    help="'both' measures every model eager and compiled in the same run (default: per --compile)")
+    p.add_argument("--fused-kernels", choices=("on", "off", "both"), default="on",
+                   help="PaCa's oneDNN fused CPU inference kernels (models/layers/fused.py); 'both' also measures "
+                        "each PaCa model with the plain PyTorch ops, in the same run")
     p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
@@ -84,6 +88,7 @@ def parse_args(argv=None):
     args.efficiency_plot = os.path.join(os.path.dirname(os.path.abspath(args.plot)), "efficiency.png")
     modes = args.compile_modes or ("compiled" if args.compile else "eager")
     args.compile_settings = {"eager": (False,), "compiled": (True,), "both": (False, True)}[modes]
+    args.fused_settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused_kernels]
     return args
 
 
@@ -134,11 +139,13 @@ def prepare(model, args, device, compiled=False):
 class ClassifierBench:
     """One model's inference and training steps on synthetic data, timed on demand."""
 
-    def __init__(self, name, args, device, compiled=False):
+    def __init__(self, name, args, device, compiled=False, fused=True):
         model = cls_common.create_classifier(name, args.num_classes)
-        self.row = {"model": name, "compile": compiled, "params_M": round(count_params(model) / 1e6, 3),
+        self.fused = fused
+        self.row = {"model": name, "compile": compiled, "fused_kernels": fused,
+                    "params_M": round(count_params(model) / 1e6, 3),
                     "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
-        self.label = name + (" (compiled)" if compiled else "")
+        self.label = name + (" (compiled)" if compiled else "") + ("" if fused else " (plain ops)")
         self.model, memory_format = prepare(model, args, device, compiled)
         self.args, self.device = args, device
         self.autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
@@ -151,7 +158,7 @@ class ClassifierBench:
             "cuda", enabled=args.amp and args.amp_dtype == "float16" and device.type == "cuda")
 
     def infer(self):
-        with torch.inference_mode(), self.autocast():
+        with torch.inference_mode(), self.autocast(), fused_kernels(self.fused):
             self.model(self.images)
 
     def train_step(self):
@@ -177,14 +184,19 @@ class ClassifierBench:
 def benchmark_classifiers(names, args, device) -> list:
     """Measure all models in ``args.rounds`` interleaved rounds and keep each one's fastest round,
     so that drift of the machine (other load, allocator state) does not favour one model."""
-    benches = [ClassifierBench(name, args, device, compiled) for name in names for compiled in args.compile_settings]
-    phases = ("infer", "train") if args.train else ("infer",)
+    benches = [ClassifierBench(name, args, device, compiled, fused)
+               for name in names for compiled in args.compile_settings
+               # the fused kernels are PaCa's: other models are measured once
+               for fused in (args.fused_settings if name.startswith("pacavit_") else args.fused_settings[:1])]
+    measured = FIELDS[FIELDS.index("params_M"):FIELDS.index("train_peak_mem_MB") + 1]
     for round_index in range(args.rounds):
         for bench in benches:
-            for phase in phases:
+            # training never uses the fused kernels: with both settings it is timed once, fused
+            train = args.train and (bench.fused or len(args.fused_settings) == 1)
+            for phase in ("infer", "train") if train else ("infer",):
                 bench.measure(phase)
             _logger.info(f"round {round_index + 1}/{args.rounds} {bench.label}: "
-                         + ", ".join(f"{k} {bench.row[k]}" for k in FIELDS[9:17] if k in bench.row))
+                         + ", ".join(f"{k} {bench.row[k]}" for k in measured if k in bench.row))
     return [bench.row for bench in benches]
 
 
@@ -206,7 +218,7 @@ def latency_curve(name, sizes, args, device) -> list:
         autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
 
         def infer():
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(), fused_kernels(args.fused_settings[0]):
                 model(image)
 
         ms = time_per_iteration(infer, device, args.warmup, args.iters) * 1e3
@@ -297,7 +309,7 @@ def _device_name(device) -> str:
 
 
 def _print_table(rows):
-    columns = ("model", "compile", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
+    columns = ("model", "compile", "fused_kernels", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
                "train_efficiency", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:

@@ -4,7 +4,8 @@
 #   speed_report.sh gpu [others]        gpu: the CUDA device index (any value on a CPU-only machine)
 #
 # CPU: fp32, batch 8 at 224, PaCa-Tiny/Small/Base against convnext_tiny in 8 interleaved rounds
-#      (each model keeps its fastest: this shared machine drifts by up to 20% within minutes).
+#      (each model keeps its fastest: this shared machine drifts by up to 20% within minutes);
+#      PaCa's inference is measured with its fused kernels and with the plain PyTorch ops.
 # CUDA: bf16 autocast, channels_last, batch 128, PaCa-Tiny/Small/Base against convnext_tiny/small/
 #       base and swin_tiny, each model eager and torch.compile'd.
 # Both then time the backbones of PaCa-Tiny, pvt_v2_b1 and convnext_tiny at batch 1 from 224 to 896.
@@ -27,7 +28,7 @@ if [[ "$PACA_DEVICE" == "cuda" ]]; then
     RUN=(--peers "$PACA_PEERS,convnext_tiny,convnext_small,convnext_base,swin_tiny_patch4_window7_224"
          --compile-modes both --rounds 2)
 else
-    RUN=(--peers "$PACA_PEERS,convnext_tiny" --iters 3 --warmup 1 --rounds 8)
+    RUN=(--peers "$PACA_PEERS,convnext_tiny" --iters 3 --warmup 1 --rounds 8 --fused-kernels both)
 fi
 exec "$(dirname "$0")/benchmark.sh" "$TINY" 224 1000 "$GPU" --compare "${RUN[@]}" \
     --img-sizes 224,448,896 --curve-models "$TINY,pvt_v2_b1,convnext_tiny" "$@"

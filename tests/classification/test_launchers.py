@@ -160,14 +160,20 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
     result = run([CLS_DIR / "speed_report.sh", 0, *quick], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as f:
-        rows = {row["model"]: row for row in csv.DictReader(f)}
-    assert list(rows) == [MODEL, "pacavit_small_p2cconv_100_0", "pacavit_base_p2cconv_100_0", "convnext_tiny"]
+        all_rows = list(csv.DictReader(f))
+    paca = [MODEL, "pacavit_small_p2cconv_100_0", "pacavit_base_p2cconv_100_0"]
+    expected_rows = [(name, fused) for name in paca for fused in ("True", "False")] + [("convnext_tiny", "True")]
+    assert [(row["model"], row["fused_kernels"]) for row in all_rows] == expected_rows
+    rows = {row["model"]: row for row in all_rows if row["fused_kernels"] == "True"}
     assert float(rows["convnext_tiny"]["infer_efficiency"]) == 1.0
     for row in rows.values():
         # efficiency = this model's GFLOP/s over convnext_tiny's, for inference and training
         for phase in ("infer", "train"):
             expected = float(row[f"{phase}_gflops_per_s"]) / float(rows["convnext_tiny"][f"{phase}_gflops_per_s"])
             assert float(row[f"{phase}_efficiency"]) == pytest.approx(expected, abs=2e-3)
+    plain_ops = [row for row in all_rows if row["fused_kernels"] == "False"]
+    # training never uses the fused kernels, so it is timed once per model
+    assert all(float(row["infer_efficiency"]) > 0 and row["train_img_per_s"] == "" for row in plain_ops)
     for curve_model in (MODEL, "pvt_v2_b1", "convnext_tiny"):
         assert f"{curve_model} backbone at 64x64" in result.stderr
     for png in ("efficiency.png", "latency_vs_resolution.png"):

@@ -79,8 +79,9 @@ def plot_efficiency(rows: Sequence[dict], png: str, title: str) -> str:
     height = 0.8 / len(phases)
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(rows) * len(phases)))
     for k, phase in enumerate(phases):
-        values = [row.get(f"{phase}_efficiency", 0.0) for row in rows]
-        ys = [i + (k - (len(phases) - 1) / 2) * height for i in range(len(rows))]
+        measured = [i for i, row in enumerate(rows) if f"{phase}_efficiency" in row]
+        ys = [i + (k - (len(phases) - 1) / 2) * height for i in measured]
+        values = [rows[i][f"{phase}_efficiency"] for i in measured]
         bars = ax.barh(ys, values, height, label={"infer": "inference", "train": "training"}[phase])
         ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
     ax.axvline(1.0, color="k", linestyle="--", alpha=0.5)

@@ -3,7 +3,8 @@
 PyTorch runs ``gelu(conv(x))`` as two passes over the output and a biased ``linear`` as a copy
 of the bias into the output followed by the GEMM.  oneDNN does each in one kernel, with the
 bias and activation applied as the output is written.  On the 2-core benchmark machine this
-makes PaCa-Tiny ~15% faster (fp32, batch 8, 224; see the README's Performance section).
+makes PaCa-Tiny's inference 12% faster and Small/Base 7-10% (fp32, batch 8, 224; measured by
+``classification/speed_report.sh``, see the README's Performance section).
 
 The fused kernels have no autograd, and neither ``torch.compile`` nor the FLOP counter's tracer
 knows them, so they are used only when no gradient is needed, outside tracing and compilation,

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
     p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--channels-last", action=flag, default=False, help="NHWC layout (CUDA only)")
+    p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
     p.add_argument("--pin-mem", action=flag, default=False)
     p.add_argument("--results-file", default="", help="also write the metrics to this JSON file")
     return p.parse_args(argv)
@@ -79,6 +80,8 @@ def main(argv=None):
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if args.compile:
+        model.compile()
     loader = cls_common.build_eval_loader(args.data_dir, args.split, data_config, args.batch_size,
                                           args.workers, pin_memory=args.pin_mem)
     start = time.time()

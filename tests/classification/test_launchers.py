@@ -9,7 +9,10 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
+
+import models  # noqa: F401  (registers the pacavit_* names with timm)
 
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
@@ -40,13 +43,14 @@ def test_training_writes_logs_checkpoints_and_curves(finished_run, cls_env):
     assert "img/s" in log and "eta epoch" in log and "lr " in log
 
 
-def test_validate_reproduces_the_trainers_last_evaluation(finished_run, cls_env, tmp_path):
+@pytest.mark.parametrize("compile_flag", ["--no-compile", "--compile"])
+def test_validate_reproduces_the_trainers_last_evaluation(finished_run, cls_env, tmp_path, compile_flag):
     _, done_dir = finished_run
     last_eval = read_summary(done_dir)[-1]
     results = tmp_path / "val.json"
     checkpoint_url = (done_dir / "last.pth.tar").as_uri()  # file://..., through the URL route of the loader
     result = run([CLS_DIR / "validate.sh", MODEL, checkpoint_url, "TINY", 32, 0, 1,
-                  "--crop-pct", "1.0", "--results-file", results], cls_env)
+                  "--crop-pct", "1.0", "--results-file", results, compile_flag], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(results.read_text())
     assert metrics["images"] == 9 and metrics["num_classes"] == 3
@@ -178,3 +182,11 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
         assert f"{curve_model} backbone at 64x64" in result.stderr
     for png in ("efficiency.png", "latency_vs_resolution.png"):
         assert (tmp_path / png).stat().st_size > 10_000, png
+
+
+def test_compiled_training_keeps_plain_parameter_names(cls_env):
+    result = run(train_cmd("compiled", "t1", "--epochs", 1, "--compile"), cls_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, done_dir = experiment_dirs(cls_env, "compiled", "t1")
+    state = torch.load(done_dir / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    assert set(state) == set(timm.create_model(MODEL, num_classes=3).state_dict())

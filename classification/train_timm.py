@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     g.add_argument("--channels-last", action=flag, default=False, help="NHWC memory layout (CUDA only)")
     g.add_argument("--compile", action=flag, default=False,
-                   help="torch.compile the model (pays off on GPUs; no faster on the 2-core test CPU)")
+                   help="torch.compile the model (measured no faster on a 2-core CPU; meant for GPUs)")
     g.add_argument("--dist-bn", default="", choices=("", "broadcast", "reduce"),
                    help="sync BatchNorm statistics across processes after each epoch")
     g.add_argument("--seed", type=int, default=42)

@@ -37,8 +37,8 @@ from plots import plot_efficiency, plot_latency_vs_pixels
 _logger = logging.getLogger("pacavit")
 PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
 FIELDS = (
-    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile", "fused_kernels",
-    "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
+    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile",
+    "fused_kernels", "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
     "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "infer_gflops_per_s", "train_gflops_per_s",
     "infer_efficiency", "train_efficiency", "torch", "timm",
 )
@@ -309,8 +309,8 @@ def _device_name(device) -> str:
 
 
 def _print_table(rows):
-    columns = ("model", "compile", "fused_kernels", "params_M", "gflops", "infer_img_per_s", "train_img_per_s", "infer_efficiency",
-               "train_efficiency", "train_peak_mem_MB")
+    columns = ("model", "compile", "fused_kernels", "params_M", "gflops", "infer_img_per_s", "train_img_per_s",
+               "infer_efficiency", "train_efficiency", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)

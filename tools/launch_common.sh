@@ -43,7 +43,8 @@ paca_take_flags() {
 paca_confirm_remove() {
     local dir="$1"
     [[ -e "$dir" ]] || return 0
-    [[ "${PACAVIT_YES:-0}" == "1" ]] || paca_die "$dir exists and Remove_old=1: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
+    [[ "${PACAVIT_YES:-0}" == "1" ]] ||
+        paca_die "$dir exists and Remove_old=1: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
     echo "removing old experiment $dir (confirmed by --yes / PACAVIT_YES=1)"
     rm -rf -- "$dir"
 }

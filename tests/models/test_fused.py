@@ -29,7 +29,8 @@ def test_linear_act_matches_plain_ops(act):
     with torch.no_grad():
         assert fused_ops_run(lambda: linear_act(x, weight, bias, act)) == {"mkldnn::_linear_pointwise"}
         torch.testing.assert_close(linear_act(x, weight, bias, act), plain, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(linear_act(x, weight, None, act), plain_linear_act(x, weight, None, act), rtol=1e-5, atol=1e-5)
+        no_bias = linear_act(x, weight, None, act)
+        torch.testing.assert_close(no_bias, plain_linear_act(x, weight, None, act), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_size", [3, 7])
@@ -39,8 +40,9 @@ def test_conv_act_matches_plain_ops_and_keeps_channels_last(kernel_size):
     weight, bias, pad = torch.randn(16, 1, kernel_size, kernel_size), torch.randn(16), kernel_size // 2
     plain = nn.functional.gelu(nn.functional.conv2d(x, weight, bias, padding=pad, groups=16))
     with torch.no_grad():
-        assert fused_ops_run(lambda: conv_act(x, weight, bias, (pad, pad), 16, nn.GELU())) == {"mkldnn::_convolution_pointwise"}
-        fused = conv_act(x, weight, bias, (pad, pad), 16, nn.GELU())
+        fused_conv = lambda: conv_act(x, weight, bias, (pad, pad), 16, nn.GELU())  # noqa: E731
+        assert fused_ops_run(fused_conv) == {"mkldnn::_convolution_pointwise"}
+        fused = fused_conv()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     assert fused.is_contiguous(memory_format=torch.channels_last)
 
@@ -53,7 +55,8 @@ def test_unfusable_activation_falls_back():
 
 
 @pytest.mark.parametrize(
-    "name", ["pacavit_tiny_p2cconv_100_0", "pacavit_small_p2cmlp_100_0", "pacavit_small_p2clinear_100_0", "pacavit_convmixer_tiny_100"]
+    "name",
+    ["pacavit_tiny_p2cconv_100_0", "pacavit_small_p2cmlp_100_0", "pacavit_small_p2clinear_100_0", "pacavit_convmixer_tiny_100"],
 )
 def test_model_outputs_agree_with_plain_path(name):
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ ENSURE_EXTRA_ARGS=(${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"})
 ensure "$TORCH_PIN" "$TORCHVISION_PIN"
 ENSURE_EXTRA_ARGS=("$TORCH_PIN" "$TORCHVISION_PIN")
 
-step "timm, OpenMMLab, test tools and their locked dependencies (requirements.txt)" \
+step "timm, OpenMMLab, test tools, ecosystem extras (PEFT, ONNX) and their locked dependencies (requirements.txt)" \
     "pip could not install a pin of requirements.txt; its message above names the package"
 # shellcheck disable=SC2046
 ensure $(pins | grep -viE "^($OWN_STEP_PACKAGES)==")
@@ -190,6 +190,30 @@ ensure $(pins | grep -viE "^($OWN_STEP_PACKAGES)==")
 if ((WITH_XFORMERS)); then
     step "$(pin_of xformers)" "xformers wheels exist only for some torch/CUDA pairs: pick a matching pin in requirements.txt"
     ensure "$(pin_of xformers)"
+fi
+
+# --------------------------------------------------------------------------- timm's own model tests
+# The pacavit models are checked with timm's test suite, which ships only in timm's source distribution.
+TIMM_PIN="$(pin_of timm)"
+TIMM_SDIST_DIR="$REPO/.cache/sdist"
+TIMM_TESTS="$REPO/.cache/${TIMM_PIN/==/-}/tests"
+step "timm's model tests from the $TIMM_PIN source distribution into ${TIMM_TESTS#"$REPO/"}" \
+    "pip could not download the timm source; offline? put ${TIMM_PIN/==/-}.tar.gz into $TIMM_SDIST_DIR"
+if [[ -f "$TIMM_TESTS/test_models.py" ]]; then
+    echo "    already unpacked"
+else
+    if [[ ! -f "$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz" ]]; then
+        "$PY" -m pip download --quiet --no-deps --no-binary :all: --dest "$TIMM_SDIST_DIR" "$TIMM_PIN"
+    fi
+    HINT="$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz has no tests/ folder: remove it and rerun"
+    unpack_dir="$(mktemp -d "$REPO/.cache/timm-unpack.XXXXXX")"
+    tar -xzf "$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz" -C "$unpack_dir" "${TIMM_PIN/==/-}/tests"
+    # moved into place whole, so an interrupted run never leaves a half-unpacked folder that looks done
+    rm -rf "$TIMM_TESTS"
+    mkdir -p "$(dirname "$TIMM_TESTS")"
+    mv "$unpack_dir/${TIMM_PIN/==/-}/tests" "$TIMM_TESTS"
+    rm -rf "$unpack_dir"
+    echo "    unpacked $(find "$TIMM_TESTS" -name '*.py' | wc -l) files"
 fi
 
 # --------------------------------------------------------------------------- mmcv with compiled ops
@@ -337,6 +361,10 @@ import mmcv
 import mmdet
 import mmseg
 import fvcore  # noqa: F401  (FLOPs counting)
+import onnx
+import onnxruntime
+import onnxscript
+import peft
 from mmcv.ops import RoIAlign, get_compiling_cuda_version, nms
 
 def ops_check(device):
@@ -371,6 +399,8 @@ rows = [
     ("mmcv ops", "; ".join(ops)),
     ("mmdet", mmdet.__version__),
     ("mmseg", mmseg.__version__),
+    ("peft", peft.__version__),
+    ("onnx", f"{onnx.__version__}, onnxscript {onnxscript.__version__}, onnxruntime {onnxruntime.__version__}"),
     ("xformers", xformers),
 ]
 for name, value in rows:

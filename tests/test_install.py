@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[0-9][^\s]*)$")
 # installed by install.sh but not from environment.yaml (see the comment there)
 NOT_IN_CONDA_FILE = {"mmcv", "xformers"}
+# installed beside pytest for the tests of LoRA fine-tuning and ONNX export; never imported by the models
+EXTRAS = ["peft", "onnx", "onnxruntime", "onnxscript"]
 
 
 def canonical(name):
@@ -35,7 +38,7 @@ def test_requirements_are_unique_exact_pins():
     assert [line for line in lines if not PIN.match(line)] == []
     names = [canonical(PIN.match(line)["name"]) for line in lines]
     assert len(names) == len(set(names)), "a package is pinned twice"
-    for package in ["torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "pytest"]:
+    for package in ["torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "pytest", *EXTRAS]:
         assert package in names
 
 
@@ -48,9 +51,28 @@ def test_environment_yaml_mirrors_requirements():
     assert pip_section == expected
 
 
-@pytest.mark.parametrize("package", ["timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "fvcore", "einops"])
+@pytest.mark.parametrize(
+    "package", ["timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "fvcore", "einops", *EXTRAS]
+)
 def test_installed_version_is_the_pinned_one(package):
     assert metadata.version(package) == pinned_versions()[package]
+
+
+def test_timm_model_tests_are_unpacked_from_the_pinned_sdist():
+    tests = REPO / ".cache" / f"timm-{pinned_versions()['timm']}" / "tests"
+    assert (tests / "test_models.py").is_file(), f"{tests} is missing: run ./install.sh"
+    assert "FEAT_INTER_FILTERS" in (tests / "test_models.py").read_text()
+
+
+def test_model_code_does_not_import_the_extras():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, models; print(' '.join(sorted(sys.modules)))"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [name for name in loaded if name.split(".")[0] in EXTRAS] == []
 
 
 def test_mmcv_compiled_ops_agree_with_torchvision_on_cpu():

@@ -13,10 +13,11 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import timm
-from timm.data import create_dataset, create_transform
+from timm.data import ImageDataset, create_transform
 
 import models  # noqa: F401  (registers the PaCa-ViT models with timm)
 from models.checkpoint import CheckpointError
@@ -33,8 +34,17 @@ def run_main(main):
     try:
         main()
     except (UsageError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_message(err: Exception) -> str:
+    """The error's own words.  One raised in a DataLoader worker reaches the main process with the
+    worker's traceback in its message; the traceback's last line holds the words."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def default_device() -> str:
@@ -74,15 +84,31 @@ def class_map_for(data_dir: str, split: str) -> dict:
     return {name: index for index, name in enumerate(classes)}
 
 
+class EvalImageFolder(ImageDataset):
+    """An ImageFolder split where each image counts exactly once.
+
+    timm's ImageDataset answers an unreadable image with the next one (counted twice, the warning
+    names no file); here it stops the evaluation with an error naming the file.
+    """
+
+    def __getitem__(self, index):
+        file, target = self.reader[index][:2]
+        try:
+            with file:
+                image = Image.open(file).convert("RGB")
+        except (OSError, SyntaxError) as err:  # PIL reports some broken PNGs as SyntaxError
+            raise UsageError(f"cannot read image {self.filename(index, absolute=True)} ({err}). Every image of "
+                             f"an evaluation counts once: repair or remove the file, then run again") from None
+        return self.transform(image), target
+
+
 def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False):
     """Deterministic evaluation loader; under torch.distributed each rank gets a disjoint shard.
 
     Shards are strided without padding, so summing counts over ranks gives the exact accuracy
     of the whole split (a padded sampler would count some images twice).
     """
-    dataset = create_dataset(
-        "", root=data_dir, split=split, is_training=False, class_map=class_map_for(data_dir, split)
-    )
+    dataset = EvalImageFolder(require_split(data_dir, split), class_map=class_map_for(data_dir, split))
     dataset.transform = create_transform(**data_config, is_training=False)
     if dist.is_available() and dist.is_initialized():
         dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))

@@ -10,23 +10,30 @@ the output folder and runs one process per GPU (or CPU processes with gloo) thro
 
 YAML keys are the argument names below (``batch_size``, ``lr_base``, ...); command-line flags
 override them.  Without ``--lr`` the rate is ``lr_base * global_batch / lr_base_size``.
+
+Resuming is exact: every checkpoint holds the random state of every process, and each epoch's
+sample order and data-loading workers are seeded from (seed, epoch, rank) alone, so a run
+interrupted after an epoch and resumed ends with the weights of the uninterrupted run.
+Checkpoints also hold ``class_names``, the class folder names in label order.
 """
 import argparse
 import csv
 import logging
 import math
 import os
+import random
 import time
 from contextlib import nullcontext
 from datetime import timedelta
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import load_checkpoint, resume_checkpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (
@@ -36,15 +43,19 @@ from timm.utils import (
     NativeScaler,
     dispatch_clip_grad,
     distribute_bn,
+    get_state_dict,
     init_distributed_device,
     random_seed,
     reduce_tensor,
     setup_default_logging,
+    unwrap_model,
     update_summary,
 )
 
 import cls_common
 from cls_common import UsageError
+from models.checkpoint import read_checkpoint
+from models.run_folder import hold_workers_lock
 from plots import plot_training_curves
 
 _logger = logging.getLogger("pacavit")
@@ -73,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
     g.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes per training process")
     g.add_argument("--pin-mem", action=flag, default=False)
-    g.add_argument("--use-multi-epochs-loader", action=flag, default=False)
 
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm model name, e.g. pacavit_tiny_p2cconv_100_0")
@@ -199,9 +209,81 @@ def build_train_loader(args, dataset, data_config, device):
         pin_memory=args.pin_mem,
         device=device,
         use_prefetcher=use_prefetcher,
-        use_multi_epochs_loader=args.use_multi_epochs_loader,
-        persistent_workers=args.workers > 0,
+        # workers start afresh each epoch, seeded by seed_loader_for_epoch: persistent ones would
+        # carry their random state over, which a resumed run could not reproduce
+        persistent_workers=False,
     )
+
+
+def seed_loader_for_epoch(loader, seed, epoch, rank) -> None:
+    """Make the epoch's sample order and its workers' seeds depend on (seed, epoch, rank) only.
+
+    The DataLoader draws the workers' base seed (each worker then seeds python, numpy and torch
+    with base + worker id) and RandomSampler its order from ``generator``; DistributedSampler
+    shuffles with its ``seed + epoch``, the same on every rank.
+    """
+    loader = getattr(loader, "loader", loader)  # timm's PrefetchLoader wraps the DataLoader on CUDA
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+    loader.generator = generator
+    if isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        loader.sampler.generator = generator
+    elif isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.seed = seed
+        loader.sampler.set_epoch(epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# random state: saved with every checkpoint as plain tensors and numbers (weights_only loads it)
+def rng_state() -> dict:
+    """This process's python, numpy, torch and (when used) CUDA random state."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states(args) -> list:
+    """Every process's random state, in rank order (a collective call under torch.distributed)."""
+    states = [None] * args.world_size
+    if args.distributed:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
+
+
+class CheckpointContents:
+    """What the checkpoints hold besides timm's epoch/optimizer/scaler entries: the weights, the
+    EMA weights, ``class_names`` and ``rng_states``.  timm's CheckpointSaver asks its ``task`` for
+    these through ``get_checkpoint_state``."""
+
+    def __init__(self, model, model_ema, class_names):
+        self.model, self.model_ema, self.class_names = model, model_ema, class_names
+        self.rng_states = None  # set before each save
+
+    def get_checkpoint_state(self, ema=False, unwrap_fn=unwrap_model) -> dict:
+        if ema:
+            return {} if self.model_ema is None else {"state_dict_ema": get_state_dict(self.model_ema, unwrap_fn)}
+        return {"state_dict": get_state_dict(self.model, unwrap_fn), "class_names": self.class_names,
+                "rng_states": self.rng_states}
 
 
 def build_mixup(args, num_classes):
@@ -296,16 +378,39 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
     return {"loss": mean_loss.item()}
 
 
-def resume(args, model, optimizer, scaler, model_ema) -> int:
-    """Restore model, optimizer, AMP scaler and EMA from ``args.resume``; returns the next epoch."""
-    if not os.path.isfile(args.resume):
-        raise UsageError(f"--resume {args.resume}: no such checkpoint")
-    next_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=scaler,
-                                   log_info=args.rank == 0)
+def resume(args, model, optimizer, scaler, model_ema, class_names):
+    """Restore weights, optimizer, AMP scaler and EMA from ``args.resume``.
+
+    Returns the next epoch and the saved random states (applied just before training goes on).
+    """
+    checkpoint = read_checkpoint(args.resume)
+    missing = [key for key in ("epoch", "state_dict", "optimizer") if key not in checkpoint]
+    if missing:
+        raise UsageError(f"--resume {args.resume} is not a training checkpoint of train_timm.py (no {missing})")
+    saved_names = checkpoint.get("class_names")
+    if saved_names is not None and list(saved_names) != class_names:
+        raise UsageError(f"{args.resume} was trained on the classes {list(saved_names)[:5]}..., "
+                         f"but {args.data_dir} now has {class_names[:5]}...: the dataset changed")
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and scaler.state_dict_key in checkpoint:
+        scaler.load_state_dict(checkpoint[scaler.state_dict_key])
     if model_ema is not None:
-        load_checkpoint(model_ema.module, args.resume, use_ema=True)
+        if "state_dict_ema" not in checkpoint:
+            raise UsageError(f"--model-ema was given but {args.resume} holds no EMA weights")
+        model_ema.module.load_state_dict(checkpoint["state_dict_ema"])
+    next_epoch = checkpoint["epoch"] + 1
     _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}")
-    return next_epoch
+    return next_epoch, checkpoint.get("rng_states")
+
+
+def restore_rng_states(args, states) -> None:
+    if states is not None and len(states) == args.world_size:
+        set_rng_state(states[args.rank])
+        return
+    why = "none are saved in it" if states is None else f"it was written by {len(states)} process(es)"
+    _logger.warning(f"the random state of {args.resume} is not restored ({why}): the resumed run "
+                    f"will not repeat the uninterrupted one exactly")
 
 
 def drop_summary_rows_from(path, epoch):
@@ -333,6 +438,7 @@ def evaluate_epoch(model, model_ema, loader, run):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
+    hold_workers_lock()
     device = init_distributed_device(args)
     primary = args.rank == 0
     setup_default_logging(log_path=os.path.join(args.output, "train.log") if primary else "")
@@ -349,6 +455,7 @@ def main(argv=None):
     dataset_train = create_dataset("", root=args.data_dir, split=args.train_split, is_training=True,
                                    class_map=class_map, seed=args.seed)
     num_classes = len(class_map)
+    class_names = sorted(class_map, key=class_map.get)
     model = cls_common.create_classifier(args.model, num_classes, drop_rate=args.drop,
                                          **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}))
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
@@ -364,13 +471,16 @@ def main(argv=None):
     use_amp = args.amp and device.type == "cuda"
     scaler = NativeScaler(device=device.type) if use_amp and args.amp_dtype == "float16" else None
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch = resume(args, model, optimizer, scaler, model_ema) if args.resume else 0
+    start_epoch, saved_rng_states = 0, None
+    if args.resume:
+        start_epoch, saved_rng_states = resume(args, model, optimizer, scaler, model_ema, class_names)
     if args.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader_train = build_train_loader(args, dataset_train, data_config, device)
+    checkpoint_contents = CheckpointContents(model, model_ema, class_names)
     loader_eval = cls_common.build_eval_loader(args.data_dir, args.val_split, data_config,
                                                args.validation_batch_size or args.batch_size, args.workers,
                                                pin_memory=args.pin_mem)
@@ -393,7 +503,7 @@ def main(argv=None):
         with open(os.path.join(args.output, "args.yaml"), "w") as f:
             yaml.safe_dump(vars(args), f, sort_keys=False)
         # args=None keeps the checkpoint plain tensors/numbers, loadable with weights_only=True
-        saver = CheckpointSaver(model, optimizer, model_ema=model_ema, amp_scaler=scaler,
+        saver = CheckpointSaver(model, optimizer, amp_scaler=scaler, task=checkpoint_contents,
                                 checkpoint_dir=args.output, recovery_dir=args.output,
                                 max_history=args.checkpoint_hist)
         summary_path = os.path.join(args.output, SUMMARY_CSV)
@@ -405,9 +515,10 @@ def main(argv=None):
     run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),
                channels_last=channels_last, mixup=mixup, scaler=scaler, scheduler=scheduler,
                model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs))
+    if args.resume:
+        restore_rng_states(args, saved_rng_states)
     for epoch in range(start_epoch, num_epochs):
-        if hasattr(loader_train.sampler, "set_epoch"):
-            loader_train.sampler.set_epoch(epoch)
+        seed_loader_for_epoch(loader_train, args.seed, epoch, args.rank)
         epoch_start = time.time()
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run)
         if args.distributed and args.dist_bn:
@@ -415,6 +526,7 @@ def main(argv=None):
         eval_metrics = evaluate_epoch(model, model_ema, loader_eval, run)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(epoch + 1, eval_metrics["top1"])
+        checkpoint_contents.rng_states = all_rng_states(args)
         if primary:
             train_metrics["epoch_time"] = round(time.time() - epoch_start, 2)
             update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=lr)

@@ -11,18 +11,24 @@
 # moved to .../<Exp>/TrainingFinished/<same name>/ when training completes; a finished run is
 # never retrained (Remove_old=0: nothing to do, exit 0; Remove_old=1: refused).  Remove_old=1
 # deletes an unfinished run only with --yes (or PACAVIT_YES=1); Resume=1 continues it from its
-# last.pth.tar.  The launcher never prompts.
+# newest intact checkpoint (last.pth.tar unless that is corrupt), random state included, so the
+# result is that of an uninterrupted run.  One launcher per run folder: a second one on the same
+# run stops at once, naming the first.  Dataset_name/Exp_name/Tag are folder names (no '/').
+# The launcher never prompts.
 # [others] go to train_timm.py and override the config (e.g. --epochs 10 -b 64 --lr 1e-3).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 
 if (( $# < 12 )); then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
-CONFIG=$1 MODEL=$2 DATASET=$3 IMG_SIZE=$4 REMOVE_OLD=$5 RESUME=$6 EXP=$7 TAG=$8
+CONFIG=$1 MODEL=$2 IMG_SIZE=$4 REMOVE_OLD=$5 RESUME=$6
 GPUS=$9 NB_GPUS=${10} WORKERS=${11} PORT=${12}
+paca_check_name Dataset_name "$3" && DATASET="$PACA_NAME"
+paca_check_name Exp_name "$7" && EXP="$PACA_NAME"
+paca_check_name Tag "$8" && TAG="$PACA_NAME"
 shift 12
 paca_take_flags "$@"
 
@@ -47,25 +53,31 @@ It is never retrained or overwritten; choose another Tag, or delete that folder 
     echo "$NAME has already finished training: $DONE_DIR; nothing to do (it is never retrained)"
     exit 0
 fi
-# Node 0 owns the run folder (shared by all nodes); every node makes the same resume decision.
-if [[ "${NODE_RANK:-0}" == "0" && -e "$RUN_DIR" ]]; then
-    if [[ "$REMOVE_OLD" == "1" ]]; then
-        paca_confirm_remove "$RUN_DIR"
-    elif [[ "$RESUME" == "1" ]]; then
-        [[ -f "$RUN_DIR/last.pth.tar" ]] || echo "note: $RUN_DIR has no last.pth.tar yet; starting from scratch there"
-    else
-        paca_die "$RUN_DIR exists: pass Resume=1 to continue it or Remove_old=1 to start over"
+# Node 0 owns the run folder (shared by all nodes) and its lock; every node makes the same resume decision.
+if [[ "${NODE_RANK:-0}" == "0" ]]; then
+    paca_lock_run "$RUN_DIR"
+    if paca_run_has_content "$RUN_DIR"; then
+        if [[ "$REMOVE_OLD" == "1" ]]; then
+            paca_confirm_remove "$RUN_DIR"
+        elif [[ "$RESUME" != "1" ]]; then
+            paca_die "$RUN_DIR exists: pass Resume=1 to continue it or Remove_old=1 to start over"
+        fi
     fi
 fi
 RESUME_ARGS=()
-if [[ "$REMOVE_OLD" == "0" && "$RESUME" == "1" && -f "$RUN_DIR/last.pth.tar" ]]; then
-    RESUME_ARGS=(--resume "$RUN_DIR/last.pth.tar")
+if [[ "$REMOVE_OLD" == "0" && "$RESUME" == "1" ]]; then
+    RESUME_FROM="$(paca_resume_point classification "$RUN_DIR")" || exit 2
+    if [[ -n "$RESUME_FROM" ]]; then
+        RESUME_ARGS=(--resume "$RESUME_FROM")
+    elif paca_run_has_content "$RUN_DIR"; then
+        echo "note: $RUN_DIR has no checkpoint yet; starting from scratch there"
+    fi
 fi
 mkdir -p "$RUN_DIR"
 
 paca_select_devices "$GPUS" "$NB_GPUS"
 CUDA_ARGS=()
-[[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--channels-last --pin-mem --use-multi-epochs-loader)
+[[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--channels-last --pin-mem)
 
 if ! paca_torchrun "$PORT" "$CLS_DIR/train_timm.py" -c "$CONFIG" --model "$MODEL" --data-dir "$DATA_DIR" \
     --img-size "$IMG_SIZE" --workers "$WORKERS" --output "$RUN_DIR" --device "$PACA_DEVICE" \

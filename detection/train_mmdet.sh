@@ -8,8 +8,10 @@
 #
 # The config path is relative to this folder or to the working directory.  Results go to
 # work_dirs/detection/<Exp_name>/<config name>_<Tag>/ (root: $PACAVIT_WORK_DIRS).  Remove_old=1
-# deletes an unfinished run of the same name (asks on a terminal; in batch jobs pass --yes),
-# Remove_old=0 resumes it from its latest checkpoint; a finished run is never touched.
+# deletes an unfinished run of the same name (only with --yes or PACAVIT_YES=1; never prompts),
+# Remove_old=0 resumes it from its newest intact checkpoint; a finished run is never touched.
+# One launcher per run folder: a second one on the same Exp_name/Tag stops at once, naming the
+# first.  Exp_name and Tag are folder names (no '/'; a trailing one is dropped).
 # [others] go to train_mmdet.py (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
 set -euo pipefail

@@ -8,9 +8,11 @@
 #
 # The config path is relative to this folder or to the working directory.  Results go to
 # work_dirs/segmentation/<Exp_name>/<config name>_<Tag>/ (root: $PACAVIT_WORK_DIRS).  Remove_old=1
-# deletes an unfinished run of the same name (asks on a terminal; in batch jobs pass --yes),
-# Remove_old=0 resumes it; a finished run is never touched.  [others] go to train_mmseg.py
-# (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
+# deletes an unfinished run of the same name (only with --yes or PACAVIT_YES=1; never prompts),
+# Remove_old=0 resumes it from its newest intact checkpoint; a finished run is never touched.
+# One launcher per run folder: a second one on the same Exp_name/Tag stops at once, naming the
+# first.  Exp_name and Tag are folder names (no '/'; a trailing one is dropped).
+# [others] go to train_mmseg.py (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 

@@ -9,6 +9,8 @@
 #   PACAVIT_DEVICE=cpu                           force the CPU path even where CUDA is available
 
 PACAVIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# how this launcher was started, recorded in the run's lock for anyone who finds the run busy
+PACA_COMMAND="$0 $*"
 
 paca_die() {
     echo "error: $*" >&2
@@ -40,13 +42,83 @@ paca_take_flags() {
 
 # Delete an old experiment folder only when confirmed by --yes / PACAVIT_YES=1.  Launchers never
 # prompt: without the confirmation they stop and say how to go on, on a terminal or in a batch job.
+# The folder's lock files stay: this launcher holds them.
 paca_confirm_remove() {
     local dir="$1"
-    [[ -e "$dir" ]] || return 0
+    paca_run_has_content "$dir" || return 0
     [[ "${PACAVIT_YES:-0}" == "1" ]] ||
         paca_die "$dir exists and Remove_old=1: pass --yes (or set PACAVIT_YES=1) to delete it, or Remove_old=0 to keep it"
     echo "removing old experiment $dir (confirmed by --yes / PACAVIT_YES=1)"
-    rm -rf -- "$dir"
+    find "$dir" -mindepth 1 -maxdepth 1 ! -name "$PACA_LOCK" ! -name "$PACA_WORKERS_LOCK" -exec rm -rf -- {} +
+}
+
+# paca_check_name LABEL VALUE: a run-name part (Dataset_name, Exp_name, Tag) becomes one folder
+# name, so it may hold no '/'.  A trailing slash (from tab completion) is dropped.  The checked
+# name is left in PACA_NAME.
+paca_check_name() {
+    local label="$1" value="$2"
+    while [[ "$value" == */ ]]; do value="${value%/}"; done
+    [[ -n "$value" ]] || paca_die "$label is empty (got '$2')"
+    [[ "$value" != "." && "$value" != ".." ]] || paca_die "$label cannot be '$value'"
+    [[ "$value" != */* ]] ||
+        paca_die "$label '$2' contains '/': it names one folder of the run, not a path; use e.g. '${value//\//_}'"
+    PACA_NAME="$value"
+}
+
+# ---------------------------------------------------------------------------------------------
+# One launcher per run folder.  The launcher holds an exclusive flock on DIR/.launcher.lock for
+# its lifetime; torchrun inherits the open file, so the lock lasts while torchrun lives.  torchrun
+# does not pass the file on to its workers, so each worker holds a shared flock on
+# DIR/.workers.lock (PACAVIT_RUN_LOCK names it): workers orphaned by a killed launcher still
+# keep a new launch out.  The kernel drops a flock when its last holder dies, so a lock left by
+# dead processes never blocks.
+PACA_LOCK=".launcher.lock"
+PACA_WORKERS_LOCK=".workers.lock"
+
+# True when DIR holds anything besides the lock files.
+paca_run_has_content() {
+    [[ -d "$1" ]] && [[ -n "$(find "$1" -mindepth 1 -maxdepth 1 ! -name "$PACA_LOCK" ! -name "$PACA_WORKERS_LOCK" -print -quit)" ]]
+}
+
+# "pid (command)" of every process that has FILE open, except this shell.
+_paca_lock_holders() {
+    local file pid
+    file="$(readlink -f "$1")"
+    for pid in $(find /proc/[0-9]*/fd -lname "$file" 2>/dev/null | cut -d/ -f3 | sort -un); do
+        [[ "$pid" == "$$" ]] && continue
+        echo "  pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+    done
+}
+
+# paca_lock_run DIR: take the run folder (creating it) or stop at once, naming who has it.
+paca_lock_run() {
+    local dir="$1" lock="$1/$PACA_LOCK" workers="$1/$PACA_WORKERS_LOCK" fd
+    mkdir -p "$dir"
+    exec {PACA_LOCK_FD}<>"$lock"
+    if ! flock -n "$PACA_LOCK_FD"; then
+        local owner
+        owner="$(cat "$lock" 2>/dev/null)"
+        exec {PACA_LOCK_FD}>&-
+        paca_die "$dir is in use by another launcher (${owner:-details not written yet}); its processes:
+$(_paca_lock_holders "$lock")
+Wait for it to finish, or stop it (kill PID) before starting this run again."
+    fi
+    exec {fd}<>"$workers"
+    if ! flock -n "$fd"; then
+        exec {fd}>&-
+        paca_die "training processes of an earlier launch of $dir are still running (their launcher has exited):
+$(_paca_lock_holders "$workers")
+Stop them (kill PID) before starting this run again."
+    fi
+    exec {fd}>&-
+    printf 'pid %s on %s, started %s: %s\n' "$$" "$(hostname)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PACA_COMMAND" >"$lock"
+    export PACAVIT_RUN_LOCK="$workers"
+}
+
+# paca_resume_point TASK DIR: print the checkpoint to resume DIR from (models/run_folder.py);
+# fails, having said which files to delete, when none of the run's checkpoints is intact.
+paca_resume_point() {
+    PYTHONPATH="$PACAVIT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(paca_python)" -m models.run_folder resume-point "$1" "$2"
 }
 
 # Choose devices from the launcher's Gpus / Nb_gpus arguments.  Sets PACA_NPROC and
@@ -95,8 +167,9 @@ paca_torchrun() {
 
 # Experiments of the OpenMMLab launchers (train_mmdet.sh / train_mmseg.sh) are marked finished by
 # paca_mark_finished once training returns successfully.  paca_prepare_experiment DIR REMOVE_OLD
-# never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), deletes
-# an unfinished one on Remove_old=1 (with --yes) and otherwise keeps it to resume from.
+# never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), takes
+# the folder's lock, deletes an unfinished one on Remove_old=1 (with --yes) and otherwise keeps it
+# to resume from its newest intact checkpoint (left in PACA_RESUME_FROM; empty for a fresh start).
 PACA_FINISHED_MARK="FINISHED"
 
 paca_prepare_experiment() {
@@ -107,8 +180,13 @@ paca_prepare_experiment() {
         echo "$dir is a finished experiment; nothing to do"
         exit 0
     fi
-    [[ "$remove_old" == 0 ]] || paca_confirm_remove "$dir"
-    mkdir -p "$dir"
+    paca_lock_run "$dir"
+    PACA_RESUME_FROM=""
+    if [[ "$remove_old" == 1 ]]; then
+        paca_confirm_remove "$dir"
+    else
+        PACA_RESUME_FROM="$(paca_resume_point openmmlab "$dir")" || exit 2
+    fi
 }
 
 paca_mark_finished() {
@@ -135,14 +213,20 @@ paca_openmmlab_train() {
     shift 2
     [[ $# -ge 7 ]] || paca_die "usage: $(basename "$0") Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]"
     local remove_old="$2" exp="$3" tag="$4" gpus="$5" nb_gpus="$6" port="$7"
+    paca_check_name Exp_name "$exp" && exp="$PACA_NAME"
+    paca_check_name Tag "$tag" && tag="$PACA_NAME"
     _paca_task_config "$1" "$task"
     shift 7
     paca_take_flags "$@"
-    local work_dir
+    local work_dir resume_args=()
     work_dir="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/$task/$exp/$(basename "$PACA_CONFIG" .py)_$tag"
     paca_prepare_experiment "$work_dir" "$remove_old"
+    if [[ -n "$PACA_RESUME_FROM" ]]; then
+        resume_args=(--resume "$PACA_RESUME_FROM")
+    fi
     paca_select_devices "$gpus" "$nb_gpus"
-    if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" "${PACA_ARGS[@]}"; then
+    if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" \
+        "${resume_args[@]}" "${PACA_ARGS[@]}"; then
         echo "training stopped before the end; $work_dir is kept: rerun with Remove_old=0 to resume it" >&2
         exit 1
     fi

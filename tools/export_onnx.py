@@ -1,0 +1,143 @@
+"""Export a PaCa-ViT model to ONNX, check the file against PyTorch with onnxruntime, say where it went.
+
+    python tools/export_onnx.py pacavit_tiny_p2cconv_100_0 --checkpoint imagenet
+    python tools/export_onnx.py pacavit_tiny_p2cconv_100_0 --checkpoint work_dirs/.../model_best.pth.tar
+    python tools/export_onnx.py pacavit_small_p2cconv_100_0_downstream --checkpoint imagenet --img-size 512
+
+The graph comes from ``torch.onnx.export(..., dynamo=True)`` (that is, from ``torch.export``) with
+batch size, height and width left dynamic: the file runs on any batch and image size, the example
+input of ``--img-size`` only drives the export.  Right after writing, the file runs in
+onnxruntime at two input sizes and must agree with the PyTorch model; otherwise the command fails.
+
+A classifier gives ``logits`` (B, classes); its class count is taken from the checkpoint, and the
+``class_names`` that training checkpoints store go into the file's metadata.  A ``_downstream``
+backbone gives ``stage1`` .. ``stage4`` (NCHW, strides 4 to 32).  The input is ``images``
+(B, 3, H, W), normalised with the ImageNet mean and std.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import timm  # noqa: E402
+
+import models  # noqa: E402
+from models.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
+
+DOWNSTREAM = "_downstream"
+# ONNX Runtime and PyTorch sum in different orders: float32 outputs differ by ~1e-6 in practice
+RTOL, ATOL = 1e-3, 1e-4
+# torch.export takes a dynamic size to be at least 2 (0 and 1 are specialised), so the last stage
+# (stride 32) must be at least 2x2: the exported graph is valid for inputs of 33 pixels and more
+MIN_SIZE = 33
+
+
+def build_model(name: str, checkpoint: str = None) -> torch.nn.Module:
+    """The model ``name`` (a ``pacavit_*`` classifier or a ``*_downstream`` backbone) with ``checkpoint``
+    loaded: a path, a URL, or ``imagenet`` for the released ImageNet file."""
+    if name.endswith(DOWNSTREAM):
+        backbone = models.create_downstream(name, pretrained=checkpoint)
+        backbone.init_weights()  # the backbone's own loading policy, as in detection / segmentation
+        return backbone.eval()
+    if name not in models.VARIANTS:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(models.VARIANTS)} (or <name>{DOWNSTREAM})")
+    if checkpoint == "imagenet":
+        return timm.create_model(name, pretrained=True).eval()
+    if checkpoint is None:
+        return timm.create_model(name).eval()
+    raw = load_checkpoint_file(checkpoint)
+    head = extract_state_dict(raw).get("head.weight")
+    # a fine-tuned classifier has its own class count: build the head to fit instead of re-initialising it
+    model = timm.create_model(name, num_classes=0 if head is None else head.shape[0])
+    models.load_pretrained(model, checkpoint)
+    if isinstance(raw, dict) and raw.get("class_names"):
+        model.class_names = list(raw["class_names"])
+    return model.eval()
+
+
+def output_names(model: torch.nn.Module) -> list:
+    if isinstance(model, models.PaCaViTDownstream):
+        return [f"stage{i + 1}" for i in model.out_indices]
+    return ["logits" if model.num_classes else "features"]
+
+
+def export(model: torch.nn.Module, out: Path, img_size: int = 224, opset: int = None, metadata: dict = None) -> Path:
+    """Write ``model`` as ONNX to ``out`` with dynamic batch, height and width; ``metadata`` (str to str)
+    goes into the file's metadata_props."""
+    Dim = torch.export.Dim
+    dynamic = {"x": {0: Dim("batch"), 2: Dim("height", min=MIN_SIZE), 3: Dim("width", min=MIN_SIZE)}}
+    # batch 2: an example batch of 1 would let the exporter treat the batch size as a constant
+    example = torch.randn(2, 3, img_size, img_size)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=dynamic,
+        input_names=["images"],
+        output_names=output_names(model),
+        opset_version=opset,
+        verbose=False,
+    )
+    program.model.metadata_props.update(metadata or {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(out))
+    return out
+
+
+def check(model: torch.nn.Module, path: Path, shapes) -> float:
+    """Run ``path`` in onnxruntime on random inputs of each shape; returns the largest absolute
+    difference to PyTorch, or raises AssertionError naming the shape where they disagree."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    largest = 0.0
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images)
+        expected = expected if isinstance(expected, (list, tuple)) else [expected]
+        got = session.run(None, {"images": images.numpy()})
+        assert len(got) == len(expected), f"{path} gives {len(got)} outputs, PyTorch {len(expected)}"
+        for name, ort_out, torch_out in zip(output_names(model), got, expected):
+            where = f"{path} output {name!r} at input {'x'.join(map(str, shape))}"
+            np.testing.assert_allclose(ort_out, torch_out.numpy(), rtol=RTOL, atol=ATOL, err_msg=where)
+            largest = max(largest, float(np.abs(ort_out - torch_out.numpy()).max()))
+    return largest
+
+
+def check_shapes(img_size: int):
+    """Two batch sizes and two image sizes, the second one not square, so the dynamic axes are exercised."""
+    return [(1, 3, img_size, img_size), (3, 3, img_size + 32, img_size + 64)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL_NAME", help="a pacavit_* name, or <name>_downstream for the backbone")
+    parser.add_argument("--checkpoint", metavar="PATH|URL", help="weights to export; 'imagenet' = the released file")
+    parser.add_argument("--out", type=Path, help="the ONNX file (default: work_dirs/onnx/MODEL_NAME.onnx)")
+    parser.add_argument("--img-size", type=int, default=224, help="example input size for the export (default 224)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    args = parser.parse_args(argv)
+    if args.img_size < MIN_SIZE:
+        parser.error(f"--img-size must be at least {MIN_SIZE}: the last stage (stride 32) needs at least 2x2 tokens")
+
+    model = build_model(args.model, args.checkpoint)
+    out = (args.out or REPO / "work_dirs" / "onnx" / f"{args.model}.onnx").resolve()
+    metadata = {"model_name": args.model}
+    if getattr(model, "class_names", None):
+        metadata["class_names"] = json.dumps(model.class_names)
+    export(model, out, args.img_size, args.opset, metadata)
+    shapes = check_shapes(args.img_size)
+    difference = check(model, out, shapes)
+    sizes = " and ".join("x".join(map(str, shape)) for shape in shapes)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"onnxruntime {onnxruntime.__version__} agrees with PyTorch at {sizes} (max abs difference {difference:.1e})")
+
+
+if __name__ == "__main__":
+    main()

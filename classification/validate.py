@@ -19,7 +19,7 @@ from timm.utils import init_distributed_device, setup_default_logging
 
 import cls_common
 from cls_common import UsageError
-from models.checkpoint import load_pretrained
+from models.checkpoint import load_checkpoint
 
 _logger = logging.getLogger("pacavit")
 
@@ -59,10 +59,8 @@ def build_model(args, num_classes):
         # timm routes pretrained=True through models.checkpoint (release URL, mirror, cache)
         return cls_common.create_classifier(args.model, num_classes, pretrained=True)
     model = cls_common.create_classifier(args.model, num_classes)
-    initial_head = model.get_classifier().weight.detach().clone()
-    load_pretrained(model, args.checkpoint, strict=True, use_ema=args.use_ema)
-    # the loader re-initialises a classifier of another shape (right for fine-tuning, wrong here)
-    if torch.equal(model.get_classifier().weight, initial_head):
+    # exact, but a classifier of another shape gets the error below rather than a list of tensors
+    if load_checkpoint(model, args.checkpoint, reinit=("head",), use_ema=args.use_ema).reinitialised:
         raise UsageError(f"the classifier in {args.checkpoint} does not fit the {num_classes} classes of "
                          f"{args.data_dir}/{args.split}: it was trained on another set of classes")
     return model

@@ -1,22 +1,39 @@
 """One checkpoint loader for classification, detection and segmentation.
 
-Sources can be a local file, a URL (downloaded once into a cache, with progress) or, through
-``timm.create_model(name, pretrained=True)``, the released file of a model name.  Files are read
-with ``torch.load(..., weights_only=True)``; a corrupt, truncated or HTML "checkpoint" becomes one
-``CheckpointError`` that names the file and what to do about it.
+Two functions, one policy:
 
-``PACAVIT_CHECKPOINT_BASE_URL`` replaces the release prefix (mirrors, air-gapped sites, tests);
-``PACAVIT_CHECKPOINT_CACHE`` moves the download cache (default: ``$TORCH_HOME/hub/checkpoints``).
+* :func:`read_checkpoint` turns a source (a path, an ``http(s)://`` or ``file://`` URL, or a
+  released file's URL, redirected to ``$PACAVIT_CHECKPOINT_BASE_URL``) into the checkpoint dict.
+  It uses ``torch.load(..., weights_only=True)`` with an allow-list of plain data types that
+  training pipelines write next to the weights: ``argparse.Namespace`` (timm's CheckpointSaver
+  stores the run's arguments), numpy scalars / arrays / dtypes and, when mmengine is installed,
+  its ``HistoryBuffer`` (a Runner's ``message_hub``).  A pickle that reaches for anything else
+  (code) is refused.  Every failure is one ``CheckpointError`` naming the file and what to do.
+* :func:`load_checkpoint` puts the weights into a model.  The match is exact, except for the
+  layers the caller names in ``reinit`` (``"head"``: the classifier; ``"clustering"``: the
+  clustering layers, whose output size is the number of clusters; or any module path): those are
+  loaded where they fit and otherwise keep their fresh initialisation, and the checkpoint's
+  tensors for them that the model has no place for are dropped.  Both are logged and returned in
+  a :class:`LoadReport`.  Any other missing, unexpected or resized tensor raises.
+
+``PACAVIT_CHECKPOINT_BASE_URL`` replaces the release prefix: an ``http(s)://`` or ``file://`` URL
+or a plain folder (mirrors, air-gapped sites, tests).  ``PACAVIT_CHECKPOINT_CACHE`` moves the
+download cache (default: ``$TORCH_HOME/hub/checkpoints``).
 """
+import argparse
+import functools
 import logging
 import os
 import pickle
 import re
 import urllib.error
 import zipfile
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,40 +43,70 @@ RELEASE_BASE_URL = "https://github.com/iVMCL/PaCaViT/releases/download/pacavit"
 BASE_URL_ENV = "PACAVIT_CHECKPOINT_BASE_URL"
 CACHE_ENV = "PACAVIT_CHECKPOINT_CACHE"
 
-# Layers whose shape legitimately changes between pre-training and fine-tuning: the classifier
-# (other class count) and the clustering output layers (``downstream_cluster_num``).  A mismatch
-# there re-initialises the layer; anywhere else it means the checkpoint is another architecture.
-REINITIALISABLE = re.compile(
-    r"^head\.|\.clustering\.clustering\.4\.weight$|\.clustering\.clustering\.2\.(weight|bias)$"
-    r"|\.clustering\.clustering\.0\.weight$|^paca_teacher\.to_clusters\d+\.(weight|bias)$"
-)
 STATE_DICT_KEYS = ("state_dict", "model")
 EMA_STATE_DICT_KEYS = ("state_dict_ema", "model_ema")
+# Wrapper prefixes: DDP (``module.``) and torch.compile (``_orig_mod.``), in either order.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Named groups for ``reinit``; any other name is a module path (``stage4.0.attn.clustering``).
+REINIT_GROUPS = {
+    "head": re.compile(r"^head\."),
+    "clustering": re.compile(r"(^|\.)clustering\.|^paca_teacher\.to_clusters\d+\."),
+}
+
+Source = Union[str, os.PathLike]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be fetched, read or matched to the model."""
 
 
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did.  ``reinitialised``: model tensors left at their fresh
+    initialisation; ``dropped``: checkpoint tensors not used; ``adapted``: tensors converted to
+    fit (the first conv for another number of input channels)."""
+
+    source: str
+    loaded: List[str]
+    reinitialised: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+    adapted: List[str] = field(default_factory=list)
+    use_ema: bool = False
+    checkpoint: Mapping = field(default_factory=dict, repr=False)  # the whole checkpoint as read
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a checkpoint comes from
+
+
 def release_url(filename: str) -> str:
-    """URL of a released file, under ``$PACAVIT_CHECKPOINT_BASE_URL`` when that is set."""
-    return f"{os.environ.get(BASE_URL_ENV, RELEASE_BASE_URL).rstrip('/')}/{filename}"
+    """Location of a released file, under ``$PACAVIT_CHECKPOINT_BASE_URL`` when that is set."""
+    return mirror_url(f"{RELEASE_BASE_URL}/{filename}")
 
 
 def mirror_url(url: str) -> str:
-    """Point an official release URL at the mirror named by ``$PACAVIT_CHECKPOINT_BASE_URL``."""
+    """Point an official release URL at ``$PACAVIT_CHECKPOINT_BASE_URL`` (a URL or a folder)."""
     base = os.environ.get(BASE_URL_ENV)
-    if base and url.startswith(RELEASE_BASE_URL + "/"):
-        return base.rstrip("/") + url[len(RELEASE_BASE_URL):]
-    return url
+    if not base or not url.startswith(RELEASE_BASE_URL + "/"):
+        return url
+    filename = url[len(RELEASE_BASE_URL) + 1:]
+    if _scheme(base):
+        return f"{base.rstrip('/')}/{filename}"
+    return os.path.join(os.path.expanduser(base), filename)
 
 
 def cache_dir() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def is_url(source: str) -> bool:
-    return urlparse(str(source)).scheme in ("http", "https", "file")
+def _scheme(source: str) -> str:
+    """The URL scheme of ``source``, or '' for a path (a one-letter scheme is a Windows drive)."""
+    scheme = urlparse(source).scheme
+    return scheme if len(scheme) > 1 else ""
+
+
+def is_url(source: Source) -> bool:
+    return _scheme(os.fspath(source)) in ("http", "https", "file")
 
 
 def _check_looks_like_checkpoint(path: str, origin: str):
@@ -67,9 +114,8 @@ def _check_looks_like_checkpoint(path: str, origin: str):
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
-        raise CheckpointError(f"{origin} is empty. Delete {path} and download it again.")
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+        raise CheckpointError(f"{origin} is empty. Delete {path} and download or save it again.")
+    if head.lstrip().startswith(b"<"):
         raise CheckpointError(
             f"{origin} is an HTML/XML page, not a PyTorch checkpoint (a login, error or redirect page "
             f"was saved instead of the file). Check the URL, or download the file by hand and pass its "
@@ -79,7 +125,6 @@ def _check_looks_like_checkpoint(path: str, origin: str):
 
 def download(url: str) -> str:
     """Download ``url`` into the cache (once) and return the local path."""
-    url = mirror_url(url)
     filename = os.path.basename(urlparse(url).path) or "checkpoint.pth"
     os.makedirs(cache_dir(), exist_ok=True)
     dst = os.path.join(cache_dir(), filename)
@@ -93,8 +138,8 @@ def download(url: str) -> str:
         os.replace(partial, dst)
     except (urllib.error.URLError, OSError) as e:
         raise CheckpointError(
-            f"could not download {url}: {e}. Check the network, set {BASE_URL_ENV} to a mirror, "
-            f"or download the file by hand and pass its local path."
+            f"could not download {url}: {e}. Check the network, set {BASE_URL_ENV} to a mirror (a URL "
+            f"or a folder), or download the file by hand and pass its local path."
         ) from e
     finally:
         if os.path.exists(partial):  # a failed or rejected download must not be reused
@@ -102,118 +147,251 @@ def download(url: str) -> str:
     return dst
 
 
-def resolve_checkpoint(source: str) -> str:
-    """A local path for ``source`` (a path or a URL), downloading URLs into the cache."""
-    source = str(source)
-    if is_url(source):
-        if source.startswith("file://"):
-            source = urlparse(source).path
-        else:
-            return download(source)
-    path = os.path.expanduser(source)
+def resolve_checkpoint(source: Source) -> str:
+    """A local file for ``source``: a path, a ``file://`` URL, or an http(s) URL (downloaded into
+    the cache); release URLs go to the mirror first."""
+    source = mirror_url(os.fspath(source))
+    scheme = _scheme(source)
+    if scheme in ("http", "https"):
+        return download(source)
+    if scheme == "file":
+        parsed = urlparse(source)
+        if parsed.netloc not in ("", "localhost"):
+            raise CheckpointError(f"{source}: a file:// URL must name a local file (file:///path/to/file.pth)")
+        path = url2pathname(parsed.path)
+    elif scheme:
+        raise CheckpointError(f"{source}: unsupported URL scheme {scheme!r}; use a path, file://, http:// or https://")
+    else:
+        path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pth.tar", ".pt")))
+        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        raise CheckpointError(f"{source} is a directory, not a checkpoint file: pass a file inside it{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {source}")
     return path
 
 
-def load_checkpoint_file(source: str, map_location="cpu") -> dict:
-    """``torch.load`` a checkpoint with ``weights_only=True``, turning failures into clear errors."""
+# ---------------------------------------------------------------------------------------------
+# Reading: weights_only=True plus an allow-list of plain data
+
+
+_HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
+
+
+def _history_buffer_getattr(obj, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling: mmengine pickles HistoryBuffer's
+    statistics methods as ``getattr(HistoryBuffer, 'mean')``; any other lookup is refused, since an
+    unrestricted getattr would let a pickle reach arbitrary callables."""
+    from mmengine.logging import HistoryBuffer
+
+    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) and name in _HISTORY_BUFFER_METHODS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"checkpoint asks for getattr({obj!r}, {name!r}), which is not allowed")
+
+
+@functools.lru_cache(maxsize=None)
+def safe_globals() -> tuple:
+    """The non-tensor types allowed in a checkpoint: data, never code.
+
+    ``argparse.Namespace`` (timm's CheckpointSaver writes ``args``), numpy scalars, arrays and
+    dtypes, and with mmengine installed its ``HistoryBuffer`` and the ``getattr`` references to
+    HistoryBuffer's statistics methods that a Runner's ``message_hub`` pickles.  Objects inside an
+    allowed type are unpickled under the same rules, so a payload hidden in a Namespace is refused.
+    """
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
+    # numpy >= 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    try:
+        from mmengine.logging import HistoryBuffer
+    except ImportError:  # classification-only installs
+        return tuple(allowed)
+    return (*allowed, HistoryBuffer, (_history_buffer_getattr, "builtins.getattr"))
+
+
+def _unsafe_globals(path: str) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # only for the message; the refusal itself stands
+        return ""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals() if not isinstance(g, tuple)}
+    names = [n for n in names if n not in allowed]
+    return f" (it asks for {', '.join(names)})" if names else ""
+
+
+def read_checkpoint(source: Source, map_location="cpu") -> dict:
+    """The checkpoint dict of ``source`` (path, URL, ``file://`` URL, released file or mirror).
+
+    Loaded with ``torch.load(weights_only=True)`` and the allow-list of :func:`safe_globals`,
+    whatever was imported before.  Failures raise ``CheckpointError`` naming the file.
+    """
     path = resolve_checkpoint(source)
     _check_looks_like_checkpoint(path, path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals())):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} holds Python objects beyond tensors and plain containers, so it was not loaded "
-            f"(weights_only=True protects against code in untrusted files). If you trust the file, "
-            f"re-save just its state_dict: torch.save(ckpt['state_dict'], 'weights.pth'). Details: {e}"
+            f"{path} holds Python objects beyond tensors and plain data{_unsafe_globals(path)}, so it was "
+            f"not loaded: weights_only=True refuses code that a file could run. Only if you trust the file, "
+            f"re-save its weights: ckpt = torch.load(PATH, weights_only=False); "
+            f"torch.save(ckpt['state_dict'], 'weights.pth'). Details: {e}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: {e}). "
-            f"Delete it and download it again."
+            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: {e}). If it was downloaded, "
+            f"delete it and download it again; if a run was writing it, that run was interrupted while "
+            f"saving: use an earlier checkpoint of the run."
         ) from e
-
-
-def extract_state_dict(checkpoint, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The state_dict inside a raw / timm / OpenMMLab checkpoint, without a ``module.`` prefix."""
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"expected a dict checkpoint, got {type(checkpoint).__name__}")
-    keys = (EMA_STATE_DICT_KEYS if use_ema else ()) + STATE_DICT_KEYS
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching a checkpoint to a model
+
+
+def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a raw / timm / OpenMMLab checkpoint (EMA ones with ``use_ema``), without
+    DDP / torch.compile prefixes."""
+    if use_ema:
+        key = next((k for k in EMA_STATE_DICT_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if key is None:
+            raise CheckpointError(
+                f"use_ema=True, but the checkpoint has no EMA weights (no {' or '.join(EMA_STATE_DICT_KEYS)}; "
+                f"it holds {sorted(map(str, checkpoint))[:8]}): drop the EMA option"
+            )
     else:
-        if use_ema:
-            raise CheckpointError("use_ema=True but the checkpoint has no EMA weights")
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+        key = next((k for k in STATE_DICT_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+    state_dict = checkpoint[key] if key else checkpoint
+    tensors = {}
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            while name.startswith(WRAPPER_PREFIXES):
+                name = name.split(".", 1)[1]
+            tensors[name] = value
     if not tensors:
-        raise CheckpointError(f"no tensors found in the checkpoint (top-level keys: {sorted(checkpoint)[:10]})")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+        raise CheckpointError(f"no tensors found in the checkpoint (its keys: {sorted(map(str, checkpoint))[:10]})")
+    return tensors
 
 
-def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Fit an official / timm / OpenMMLab state_dict to ``model``.
+def _reinit_matcher(reinit: Sequence[str]):
+    if isinstance(reinit, str):
+        reinit = (reinit,)
+    patterns = [REINIT_GROUPS.get(name) or re.compile(rf"^{re.escape(name)}\.") for name in reinit]
+    return lambda key: any(p.search(key) for p in patterns)
 
-    Strips ``module.`` / ``backbone.`` prefixes where the model lacks them, drops the ImageNet
-    classifier when the model is a backbone, and drops the re-initialisable layers whose shape
-    changed (logged in one line).  Any other shape mismatch raises: the file is for another model.
-    """
+
+def _backbone_subset(state_dict: Dict[str, torch.Tensor], own: Mapping, dropped: List[str]):
+    """A detector / segmentor checkpoint loaded into a bare backbone: keep ``backbone.*``."""
+    if any(k.startswith("backbone.") for k in own) or not any(k.startswith("backbone.") for k in state_dict):
+        return state_dict
+    dropped.extend(k for k in state_dict if not k.startswith("backbone."))
+    return {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _but_input_channels(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same conv weight shape apart from the input channels (dim 1)?"""
+    return _shape(a)[:1] + _shape(a)[2:] == _shape(b)[:1] + _shape(b)[2:]
+
+
+def fit_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    reinit: Sequence[str] = (),
+    first_conv: Optional[str] = None,
+    source: str = "the checkpoint",
+) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+    """Match ``state_dict`` to ``model`` under the policy of :func:`load_checkpoint` without
+    loading it: returns the tensors to load and the report.  Raises on a mismatch."""
     own = model.state_dict()
-    out, skipped, wrong = {}, [], []
+    in_reinit = _reinit_matcher(reinit)
+    report = LoadReport(source=source, loaded=[])
+    state_dict = _backbone_subset(dict(state_dict), own, report.dropped)
+    fitted = {}
+    unexpected, resized, reinit_log = [], [], []
     for key, value in state_dict.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix) and key not in own:
-                key = key[len(prefix):]
         if key not in own:
-            if key.startswith("head.") and not any(k.startswith("head.") for k in own):
-                continue
-            out[key] = value  # reported as unexpected by the caller
-        elif own[key].shape == value.shape:
-            out[key] = value
-        elif REINITIALISABLE.search(key):
-            skipped.append(f"{key} {tuple(value.shape)}->{tuple(own[key].shape)}")
+            (report.dropped if in_reinit(key) else unexpected).append(key)
+        elif _shape(value) == _shape(own[key]):
+            fitted[key] = value
+        elif first_conv and key == f"{first_conv}.weight" and value.ndim == 4 and _but_input_channels(value, own[key]):
+            from timm.models import adapt_input_conv
+
+            fitted[key] = adapt_input_conv(own[key].shape[1], value, base_chans=value.shape[1])
+            report.adapted.append(f"{key} {_shape(value)}->{_shape(own[key])}")
+        elif in_reinit(key):
+            report.reinitialised.append(key)
+            reinit_log.append(f"{key} {_shape(value)}->{_shape(own[key])}")
         else:
-            wrong.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-    if wrong:
+            resized.append(f"{key}: checkpoint {_shape(value)} vs model {_shape(own[key])}")
+    missing = []
+    for key in own:
+        if key in state_dict:
+            continue
+        if in_reinit(key):
+            report.reinitialised.append(key)
+            reinit_log.append(f"{key} (not in the checkpoint)")
+        else:
+            missing.append(key)
+    if missing or unexpected or resized:
+        def sample(keys: List[str]) -> str:
+            return f"{len(keys)}" + (f" (e.g. {'; '.join(keys[:3])})" if keys else "")
+
         raise CheckpointError(
-            f"the checkpoint does not fit {type(model).__name__}: {len(wrong)} tensors have other shapes "
-            f"(e.g. {'; '.join(wrong[:3])}). It was trained for another architecture: pick the model "
-            f"name that matches the file."
+            f"{source} does not fit {type(model).__name__}: missing {sample(missing)}, unexpected "
+            f"{sample(unexpected)}, shape differs {sample(resized)}. It is a checkpoint of another "
+            f"architecture: pick the model (or config) that matches the file"
+            + (f"; only {', '.join(reinit)} may differ here." if reinit else ".")
         )
-    if skipped:
-        _logger.warning("re-initialised (shape changed): %s", ", ".join(skipped))
-    return out
+    report.loaded = list(fitted)
+    if reinit_log:
+        _logger.warning("%s: re-initialised (named in reinit=%s): %s", source, tuple(reinit), ", ".join(reinit_log))
+    if report.adapted:
+        _logger.info("%s: adapted to the input channels: %s", source, ", ".join(report.adapted))
+    if report.dropped:
+        _logger.info("%s: %d checkpoint tensors not used (e.g. %s)", source, len(report.dropped), report.dropped[:3])
+    return fitted, report
 
 
-def load_pretrained(
-    model: nn.Module, source: str, strict: bool = True, use_ema: bool = False
-) -> Tuple[list, list]:
-    """Load ``source`` (path or URL) into ``model``; returns (missing, unexpected) keys.
+def load_checkpoint(
+    model: nn.Module,
+    source: Union[Source, Mapping],
+    reinit: Sequence[str] = (),
+    use_ema: bool = False,
+    first_conv: Optional[str] = None,
+) -> LoadReport:
+    """Load ``source`` (anything :func:`read_checkpoint` takes, or a dict it returned) into ``model``.
 
-    Layers dropped by ``adapt_state_dict`` keep their initialisation and are not counted as
-    missing.  With ``strict`` any other missing or unexpected key raises ``CheckpointError``.
+    The state_dict must match the model exactly, except for:
+
+    * ``reinit``: names of layers that may differ (``"head"``, ``"clustering"``, module paths).
+      Their tensors load where the shapes fit; the others keep the model's initialisation, and
+      checkpoint tensors for them that the model lacks (an ImageNet classifier given to a
+      backbone) are dropped.  Both are logged in one line and listed in the report.
+    * ``first_conv``: the model's stem conv (timm's ``pretrained_cfg['first_conv']``); a checkpoint
+      trained on another number of input channels is adapted with timm's ``adapt_input_conv``.
+    * wrapper prefixes (``module.``, ``_orig_mod.``) and, for a model without a ``backbone``, the
+      ``backbone.`` part of a detector / segmentor checkpoint (the rest is dropped).
+
+    ``use_ema`` takes the EMA weights of a training checkpoint.  Anything else raises
+    ``CheckpointError`` naming the tensors and what to do.
     """
-    state_dict = adapt_state_dict(extract_state_dict(load_checkpoint_file(source), use_ema), model)
-    own = model.state_dict()
-    matched = [k for k in own if k in state_dict]
-    if own and len(matched) < len(own) // 2:
-        raise CheckpointError(
-            f"{source} matches only {len(matched)} of {len(own)} tensors of {type(model).__name__} "
-            f"(e.g. it has {sorted(state_dict)[:3]}): it is a checkpoint for another architecture."
-        )
-    reinitialised = {k for k in own if k not in state_dict and REINITIALISABLE.search(k)}
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if k not in reinitialised]
-    unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"{source} does not match {type(model).__name__}: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}. It is probably a checkpoint for another "
-            f"architecture: pick the model name that matches the file (or load with strict=False)."
-        )
-    if missing or unexpected:
-        _logger.warning("loaded %s with missing keys %s and unexpected keys %s", source, missing, unexpected)
-    _logger.info("loaded %d tensors from %s", len(matched), source)
-    return missing, unexpected
+    name = "the checkpoint" if isinstance(source, Mapping) else os.fspath(source)
+    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
+    try:
+        state_dict = extract_state_dict(checkpoint, use_ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from e
+    fitted, report = fit_state_dict(state_dict, model, reinit, first_conv, source=name)
+    model.load_state_dict(fitted, strict=False)
+    report.use_ema, report.checkpoint = use_ema, checkpoint
+    _logger.info("loaded %d tensors%s from %s", len(report.loaded), " (EMA)" if use_ema else "", name)
+    return report

@@ -13,19 +13,17 @@ What this adds on top of mmengine's Runner:
   (mmengine would call ``torch.cuda.set_device`` and wrap DDP with a CUDA device id);
 * automatic resume from the work dir, ``--amp`` refused without CUDA, ``--auto-scale-lr``;
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
-  allows exactly the non-tensor types that mmengine itself writes into checkpoints, so the project's
-  own checkpoints resume and test while arbitrary pickled callables are still refused;
-* checkpoints given to ``test_main`` (file or URL) go through ``models.checkpoint`` (cached download,
-  clear errors for corrupt files) and must fit the config's model exactly;
+  allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
+  loading (resume), while arbitrary pickled callables are still refused;
+* checkpoints given to ``test_main`` (file or URL) go through ``models.checkpoint.load_checkpoint``
+  (cached download, clear errors for corrupt files) and must fit the config's model exactly;
 * FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``.
 """
 import argparse
 import os
-import pickle
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,40 +34,17 @@ def work_dirs_root() -> Path:
     return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
 
 
-_STATISTICS_METHODS = ("min", "max", "current", "mean")
-
-
-def _history_buffer_getattr(obj, name: str):
-    """Stands in for ``builtins.getattr`` while unpickling: mmengine pickles HistoryBuffer's
-    statistics methods as ``getattr(HistoryBuffer, 'mean')``; any other lookup is refused, since an
-    unrestricted getattr would let a pickle reach arbitrary callables."""
-    from mmengine.logging import HistoryBuffer
-
-    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) and name in _STATISTICS_METHODS:
-        return getattr(obj, name)
-    raise pickle.UnpicklingError(f"checkpoint asks for getattr({obj!r}, {name!r}), which is not allowed")
-
-
 def register_checkpoint_safe_globals() -> None:
-    """Allow what mmengine pickles into its own checkpoints under ``torch.load(weights_only=True)``.
+    """Allow the plain data types of ``models.checkpoint.safe_globals`` process-wide.
 
-    mmengine 0.10 stores its ``message_hub`` (``HistoryBuffer`` objects with numpy arrays and
-    ``getattr(HistoryBuffer, <statistic>)`` references) and numpy scalars in every checkpoint.
-    torch >= 2.6 refuses those by default, which breaks ``--resume`` and testing of the project's
-    own checkpoints.  Registering exactly these data types (and a ``getattr`` that only resolves
-    HistoryBuffer's statistics methods) keeps ``weights_only=True`` for everything: a pickle that
-    reaches for any other callable is still rejected.
+    The project's own loader (``read_checkpoint``) allows them by itself; this is for the
+    ``torch.load(weights_only=True)`` calls inside mmengine's Runner (``--resume``, ``load_from``),
+    which would otherwise refuse the ``message_hub`` and numpy values mmengine writes into its own
+    checkpoints.  A pickle that reaches for any other callable is still rejected.
     """
-    from mmengine.logging import HistoryBuffer
+    from .checkpoint import safe_globals
 
-    multiarray = (getattr(np, "_core", None) or np.core).multiarray
-    numpy_globals = [np.ndarray, np.dtype, *{type(np.dtype(t)) for t in np.sctypeDict.values()}]
-    # numpy >= 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        numpy_globals += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
-    torch.serialization.add_safe_globals(
-        [HistoryBuffer, *numpy_globals, (_history_buffer_getattr, "builtins.getattr")]
-    )
+    torch.serialization.add_safe_globals(list(safe_globals()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,28 +197,16 @@ def _enable_visualization(cfg, show_dir: str) -> None:
     cfg.visualizer["save_dir"] = str(Path(show_dir).resolve())
 
 
-def load_checkpoint_strict(model: torch.nn.Module, source: str) -> dict:
-    """Load a file or URL into ``model``; any missing/unexpected/resized tensor is an error."""
-    from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+def load_model_checkpoint(model: torch.nn.Module, source):
+    """Load a detector / segmentor checkpoint (file, URL or dict) that must fit ``model`` exactly,
+    with its ``meta['dataset_meta']`` (class names, palette) when it has one; returns the LoadReport."""
+    from .checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint_file(source)
-    state_dict = extract_state_dict(checkpoint)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    resized = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or resized:
-        def sample(keys: List[str]) -> str:
-            return f"{len(keys)}" + (f" (e.g. {', '.join(keys[:3])})" if keys else "")
-
-        raise CheckpointError(
-            f"{source} does not fit this config's model (a checkpoint of another architecture?): "
-            f"missing {sample(missing)}, unexpected {sample(unexpected)}, shape differs {sample(resized)}"
-        )
-    model.load_state_dict(state_dict, strict=True)
-    if isinstance(checkpoint, dict) and "dataset_meta" in checkpoint.get("meta", {}):
-        model.dataset_meta = checkpoint["meta"]["dataset_meta"]
-    return checkpoint
+    report = load_checkpoint(model, source)
+    meta = report.checkpoint.get("meta")
+    if isinstance(meta, dict) and "dataset_meta" in meta:
+        model.dataset_meta = meta["dataset_meta"]
+    return report
 
 
 def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
@@ -263,7 +226,7 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
     _prepare_environment(cfg, cfg.launcher)
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    load_checkpoint_strict(model, args.checkpoint)
+    load_model_checkpoint(model, args.checkpoint)
     runner._has_loaded = True  # tells runner.test() not to look for another checkpoint
     return runner.test()
 

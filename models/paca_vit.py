@@ -21,7 +21,7 @@ from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import RELEASE_BASE_URL, CheckpointError, adapt_state_dict, load_pretrained, release_url
+from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
 
 __all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
@@ -299,9 +299,11 @@ class PaCaViTDownstream(PaCaViT):
         return release_url(RELEASED_IMAGENET[self.variant])
 
     def init_weights(self):
+        """Load the checkpoint: the ImageNet classifier is dropped, and clustering layers resized by
+        ``downstream_cluster_num`` are re-initialised (both named in the log); nothing else may differ."""
         source = self.checkpoint_source()
         if source and not self.is_init:
-            load_pretrained(self, source, strict=False)
+            load_checkpoint(self, source, reinit=("head", "clustering"))
         self.is_init = True
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -309,8 +311,9 @@ class PaCaViTDownstream(PaCaViT):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt an official / timm / OpenMMLab state_dict to ``model`` (see ``adapt_state_dict``)."""
-    return adapt_state_dict(state_dict, model)
+    """Fit an official / timm / OpenMMLab state_dict to ``model``: the classifier and clustering
+    layers may differ (re-initialised), anything else must match (see ``models.checkpoint``)."""
+    return fit_state_dict(state_dict, model, reinit=("head", "clustering"))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +404,10 @@ def _create_pacavit(variant: str, pretrained: bool = False, **kwargs) -> nn.Modu
         source = cfg.get("file") or cfg.get("url")
         if not source:
             raise RuntimeError(f"{variant} has no released ImageNet checkpoint; pass a local file instead")
-        load_pretrained(getattr(model, "model", model), source)
+        # like timm's pretrained loading: another num_classes / num_clusters re-initialises those
+        # layers, another in_chans adapts the stem conv
+        target = getattr(model, "model", model)  # features_only wraps the model
+        load_checkpoint(target, source, reinit=("head", "clustering"), first_conv=cfg.get("first_conv"))
     return model
 
 

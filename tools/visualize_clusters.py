@@ -45,7 +45,7 @@ import timm  # noqa: E402
 
 import cluster_figures as figures  # noqa: E402
 import models  # noqa: E402  (importing it registers the pacavit_* models with timm)
-from models import CheckpointError, capture_maps, load_pretrained  # noqa: E402
+from models import CheckpointError, capture_maps, load_checkpoint  # noqa: E402
 
 _logger = logging.getLogger("visualize_clusters")
 
@@ -132,7 +132,7 @@ def load_classifier(name: str, checkpoint: Optional[str]) -> Subject:
         if not checkpoint:
             raise CheckpointError(f"{name} has no released ImageNet checkpoint; pass a local file with --checkpoint")
     if checkpoint:
-        load_pretrained(model, checkpoint)
+        load_checkpoint(model, checkpoint, reinit=("head",))  # the classifier is not drawn
     return classifier_subject(model, name, random_weights=not checkpoint)
 
 
@@ -158,13 +158,12 @@ def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
     sys.path.insert(0, str(REPO / "segmentation"))  # the configs' custom_imports live there
     from mmseg.registry import DATASETS, MODELS
 
-    from models.openmmlab import load_checkpoint_strict, load_config, register_checkpoint_safe_globals
+    from models.openmmlab import load_config, load_model_checkpoint
 
     cfg = load_config(config, default_scope="mmseg")
     segmentor = MODELS.build(cfg.model)  # init_weights() is not called: it would fetch ImageNet weights
     if checkpoint:
-        register_checkpoint_safe_globals()
-        load_checkpoint_strict(segmentor, checkpoint)
+        load_model_checkpoint(segmentor, checkpoint)
     meta = getattr(segmentor, "dataset_meta", None) or DATASETS.get(cfg.test_dataloader.dataset.type).METAINFO
     return segmentor_subject(segmentor, Path(config).stem, list(meta["classes"]), random_weights=not checkpoint)
 

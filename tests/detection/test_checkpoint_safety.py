@@ -1,4 +1,5 @@
-"""The weights_only trap: mmengine's own checkpoints load, arbitrary pickles still do not."""
+"""The weights_only trap: mmengine's own checkpoints load (through the project's loader and, once
+registered, through the Runner's own torch.load), arbitrary pickles still do not."""
 import os
 import pickle
 
@@ -7,24 +8,27 @@ import pytest
 import torch
 from mmengine.logging import HistoryBuffer, MessageHub
 
-from models.checkpoint import CheckpointError
-from models.openmmlab import load_checkpoint_strict, register_checkpoint_safe_globals
+from models.checkpoint import CheckpointError, read_checkpoint
+from models.openmmlab import load_model_checkpoint, register_checkpoint_safe_globals
 
 
-@pytest.fixture(autouse=True)
-def safe_globals():
-    register_checkpoint_safe_globals()
-
-
-def test_message_hub_and_numpy_values_load_with_weights_only(tmp_path):
+def _runner_like_checkpoint(path):
     hub = MessageHub.get_instance("paca-test-hub")
     for step in range(3):
         hub.update_scalar("train/loss", 1.0 / (step + 1))
     hub.update_info("iter", np.int64(3))
-    path = tmp_path / "ckpt.pth"
     torch.save({"message_hub": hub.state_dict(), "meta": {"seed": np.float64(0.5), "hist": np.arange(3)}}, path)
 
-    loaded = torch.load(path, weights_only=True)
+
+@pytest.mark.parametrize("loader", ["read_checkpoint", "registered torch.load"])
+def test_message_hub_and_numpy_values_load_with_weights_only(tmp_path, loader):
+    path = tmp_path / "ckpt.pth"
+    _runner_like_checkpoint(path)
+    if loader == "read_checkpoint":
+        loaded = read_checkpoint(path)
+    else:  # what mmengine's Runner does when it resumes
+        register_checkpoint_safe_globals()
+        loaded = torch.load(path, weights_only=True)
 
     buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
     assert isinstance(buffer, HistoryBuffer)
@@ -47,12 +51,25 @@ class _ReachesThroughGetattr:
 def test_arbitrary_callables_are_still_refused(tmp_path, payload):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "payload": payload}, path)
+    register_checkpoint_safe_globals()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        read_checkpoint(path)
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"state_dict": torch.nn.Linear(3, 2).state_dict()}, path)
-    with pytest.raises(CheckpointError, match="does not fit this config's model"):
-        load_checkpoint_strict(torch.nn.Linear(4, 2), str(path))
+    with pytest.raises(CheckpointError, match=r"other\.pth does not fit Linear.*weight: checkpoint \(2, 3\) vs model \(2, 4\)"):
+        load_model_checkpoint(torch.nn.Linear(4, 2), str(path))
+
+
+def test_test_checkpoints_bring_their_dataset_meta(tmp_path):
+    path = tmp_path / "runner.pth"
+    model = torch.nn.Linear(3, 2)
+    torch.save({"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": ("cat", "dog")}}}, path)
+    fresh = torch.nn.Linear(3, 2)
+    load_model_checkpoint(fresh, path)
+    assert fresh.dataset_meta == {"classes": ("cat", "dog")}
+    torch.testing.assert_close(fresh.weight, model.weight, rtol=0, atol=0)

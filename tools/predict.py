@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Predict on your own images: classification, detection with instance masks, semantic segmentation.
+
+    python tools/predict.py classify IMAGE_OR_DIR... --model NAME [--checkpoint PATH|URL|pretrained] --out DIR
+    python tools/predict.py detect   IMAGE_OR_DIR... --config CONFIG --checkpoint PATH|URL --out DIR [--score-thr T]
+    python tools/predict.py segment  IMAGE_OR_DIR... --config CONFIG --checkpoint PATH|URL --out DIR
+
+Folders are searched recursively for jpg, jpeg, png, bmp and webp files.  For each image it writes
+``DIR/<stem>.png`` (the predictions drawn on the image; segmentation also ``DIR/<stem>_labels.png``,
+the class index of every pixel) and, for the whole run, ``DIR/predictions.json``.  An image that
+cannot be read is reported by name and skipped (exit code 1 at the end); the others are predicted.
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import predict_tasks as tasks  # noqa: E402
+from models import CheckpointError  # noqa: E402
+from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, output_folders  # noqa: E402
+
+_logger = logging.getLogger("predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def sklearn_sample(name: str) -> str:
+    """The file of one of scikit-learn's sample photos (``sklearn:china.jpg``, ``sklearn:flower.jpg``)."""
+    import sklearn.datasets
+
+    if name not in SKLEARN_SAMPLES:
+        raise FileNotFoundError(f"no scikit-learn sample {SKLEARN_PREFIX}{name}; choose "
+                                + " or ".join(SKLEARN_PREFIX + n for n in SKLEARN_SAMPLES))
+    return str(Path(sklearn.datasets.__file__).parent / "images" / name)
+
+
+def find_images(inputs: Sequence[str], out: Path) -> List[str]:
+    """Files as given and the images inside folders (recursively, sorted), without ``out``'s own files."""
+    found = []
+    for item in inputs:
+        if item.startswith(SKLEARN_PREFIX):
+            found.append(sklearn_sample(item[len(SKLEARN_PREFIX):]))
+            continue
+        path = Path(item)
+        if path.is_file():
+            found.append(item)
+        elif path.is_dir():
+            inside = sorted(str(p) for p in path.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and out.resolve() not in p.resolve().parents)
+            if not inside:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {item}")
+            found += inside
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return found
+
+
+class ImageReadError(RuntimeError):
+    """An input image could not be decoded."""
+
+
+def read_image(source: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, turned upright by its EXIF orientation."""
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{type(e).__name__}: {e}") from e
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- the run ------------------------------------------------------------------------------------
+def build_predictor(args: argparse.Namespace):
+    if args.task == "classify":
+        return tasks.Classifier(args.model, args.checkpoint, args.device, args.clusters)
+    if args.task == "detect":
+        return tasks.Detector(args.config, args.checkpoint, args.device, args.clusters, args.score_thr,
+                              args.cfg_options)
+    return tasks.Segmenter(args.config, args.checkpoint, args.device, args.clusters, args.cfg_options)
+
+
+def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tuple[List[dict], List[str]]:
+    """Predict every image in batches, writing its PNGs; returns the JSON entries and the skipped images."""
+    stems = [folder.name for folder in output_folders(sources, out)]
+    entries, skipped = [], []
+    with tqdm(total=len(sources), unit="img", desc=predictor.task, file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in chunks(list(zip(sources, stems)), batch_size):
+            pictures = []
+            for source, stem in batch:
+                try:
+                    pictures.append(tasks.Picture(source, stem, read_image(source)))
+                except ImageReadError as e:
+                    tqdm.write(f"skipped {source}: cannot read it as an image ({e})", file=sys.stderr)
+                    entries.append(dict(image=source, error=f"cannot read it as an image ({e})"))
+                    skipped.append(source)
+                    bar.update(1)
+            for group in predictor.batches(pictures) if pictures else []:
+                for picture, result in zip(group, predictor.predict(group)):
+                    written = []
+                    for suffix, image in result.pictures.items():
+                        image.save(out / f"{picture.stem}{suffix}.png")
+                        written.append(f"{picture.stem}{suffix}.png")
+                    height, width = picture.rgb.shape[:2]
+                    entries.append(dict(image=picture.source, width=width, height=height, outputs=written,
+                                        **result.entry))
+                    bar.update(1)
+    order = {source: i for i, source in enumerate(sources)}
+    entries.sort(key=lambda e: order[e["image"]])  # same-size batches (segmentation) may reorder
+    return entries, skipped
+
+
+def write_json(path: Path, predictor, entries: List[dict]):
+    document = dict(task=predictor.task, **predictor.header(), random_weights=predictor.random_weights,
+                    images=entries, class_names=predictor.class_names)
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+
+
+# -- command line -------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="task", required=True, metavar="{classify,detect,segment}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files and folders (searched recursively); sklearn:china.jpg and "
+                             "sklearn:flower.jpg are scikit-learn's sample photos")
+    common.add_argument("--out", required=True, type=Path, help="output folder")
+    common.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    common.add_argument("--clusters", action="store_true",
+                        help="draw the PaCa clusters of the backbone's last clustering stage beside each prediction")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu")
+
+    classify = commands.add_parser("classify", parents=[common], help="top-5 classes of each image")
+    classify.add_argument("--model", required=True, help="a pacavit_* model (or any timm model name)")
+    classify.add_argument("--checkpoint", help="a file, a URL, or 'pretrained' (the released ImageNet weights); "
+                                               "without it the weights are random (seed --seed)")
+    classify.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    for name, what in (("detect", "boxes, classes, scores and instance masks"), ("segment", "a class per pixel")):
+        sub = commands.add_parser(name, parents=[common], help=what)
+        sub.add_argument("--config", required=True, help="an mmdet / mmseg config of this repository")
+        sub.add_argument("--checkpoint", required=True, help="a file or URL that fits the config's model exactly")
+        sub.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                         help="override config entries, e.g. test_dataloader.dataset.pipeline.1.scale=(1024,512)")
+        if name == "detect":
+            sub.add_argument("--score-thr", type=float, default=0.3,
+                             help="keep detections with at least this score (default 0.3)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.task == "classify":
+        torch.manual_seed(args.seed)
+    try:
+        sources = find_images(args.inputs, args.out)
+        predictor = build_predictor(args)
+    except (CheckpointError, FileNotFoundError, ValueError, tasks.cls_common.UsageError) as e:
+        _logger.error("error: %s", e)
+        return 2
+    if predictor.random_weights:
+        _logger.warning("no --checkpoint: random weights, the predictions mean nothing (the pictures say so)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    entries, skipped = predict_all(predictor, sources, args.out, args.batch_size)
+    write_json(args.out / "predictions.json", predictor, entries)
+    _logger.info("predicted %d of %d images; pictures and predictions.json in %s", len(entries) - len(skipped), len(sources), args.out)
+    if skipped:
+        _logger.error("%d of %d images could not be read and were skipped: %s", len(skipped), len(sources),
+                      ", ".join(skipped))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

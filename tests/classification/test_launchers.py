@@ -41,6 +41,9 @@ def test_training_writes_logs_checkpoints_and_curves(finished_run, cls_env):
         assert (done_dir / name).is_file(), name
     log = (done_dir / "train.log").read_text()
     assert "img/s" in log and "eta epoch" in log and "lr " in log
+    # class folder names in label order, for tools that show predictions by name
+    checkpoint = torch.load(done_dir / "model_best.pth.tar", weights_only=True)
+    assert checkpoint["class_names"] == ["class0", "class1", "class2"]
 
 
 @pytest.mark.parametrize("compile_flag", ["--no-compile", "--compile"])

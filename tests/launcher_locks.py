@@ -1,0 +1,123 @@
+"""The run-folder lock of the three training launchers, exercised with real processes.
+
+Shared by tests/classification, tests/detection and tests/segmentation: a launcher is started and,
+while it trains, relaunches on the same run are refused at each stage of its death (launcher
+killed, then torchrun killed, leaving an orphaned worker), until nothing of it is left.
+"""
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+LAUNCHER_LOCK = ".launcher.lock"
+WORKERS_LOCK = ".workers.lock"
+
+
+def holders(path: Path) -> list:
+    """Pids of the processes that have ``path`` open."""
+    target = os.path.realpath(path)
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:  # the process ended or is not ours
+            continue
+    return pids
+
+
+def is_locked(path: Path) -> bool:
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def wait_for(condition, job, log: Path, what: str, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert job.poll() is None, f"the launcher ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_gone(pids, timeout=30) -> None:
+    deadline = time.time() + timeout
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+        assert time.time() < deadline, f"processes {pids} did not end"
+        time.sleep(0.1)
+
+
+def _state(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def relaunch(cmd, env, cwd=None) -> subprocess.CompletedProcess:
+    started = time.time()
+    result = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120)
+    result.seconds = time.time() - started
+    return result
+
+
+def refused_while_running(cmd, run_dir: Path, env, tmp_path: Path, cwd=None) -> None:
+    """Start ``cmd`` (a training launcher) and check every relaunch is refused while any of its
+    processes lives.  Returns once all of them are dead; the run folder is left as they left it."""
+    log = tmp_path / "first_launcher.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    launcher_lock, workers_lock = run_dir / LAUNCHER_LOCK, run_dir / WORKERS_LOCK
+    everything = []
+    try:
+        wait_for(lambda: launcher_lock.is_file() and launcher_lock.read_text(), job, log, "the lock is taken")
+        wait_for(lambda: is_locked(workers_lock), job, log, "the training process holds its lock")
+        workers = holders(workers_lock)
+        everything = [job.pid, *holders(launcher_lock), *workers]
+
+        second = relaunch(cmd, env, cwd)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"in use by another launcher (pid {job.pid} " in second.stderr
+        assert "started " in second.stderr and os.path.basename(str(cmd[0])) in second.stderr
+        assert second.seconds < 30  # at once, without loading anything
+
+        # the launcher dies (kill -9): torchrun, which inherited its lock, keeps the run
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        torchruns = [pid for pid in holders(launcher_lock) if pid not in workers]
+        assert torchruns, "torchrun should still hold the launcher's lock"
+        third = relaunch(cmd, env, cwd)
+        assert third.returncode == 2 and "in use by another launcher" in third.stderr, third.stderr
+        assert all(f"pid {pid}:" in third.stderr for pid in torchruns), third.stderr
+
+        # torchrun dies too: its worker, orphaned in its own session, still holds the workers' lock
+        kill(torchruns)
+        wait_gone(torchruns)
+        assert all(Path(f"/proc/{pid}").exists() for pid in workers), "the worker should outlive torchrun"
+        fourth = relaunch(cmd, env, cwd)
+        assert fourth.returncode == 2, fourth.stdout + fourth.stderr
+        assert "training processes of an earlier launch" in fourth.stderr
+        assert all(f"pid {pid}:" in fourth.stderr for pid in workers), fourth.stderr
+    finally:
+        kill(everything + holders(workers_lock) + holders(launcher_lock))
+        job.wait()
+        wait_gone(everything)
+    assert not is_locked(launcher_lock) and not is_locked(workers_lock)

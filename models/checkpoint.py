@@ -236,7 +236,7 @@ def read_checkpoint(source: Source, map_location="cpu") -> dict:
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors and plain data{_unsafe_globals(path)}, so it was "
             f"not loaded: weights_only=True refuses code that a file could run. Only if you trust the file, "
-            f"re-save its weights: ckpt = torch.load(PATH, weights_only=False); "
+            f"re-save its weights: ckpt = torch.load({path!r}, weights_only=False); "
             f"torch.save(ckpt['state_dict'], 'weights.pth'). Details: {e}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:

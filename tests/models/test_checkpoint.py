@@ -282,7 +282,7 @@ def test_code_hidden_in_the_args_namespace_is_refused(tmp_path, route):
     assert not marker.exists()
     message = str(error.value)
     assert str(path) in message and "system" in message
-    assert "Only if you trust the file" in message and "torch.load(PATH, weights_only=False)" in message
+    assert "Only if you trust the file" in message and f"torch.load('{path}', weights_only=False)" in message
 
 
 # ---------------------------------------------------------------------------------------------

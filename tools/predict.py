@@ -57,8 +57,9 @@ def find_images(inputs: Sequence[str], out: Path) -> List[str]:
         if path.is_file():
             found.append(item)
         elif path.is_dir():
+            own = out.resolve()
             inside = sorted(str(p) for p in path.rglob("*")
-                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and out.resolve() not in p.resolve().parents)
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and own not in p.resolve().parents)
             if not inside:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {item}")
             found += inside
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     entries, skipped = predict_all(predictor, sources, args.out, args.batch_size)
     write_json(args.out / "predictions.json", predictor, entries)
-    _logger.info("predicted %d of %d images; pictures and predictions.json in %s", len(entries) - len(skipped), len(sources), args.out)
+    _logger.info("predicted %d of %d images; pictures and predictions.json in %s", len(sources) - len(skipped),
+                 len(sources), args.out)
     if skipped:
         _logger.error("%d of %d images could not be read and were skipped: %s", len(skipped), len(sources),
                       ", ".join(skipped))

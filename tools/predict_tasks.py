@@ -58,6 +58,13 @@ class Result:
     pictures: Dict[str, Image.Image] = field(default_factory=dict)
 
 
+def for_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` on ``device`` in eval mode; on a CPU its PaCa layers use the fused oneDNN kernels
+    where this CPU has them (``models.fuse_for_cpu_inference``; same outputs, faster)."""
+    model.to(device).eval()
+    return models.fuse_for_cpu_inference(model) if torch.device(device).type == "cpu" else model
+
+
 @contextlib.contextmanager
 def captured(module: torch.nn.Module, enabled: bool) -> Iterator[Optional[List[dict]]]:
     """``capture_maps(module)`` when ``enabled``, else nothing recorded (None)."""
@@ -130,7 +137,7 @@ class Classifier:
         self.model = timm.create_model(model_name, num_classes=num_classes)
         if contents:
             load_checkpoint(self.model, contents)  # exact match: the classifier was sized from the file
-        self.model.to(device).eval()
+        self.model = for_device(self.model, device)
         self.device = device
         self.clusters = clusters
         self.title = model_name + weights_note(self.random_weights)
@@ -223,7 +230,7 @@ class _OpenMMLabPredictor:
         self.model.dataset_meta = meta
         self.class_names = [str(name) for name in meta["classes"]]
         self.colours = drawing.class_colours(len(self.class_names), meta.get("palette"))
-        self.model.to(device).eval()
+        for_device(self.model, device)
         self.checkpoint = checkpoint
         self.clusters = clusters
         self.title = Path(cfg.filename).stem
@@ -342,7 +349,7 @@ class Segmenter(_OpenMMLabPredictor):
         for i, (picture, sample) in enumerate(zip(pictures, samples)):
             labels = sample.pred_sem_seg.data[0].cpu().numpy()
             counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
-            present = [dict(label=int(k), class_name=self.name(int(k)), fraction=round(float(counts[k]) / labels.size, 6))
+            present = [dict(label=int(k), class_name=self.name(int(k)), fraction=round(counts[k] / labels.size, 6))
                        for k in np.argsort(-counts, kind="stable") if counts[k]]
             panels = [drawing.segmentation_panel(picture.rgb, labels, self.colours, self.title)]
             if clusters:

@@ -150,7 +150,8 @@ def download(url: str) -> str:
 def resolve_checkpoint(source: Source) -> str:
     """A local file for ``source``: a path, a ``file://`` URL, or an http(s) URL (downloaded into
     the cache); release URLs go to the mirror first."""
-    source = mirror_url(os.fspath(source))
+    requested = os.fspath(source)
+    source = mirror_url(requested)
     scheme = _scheme(source)
     if scheme in ("http", "https"):
         return download(source)
@@ -168,7 +169,8 @@ def resolve_checkpoint(source: Source) -> str:
         hint = f" (it holds {', '.join(found[:5])})" if found else ""
         raise CheckpointError(f"{source} is a directory, not a checkpoint file: pass a file inside it{hint}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {source}")
+        mirrored = f" ({BASE_URL_ENV} mirrors {requested} there)" if source != requested else ""
+        raise CheckpointError(f"checkpoint file not found: {source}{mirrored}")
     return path
 
 

@@ -26,6 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .checkpoint import CheckpointError
+from .run_folder import hold_workers_lock, resume_point
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,8 +86,10 @@ def _launcher() -> str:
 
 
 def _prepare_environment(cfg, launcher: str) -> None:
-    """CPU processes: gloo process group and DDP without device ids (mmengine assumes CUDA)."""
+    """Loaders that fit their worker count; on CPU processes: gloo process group and DDP without
+    device ids (mmengine assumes CUDA)."""
     register_checkpoint_safe_globals()
+    _fit_persistent_workers(cfg)
     if launcher == "none" or torch.cuda.is_available():
         return
     import torch.distributed as dist
@@ -100,6 +105,15 @@ def _prepare_environment(cfg, launcher: str) -> None:
     )
     # SyncBatchNorm runs on GPUs only; several CPU processes normalise their own batches instead
     _sync_bn_to_bn(cfg.model)
+
+
+def _fit_persistent_workers(cfg) -> None:
+    """``persistent_workers`` needs worker processes: the zoo configs set it for 2-4 workers, so
+    ``--cfg-options train_dataloader.num_workers=0`` alone would make the DataLoader refuse."""
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(name)
+        if loader and loader.get("persistent_workers") and not loader.get("num_workers", 0):
+            loader["persistent_workers"] = False
 
 
 def _sync_bn_to_bn(node) -> None:
@@ -160,9 +174,9 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     cfg = load_config(args.config, default_scope, args.cfg_options)
     cfg.work_dir = args.work_dir or _default_work_dir(task, Path(args.config).stem)
     cfg.launcher = _launcher()
-    # resume=True without load_from makes the Runner pick the work dir's latest checkpoint
+    # resume from --resume, else from the work dir's newest intact checkpoint (none: a fresh start)
     cfg.resume = True
-    cfg.load_from = args.resume
+    cfg.load_from = args.resume or _newest_intact_checkpoint(cfg.work_dir)
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
@@ -171,8 +185,19 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
             raise SystemExit(f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}")
         cfg.auto_scale_lr.enable = True
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
+    hold_workers_lock()
     _prepare_environment(cfg, cfg.launcher)
     Runner.from_cfg(cfg).train()
+
+
+def _newest_intact_checkpoint(work_dir: str) -> Optional[str]:
+    """Where to resume: the work dir's newest checkpoint that loads (a corrupt latest one is named
+    and skipped), None for a fresh start."""
+    try:
+        path = resume_point("openmmlab", work_dir)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from err
+    return None if path is None else str(path)
 
 
 # ---------------------------------------------------------------------------------------------

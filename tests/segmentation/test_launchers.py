@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_folder_checks import check_num_workers_zero, refused_while_running, write_broken_checkpoint, zoo_configs
+
 REPO = Path(__file__).resolve().parents[2]
 SEGMENTATION = REPO / "segmentation"
 PACAHEAD_TINY = "configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
@@ -116,3 +118,45 @@ def test_get_flops_params_of_paca_tiny_with_paca_head(capsys):
     assert result["flops"] > 0
     printed = float(re.search(r"params: ([\d.]+)M", capsys.readouterr().out).group(1))
     assert abs(printed - 13.3) <= 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder: one launcher per run, run names, broken checkpoints; num_workers=0 on the zoo
+
+
+@pytest.mark.parametrize("config", zoo_configs(SEGMENTATION), ids=lambda p: p.stem)
+def test_num_workers_zero_on_any_zoo_config(config):
+    check_num_workers_zero(config, "mmseg")
+
+
+def test_run_names_are_checked_before_any_work(env, free_port):
+    work_root = Path(env["PACAVIT_WORK_DIRS"]) / "segmentation"
+    finished = experiment_dir(env, PACAHEAD_TINY)
+    finished.mkdir(parents=True)
+    (finished / "FINISHED").write_text("finished")
+    # experiment_dir's names ("ci", "tiny") given with tab completion's trailing slash
+    output = run([SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, "0", "ci/", "tiny/", "0", "1", free_port], env)
+    assert "finished experiment; nothing to do" in output
+    for exp, tag, message in [("ci", "a/b", "Tag 'a/b' contains '/'"), ("x/y", "tiny", "Exp_name 'x/y' contains '/'"),
+                              ("ci", "", "Tag is empty")]:
+        output = run([SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, "0", exp, tag, "0", "1", free_port], env,
+                     expect_ok=False)
+        assert message in output
+    assert [p.name for p in work_root.iterdir()] == ["ci"]
+    assert [p.name for p in (work_root / "ci").iterdir()] == [finished.name]
+
+
+@pytest.mark.slow
+def test_one_launcher_per_run_folder_and_no_resume_loop(env, tmp_path, free_port):
+    work_dir = experiment_dir(env, PACAHEAD_TINY)
+    cmd = [SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, "1", "ci", "tiny", "0", "1", free_port,
+           "--cfg-options", *TRAIN_SMALL, "train_cfg.max_iters=100000"]
+    refused_while_running(cmd, work_dir, env, tmp_path, cwd=REPO)
+
+    # nothing of that launch is left: the next one gets the run, whose only checkpoint is broken
+    write_broken_checkpoint(work_dir, "iter_1.pth")
+    output = run([SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, "0", "ci", "tiny", "0", "1", free_port], env,
+                 expect_ok=False)
+    assert f"{work_dir / 'iter_1.pth'} is not a readable PyTorch checkpoint" in output
+    assert f"rm {work_dir / 'iter_1.pth'} {work_dir / 'last_checkpoint'}" in output
+    assert "rerun with Remove_old=0" not in output

@@ -1,8 +1,9 @@
-"""The run-folder lock of the three training launchers, exercised with real processes.
+"""Checks of the training launchers' run folders, shared by the classification, detection and
+segmentation tests.
 
-Shared by tests/classification, tests/detection and tests/segmentation: a launcher is started and,
-while it trains, relaunches on the same run are refused at each stage of its death (launcher
-killed, then torchrun killed, leaving an orphaned worker), until nothing of it is left.
+:func:`refused_while_running` starts a launcher and, while it trains, checks that relaunches on
+the same run are refused at each stage of its death (launcher killed, then torchrun killed,
+leaving an orphaned worker), until nothing of it is left.
 """
 import fcntl
 import os
@@ -10,6 +11,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+
+import torch
+
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
 LAUNCHER_LOCK = ".launcher.lock"
 WORKERS_LOCK = ".workers.lock"
@@ -121,3 +126,26 @@ def refused_while_running(cmd, run_dir: Path, env, tmp_path: Path, cwd=None) -> 
         job.wait()
         wait_gone(everything)
     assert not is_locked(launcher_lock) and not is_locked(workers_lock)
+
+
+def zoo_configs(task_dir: Path):
+    return sorted(p for p in (task_dir / "configs").rglob("*.py") if "_base_" not in p.parts)
+
+
+def check_num_workers_zero(config, scope):
+    """The config with every loader at num_workers=0 gives DataLoader arguments it accepts."""
+    from models.openmmlab import _prepare_environment, load_config
+
+    cfg = load_config(str(config), scope, {f"{name}.num_workers": 0 for name in LOADERS})
+    _prepare_environment(cfg, "none")
+    for name in LOADERS:
+        loader = cfg.get(name)
+        if loader:
+            torch.utils.data.DataLoader(range(2), num_workers=loader.num_workers,
+                                        persistent_workers=loader.get("persistent_workers", False))
+
+
+def write_broken_checkpoint(work_dir: Path, name="epoch_1.pth"):
+    """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer."""
+    (work_dir / name).write_bytes(b"PK\x03\x04 cut short")
+    (work_dir / "last_checkpoint").write_text(str(work_dir / name))

@@ -1,0 +1,75 @@
+"""train_mmdet.sh and its run folder: one launcher per run, run names, broken checkpoints, and
+``--cfg-options *.num_workers=0`` on every zoo config."""
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.run_folder import resume_point
+from tests.run_folder_checks import check_num_workers_zero, refused_while_running, write_broken_checkpoint, zoo_configs
+
+from .conftest import DETECTION, TINY_CONFIG
+
+NAME = "mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(exp, tag, remove_old=0, *others):
+    return ["./train_mmdet.sh", TINY_CONFIG, remove_old, exp, tag, 0, 1, free_port(), *others]
+
+
+def run(cmd, env):
+    return subprocess.run([str(c) for c in cmd], env=env, cwd=DETECTION, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("config", zoo_configs(DETECTION), ids=lambda p: p.stem)
+def test_num_workers_zero_on_any_zoo_config(config):
+    check_num_workers_zero(config, "mmdet")
+
+
+def test_resume_point_skips_a_broken_latest_checkpoint(tmp_path):
+    torch.save({"meta": {"epoch": 1}, "state_dict": {}, "message_hub": {}}, tmp_path / "epoch_1.pth")
+    write_broken_checkpoint(tmp_path, "epoch_2.pth")
+    reports = []
+    assert resume_point("openmmlab", tmp_path, report=reports.append) == tmp_path / "epoch_1.pth"
+    assert f"{tmp_path / 'epoch_2.pth'} is not a readable PyTorch checkpoint" in reports[0]
+    assert reports[1] == f"resuming from the newest intact checkpoint of this run instead: {tmp_path / 'epoch_1.pth'}"
+
+
+def test_run_names_are_checked_before_any_work(launcher_env):
+    work_root = Path(launcher_env["PACAVIT_WORK_DIRS"]) / "detection"
+    finished = work_root / "names" / f"{NAME}_t1"
+    finished.mkdir(parents=True)
+    (finished / "FINISHED").write_text("finished")
+    slash = run(launch("names/", "t1/"), launcher_env)
+    assert slash.returncode == 0 and "finished experiment; nothing to do" in slash.stdout, slash.stderr
+    for exp, tag, message in [("names", "a/b", "Tag 'a/b' contains '/'"), ("x/y", "t1", "Exp_name 'x/y' contains '/'"),
+                              ("names", "..", "Tag cannot be '..'")]:
+        result = run(launch(exp, tag), launcher_env)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in work_root.iterdir()) == ["names"]
+    assert sorted(p.name for p in (work_root / "names").iterdir()) == [f"{NAME}_t1"]
+
+
+@pytest.mark.slow
+def test_one_launcher_per_run_folder_and_no_resume_loop(launcher_env, tmp_path):
+    work_dir = Path(launcher_env["PACAVIT_WORK_DIRS"]) / "detection" / "locks" / f"{NAME}_t1"
+    no_val = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+    cmd = launch("locks", "t1", 1, "--cfg-options", "train_cfg.max_epochs=1000", *no_val)
+    refused_while_running(cmd, work_dir, launcher_env, tmp_path, cwd=DETECTION)
+
+    # nothing of that launch is left: the next one gets the run, whose only checkpoint is broken
+    write_broken_checkpoint(work_dir)
+    result = run(launch("locks", "t1", 0), launcher_env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{work_dir / 'epoch_1.pth'} is not a readable PyTorch checkpoint" in result.stderr
+    assert f"rm {work_dir / 'epoch_1.pth'} {work_dir / 'last_checkpoint'}" in result.stderr
+    assert "rerun with Remove_old=0" not in result.stderr

@@ -16,6 +16,11 @@ Two functions, one policy:
   tensors for them that the model has no place for are dropped.  Both are logged and returned in
   a :class:`LoadReport`.  Any other missing, unexpected or resized tensor raises.
 
+Every project entry point uses them: ``timm.create_model(name, pretrained=True)`` (also with
+``pretrained_cfg_overlay=dict(file=...)``), the backbones' ``init_weights``, validate.py, the
+OpenMMLab test scripts and the tools.  timm's own ``create_model(..., checkpoint_path=...)`` is not
+routed here: it loads strictly and prefers EMA weights when a file has them.
+
 ``PACAVIT_CHECKPOINT_BASE_URL`` replaces the release prefix: an ``http(s)://`` or ``file://`` URL
 or a plain folder (mirrors, air-gapped sites, tests).  ``PACAVIT_CHECKPOINT_CACHE`` moves the
 download cache (default: ``$TORCH_HOME/hub/checkpoints``).

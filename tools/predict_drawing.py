@@ -16,9 +16,9 @@ import cluster_figures as figures
 LEGEND_ROWS = 20
 
 
-def font_for(image_size: Tuple[int, int]) -> ImageFont.FreeTypeFont:
-    """A font whose height is about 1/30 of the image's larger side (at least 10 px)."""
-    return ImageFont.load_default(size=max(10, round(max(image_size) / 30)))
+def font_for(image_size: Tuple[int, int], scale: float = 1.0) -> ImageFont.FreeTypeFont:
+    """A font whose height is about ``scale``/30 of the image's larger side (at least 10 px)."""
+    return ImageFont.load_default(size=max(10, round(scale * max(image_size) / 30)))
 
 
 def fit_lines(lines: Sequence[str], font, max_width: float) -> List[str]:
@@ -77,7 +77,7 @@ def detection_panel(image: np.ndarray, instances: List[dict], masks: Sequence[np
     canvas = _to_image(picture)
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    font = font_for(canvas.size)
+    font = font_for(canvas.size, scale=0.7)  # many labels: smaller than the other pictures' text
     width = max(1, round(max(canvas.size) / 300))
     for instance in instances:
         x1, y1, x2, y2 = instance["bbox"]
@@ -87,7 +87,7 @@ def detection_panel(image: np.ndarray, instances: List[dict], masks: Sequence[np
         x1, y1 = instance["bbox"][:2]
         label = f"{instance['class_name']} {instance['score']:.2f}"
         text_box(draw, (int(x1), max(0, int(y1) - font.size - font.size // 2 - 4)), [label], font)
-    text_box(draw, (4, canvas.size[1] - font.size - font.size // 2 - 12), [title], font)
+    text_box(draw, (4, 4), [title], font_for(canvas.size))
     return Image.alpha_composite(canvas, overlay)
 
 

@@ -129,7 +129,7 @@ class Classifier:
             checkpoint = released.url if released else None
             if not checkpoint:
                 raise CheckpointError(f"{model_name} has no released ImageNet checkpoint; pass a file or URL")
-        self.checkpoint = checkpoint
+        self.model_name, self.checkpoint = model_name, checkpoint
         self.random_weights = checkpoint is None
         contents = read_checkpoint(checkpoint) if checkpoint else None
         num_classes = classifier_width(model_name, extract_state_dict(contents)) if contents else 1000
@@ -145,7 +145,7 @@ class Classifier:
         self.transform = create_transform(**self.data_config, is_training=False)
 
     def header(self) -> dict:
-        return dict(model=self.title, checkpoint=self.checkpoint, input_size=list(self.data_config["input_size"]))
+        return dict(model=self.model_name, checkpoint=self.checkpoint, input_size=list(self.data_config["input_size"]))
 
     def batches(self, pictures: List[Picture]) -> List[List[Picture]]:
         return [pictures]

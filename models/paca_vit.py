@@ -9,6 +9,7 @@ Parameter names follow the official implementation so that its released checkpoi
 unchanged.  Every variant is one row of ``VARIANTS``; ``<name>_downstream`` builds the
 dense-prediction backbone (four NCHW outputs) used by the mmdet / mmseg configs.
 """
+import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,18 +18,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerScale, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
 from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
 
-__all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
+__all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaStage", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
 
 _logger = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
+NUM_STAGES = 4
 
 
 class PaCaBlock(nn.Module):
@@ -66,18 +68,73 @@ class PaCaBlock(nn.Module):
         return x, assignments
 
 
+class PaCaStage(nn.ModuleList):
+    """The PaCa blocks of one stage.  A ``ModuleList`` (the official ``stage{i}.{j}`` names) that
+    also runs them: the first block (or the teacher) provides the assignments the others reuse."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__(blocks)
+        self.grad_checkpointing = False
+
+    def forward(
+        self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: (B, H, W, C).  teacher_logits: (B, M, H*W) cluster logits from the ConvMixer teacher;
+        shortcut: the teacher's (B, C, H, W) stage features, added to the output.  Returns
+        (B, H, W, C), before the stage norm."""
+        hw = (x.shape[1], x.shape[2])
+        tokens = x.flatten(1, 2)
+        assignments = None if teacher_logits is None else teacher_logits.softmax(dim=-1)
+        for blk in self:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                tokens, assignments = checkpoint(blk, tokens, hw, assignments, use_reentrant=False)
+            else:
+                tokens, assignments = blk(tokens, hw, assignments)
+        if shortcut is not None:
+            tokens = tokens + nchw_to_tokens(shortcut)
+        return tokens.view_as(x)
+
+
+TeacherOutput = Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]
+
+
+def _from_teacher(teacher: Optional[TeacherOutput], stage: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Stage ``stage``'s (cluster logits, features) from the teacher's output, (None, None) without one."""
+    if teacher is None:
+        return None, None
+    return teacher[0][stage], teacher[1][stage]
+
+
+@register_notrace_function  # a leaf for torch.fx (which wraps only public names): it branches on the rank
+def check_image_batch(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3:
+        raise ValueError(
+            "PaCa-ViT takes a batch of images (B, C, H, W) but got one image of shape {}: the batch dimension "
+            "is missing, pass x.unsqueeze(0)".format(list(x.shape))
+        )
+    if x.dim() != 4:
+        raise ValueError("PaCa-ViT takes a batch of images (B, C, H, W), got a tensor of shape {}".format(list(x.shape)))
+    return x
+
+
 class PaCaViT(nn.Module):
     """PaCa-ViT for classification (``num_classes > 0``) or as a dense-prediction backbone.
 
     Args:
         img_size: accepted for timm compatibility; the model works for any input size.
-        embed_dims / depths / num_heads / mlp_ratios: per-stage widths, block counts, heads, MLP ratios.
+        in_chans: input image channels.
+        embed_dims / depths / num_heads / mlp_ratios: widths, block counts, heads and MLP ratios of
+            the four stages.
         num_clusters: clusters M per stage; 0 gives ordinary patch-to-patch attention in that stage.
         clustering: how blocks compute assignments: ``'conv'``, ``'mlp'`` or ``'linear'``; ignored
             when a ``teacher_depths`` teacher provides them.
         cluster_every: 0 = stage-wise (first block of a stage, shared by the rest); k > 0 = every
             k-th block recomputes them (1 = block-wise).
         teacher_depths: depths of the ConvMixer clustering teacher, or None for on-site clustering.
+        device / dtype: where and in which precision the parameters are created (``'meta'``
+            builds the structure without allocating weights).
+
+    ``forward_features`` returns the normalised last-stage map as (B, H, W, C): ``output_fmt``.
     """
 
     def __init__(
@@ -101,55 +158,68 @@ class PaCaViT(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale: Optional[float] = None,
         use_xformers: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if clustering not in CLUSTERING_LAYERS:
             raise ValueError(f"clustering must be one of {sorted(CLUSTERING_LAYERS)}, got {clustering!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_global_pool(global_pool)
+        per_stage = dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                         num_clusters=num_clusters)
+        if any(len(v) != NUM_STAGES for v in per_stage.values()):
+            raise ValueError(f"PaCa-ViT has {NUM_STAGES} stages; got {per_stage}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
-        self.num_stages = len(embed_dims)
+        self.output_fmt = "NHWC"  # forward_features returns (B, H, W, C)
+        self.feature_dim = -1
+        self.num_stages = NUM_STAGES
         self.embed_dims = tuple(embed_dims)
         self.num_clusters = tuple(num_clusters)
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
 
-        self.patch_embed = ConvDownsample(in_chans, embed_dims[0], stride=4, eps=LN_EPS)
-        self.paca_teacher = None
-        if teacher_depths is not None:
-            self.paca_teacher = ConvMixerTeacher(embed_dims, teacher_depths, num_clusters, teacher_kernel_size)
+        # The layers take no device argument: they are created under the requested default device.
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            # registered before the stem, as in the official code: parameter order decides how an
+            # optimizer state from an official training checkpoint maps onto the parameters
+            self.paca_teacher = None
+            if teacher_depths is not None:
+                self.paca_teacher = ConvMixerTeacher(embed_dims, teacher_depths, num_clusters, teacher_kernel_size)
+            self.patch_embed = ConvDownsample(in_chans, embed_dims[0], stride=4, eps=LN_EPS)
 
-        block_dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.feature_info = []
-        for i in range(self.num_stages):
-            dim, m = embed_dims[i], num_clusters[i]
-            if i > 0:
-                setattr(self, f"transition{i}", ConvDownsample(embed_dims[i - 1], dim, stride=2, eps=LN_EPS))
-            blocks = []
-            for j in range(depths[i]):
-                computes = m > 0 and self.paca_teacher is None and j % (cluster_every or depths[i]) == 0
-                blocks.append(
-                    PaCaBlock(
-                        dim,
-                        num_heads[i],
-                        num_clusters=m,
-                        clustering=CLUSTERING_LAYERS[clustering](dim, m) if computes else None,
-                        mlp_ratio=mlp_ratios[i],
-                        drop=proj_drop_rate,
-                        attn_drop=attn_drop_rate,
-                        drop_path=block_dpr[sum(depths[:i]) + j],
-                        layer_scale=layer_scale,
-                        use_xformers=use_xformers,
+            block_dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False)
+            self.feature_info = []
+            for i in range(NUM_STAGES):
+                dim, m = embed_dims[i], num_clusters[i]
+                if i > 0:
+                    setattr(self, f"transition{i}", ConvDownsample(embed_dims[i - 1], dim, stride=2, eps=LN_EPS))
+                blocks = []
+                for j in range(depths[i]):
+                    computes = m > 0 and self.paca_teacher is None and j % (cluster_every or depths[i]) == 0
+                    blocks.append(
+                        PaCaBlock(
+                            dim,
+                            num_heads[i],
+                            num_clusters=m,
+                            clustering=CLUSTERING_LAYERS[clustering](dim, m) if computes else None,
+                            mlp_ratio=mlp_ratios[i],
+                            drop=proj_drop_rate,
+                            attn_drop=attn_drop_rate,
+                            drop_path=block_dpr[sum(depths[:i]) + j],
+                            layer_scale=layer_scale,
+                            use_xformers=use_xformers,
+                        )
                     )
-                )
-            setattr(self, f"stage{i + 1}", nn.ModuleList(blocks))
-            setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=LN_EPS))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"norm{i + 1}"))
+                setattr(self, f"stage{i + 1}", PaCaStage(blocks))
+                setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=LN_EPS))
+                self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"norm{i + 1}"))
 
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.apply(self._init_weights)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -177,7 +247,8 @@ class PaCaViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
+        for stage in self._stage_modules():
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -186,38 +257,46 @@ class PaCaViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.global_pool = _check_global_pool(global_pool)
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def _stage_modules(self) -> List[PaCaStage]:
+        return [getattr(self, f"stage{i + 1}") for i in range(self.num_stages)]
 
     # -- forward ------------------------------------------------------------------------------
-    def _stages(self, x: torch.Tensor, last_stage: Optional[int] = None):
-        """Yield (stage index, normalised stage output as (B, H, W, C)) for each stage."""
+    def _forward_stages(self, x: torch.Tensor, last_stage: int) -> List[torch.Tensor]:
+        """The normalised outputs (B, H, W, C) of stages 0..``last_stage``.
+
+        Written out stage by stage, with the official module names, so that TorchScript compiles
+        it; the ``hasattr`` checks skip stages removed by ``prune_intermediate_layers``.
+        """
         # channels_last input: every conv then returns NHWC memory and the token views are free
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # B H W C
-        teacher_logits, teacher_feats = [None] * self.num_stages, None
+        x = self.patch_embed(check_image_batch(x).contiguous(memory_format=torch.channels_last))
+        teacher: Optional[TeacherOutput] = None
         if self.paca_teacher is not None:
-            teacher_logits, teacher_feats = self.paca_teacher(x.permute(0, 3, 1, 2))
-        for i in range(self.num_stages if last_stage is None else last_stage + 1):
-            if i > 0:
-                x = getattr(self, f"transition{i}")(x.permute(0, 3, 1, 2))
-            B, H, W, C = x.shape
-            tokens = x.reshape(B, H * W, C)
-            assignments = None if teacher_logits[i] is None else teacher_logits[i].softmax(dim=-1)
-            for blk in getattr(self, f"stage{i + 1}"):
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    tokens, assignments = checkpoint(blk, tokens, (H, W), assignments, use_reentrant=False)
-                else:
-                    tokens, assignments = blk(tokens, (H, W), assignments)
-            if teacher_feats is not None:
-                tokens = tokens + nchw_to_tokens(teacher_feats[i])
-            x = getattr(self, f"norm{i + 1}")(tokens).view(B, H, W, C)
-            yield i, x
+            teacher = self.paca_teacher(x.permute(0, 3, 1, 2))
+        logits, shortcut = _from_teacher(teacher, 0)
+        x = self.norm1(self.stage1(x, logits, shortcut))
+        outs = [x]
+        if hasattr(self, "stage2") and last_stage >= 1:
+            logits, shortcut = _from_teacher(teacher, 1)
+            x = self.norm2(self.stage2(self.transition1(x.permute(0, 3, 1, 2)), logits, shortcut))
+            outs.append(x)
+        if hasattr(self, "stage3") and last_stage >= 2:
+            logits, shortcut = _from_teacher(teacher, 2)
+            x = self.norm3(self.stage3(self.transition2(x.permute(0, 3, 1, 2)), logits, shortcut))
+            outs.append(x)
+        if hasattr(self, "stage4") and last_stage >= 3:
+            logits, shortcut = _from_teacher(teacher, 3)
+            x = self.norm4(self.stage4(self.transition3(x.permute(0, 3, 1, 2)), logits, shortcut))
+            outs.append(x)
+        return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the normalised last-stage tokens, (B, H, W, C)."""
-        for _, x in self._stages(x):
-            pass
-        return x
+        """Returns the normalised last-stage map, (B, H, W, C)."""
+        return self._forward_stages(x, self.num_stages - 1)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -236,24 +315,65 @@ class PaCaViT(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ):
-        """timm's feature API.  Stage outputs are already normalised (``norm`` has no effect)."""
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: the outputs of the selected stages.
+
+        Each intermediate is a stage's output after its own ``norm{i}``: in PaCa-ViT every stage
+        ends with a LayerNorm whose output feeds the next stage and the dense-prediction heads (the
+        official backbone's features).  There is no separate final norm, so ``norm`` changes
+        nothing.
+
+        Args:
+            x: images (B, C, H, W).
+            indices: the last n stages if an int, all if None, else the stage indices (0-3).
+            norm: accepted for timm's API; the outputs are always normalised (see above).
+            stop_early: stop after the last selected stage; the returned final map is then that
+                stage's output.
+            output_fmt: ``'NCHW'`` or ``'NHWC'`` for the intermediates.
+            intermediates_only: return only the list of intermediates.
+
+        Returns:
+            ``(final, intermediates)``: ``final`` as ``forward_features`` returns it (B, H, W, C),
+            or only ``intermediates``.
+        """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'")
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
-        intermediates = []
-        for i, feat in self._stages(x, last_stage=max_index if (stop_early or intermediates_only) else None):
-            if i in take_indices:
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+        outs = self._forward_stages(x, max_index if stop_early or intermediates_only else self.num_stages - 1)
+        intermediates = [outs[i].permute(0, 3, 1, 2) if output_fmt == "NCHW" else outs[i] for i in take_indices]
         if intermediates_only:
             return intermediates
-        return feat, intermediates
+        return outs[-1], intermediates
 
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        take_indices, _ = feature_take_indices(self.num_stages, indices)
-        if prune_head:
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Remove what the stages in ``indices`` do not need: the later stages (with their
+        transitions, norms and the teacher's cluster heads for them) and, with ``prune_head`` or
+        when stages were removed, the classifier.  The features then end at the last kept stage.
+
+        ``prune_norm`` has nothing to remove: each kept stage's norm produces that stage's output.
+        """
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        prune_end = max_index < self.num_stages - 1
+        for i in range(max_index + 1, self.num_stages):
+            for name in (f"transition{i}", f"stage{i + 1}", f"norm{i + 1}"):
+                delattr(self, name)
+            if self.paca_teacher is not None and hasattr(self.paca_teacher, f"to_clusters{i + 1}"):
+                delattr(self.paca_teacher, f"to_clusters{i + 1}")
+        if prune_end:
+            self.num_stages = max_index + 1
+            self.feature_info = self.feature_info[: self.num_stages]
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
 
 
 class PaCaViTDownstream(PaCaViT):
@@ -281,7 +401,7 @@ class PaCaViTDownstream(PaCaViT):
         kwargs.pop("num_classes", None)
         super().__init__(num_classes=0, global_pool="", **kwargs)
         self.variant = variant
-        self.out_indices = tuple(out_indices)
+        self.out_indices = tuple(feature_take_indices(self.num_stages, list(out_indices))[0])
         if init_cfg is not None and init_cfg.get("type") != "Pretrained":
             raise ValueError(f"only init_cfg=dict(type='Pretrained', checkpoint=...) is supported, got {init_cfg}")
         self.pretrained = pretrained or (init_cfg or {}).get("checkpoint")
@@ -307,7 +427,8 @@ class PaCaViTDownstream(PaCaViT):
         self.is_init = True
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+        outs = self._forward_stages(x, max(self.out_indices))
+        return [outs[i].permute(0, 3, 1, 2) for i in self.out_indices]
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -149,3 +149,12 @@ def write_broken_checkpoint(work_dir: Path, name="epoch_1.pth"):
     """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer."""
     (work_dir / name).write_bytes(b"PK\x03\x04 cut short")
     (work_dir / "last_checkpoint").write_text(str(work_dir / name))
+
+
+def wait_until_free(run_dir: Path, timeout=120) -> None:
+    """Wait for the processes of a stopped launch to end (torchrun outlives a signalled launcher
+    shell by the time it takes to stop its workers); until then the run is busy."""
+    deadline = time.time() + timeout
+    while is_locked(run_dir / LAUNCHER_LOCK) or is_locked(run_dir / WORKERS_LOCK):
+        assert time.time() < deadline, f"the processes of {run_dir} did not end"
+        time.sleep(0.2)

@@ -111,7 +111,7 @@ $(_paca_lock_holders "$workers")
 Stop them (kill PID) before starting this run again."
     fi
     exec {fd}>&-
-    printf 'pid %s on %s, started %s: %s\n' "$$" "$(hostname)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PACA_COMMAND" >"$lock"
+    printf 'pid %s on %s, started %s: %s\n' "$$" "${HOSTNAME:-$(uname -n)}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PACA_COMMAND" >"$lock"
     export PACAVIT_RUN_LOCK="$workers"
 }
 

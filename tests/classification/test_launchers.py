@@ -14,6 +14,8 @@ import torch
 
 import models  # noqa: F401  (registers the pacavit_* names with timm)
 
+from tests.run_folder_checks import wait_until_free
+
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
 pytestmark = pytest.mark.slow
@@ -88,6 +90,7 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(cls_env):
         # as a scheduler preempting the job: SIGTERM to the launcher's group, torchrun stops its workers
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(timeout=120)
+    wait_until_free(run_dir)
     assert not done_dir.exists()
     saved_epoch = torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"]
     assert saved_epoch < epochs - 1

@@ -15,20 +15,19 @@ SEGMENTATION = REPO / "segmentation"
 PACAHEAD_TINY = "configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
 UPERNET_TINY = "configs/paca_vit/upernet/upernet_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
 
-# 64x64 crops of the 64x96 tiny images, data loading in the main process, no ImageNet download
-# (the pipeline indices are those of mmseg's ADE20K base config).
+# 64x64 crops of the 64x96 tiny images, data loading in the main process (persistent_workers follows
+# num_workers=0 by itself), no ImageNet download (the pipeline indices are those of mmseg's ADE20K
+# base config).
 SMALL = [
     "model.backbone.init_cfg=None",
     "model.data_preprocessor.size=(64,64)",
     "test_dataloader.dataset.pipeline.1.scale=(96,64)",
     "test_dataloader.num_workers=0",
-    "test_dataloader.persistent_workers=False",
 ]
 TRAIN_SMALL = SMALL + [
     "train_dataloader.dataset.pipeline.2.scale=(96,64)",
     "train_dataloader.dataset.pipeline.3.crop_size=(64,64)",
     "train_dataloader.num_workers=0",
-    "train_dataloader.persistent_workers=False",
     "train_cfg.val_interval=1000",  # evaluation is test_mmseg.sh's job here
     "default_hooks.logger.interval=1",
 ]

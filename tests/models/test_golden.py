@@ -36,6 +36,8 @@ def test_state_dict_matches_official(name):
     model = build(name)
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert got == {k: shape for k, shape in expected["state_dict"]}
+    # the order too: an optimizer state is matched to the parameters by position
+    assert list(got) == [k for k, _ in expected["state_dict"]]
     assert sum(p.numel() for p in model.parameters()) == expected["num_params"]
     model.load_state_dict(deterministic_state_dict(model), strict=True)
 
@@ -60,3 +62,24 @@ def test_second_construction_is_identical():
     first, second = build("pacavit_convmixer_tiny_100"), build("pacavit_convmixer_tiny_100")
     assert first.state_dict().keys() == second.state_dict().keys()
     assert models.VARIANTS["pacavit_convmixer_tiny_100"]["num_clusters"] == (100, 100, 100, 100)
+
+
+@pytest.mark.parametrize("name", ["pacavit_convmixer_tiny_100", "pacavit_convmixer_tiny_100_downstream"])
+def test_optimizer_state_in_official_order_resumes(name):
+    """An optimizer state saved for the official parameter order steps our model."""
+    model = build(name)
+    buffers = {k for k, _ in model.named_buffers()}
+    official = [shape for key, shape in manifest(name)["state_dict"] if key not in buffers]
+    assert sum(torch.Size(s).numel() for s in official) == manifest(name)["num_params"]
+    stand_in = [torch.nn.Parameter(torch.zeros(shape)) for shape in official]
+    saved = torch.optim.AdamW(stand_in)
+    for p in stand_in:
+        p.grad = torch.ones_like(p)
+    saved.step()
+
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(saved.state_dict())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # a parameter at another position than officially fails here on its shape
+    assert [optimizer.state[p]["exp_avg"].shape for p in model.parameters()] == [torch.Size(s) for s in official]

@@ -1,4 +1,6 @@
 """timm integration, any-size inputs, the capture hook and the FLOP counter."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -40,6 +42,62 @@ def test_features_only_out_indices():
     assert [tuple(f.shape) for f in features(torch.randn(1, 3, 64, 64))] == [(1, 192, 8, 8), (1, 384, 2, 2)]
 
 
+def test_single_image_without_batch_dimension_is_named():
+    model = timm.create_model(TINY).eval()
+    with pytest.raises(ValueError, match=r"batch dimension is missing, pass x\.unsqueeze\(0\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\), got a tensor of shape \[64, 64\]"):
+        create_downstream(TINY)(torch.randn(64, 64))
+
+
+def test_meta_device_and_dtype_construction():
+    model = timm.create_model(TINY, device="meta", dtype=torch.bfloat16, in_chans=1)
+    assert {(t.device.type, t.dtype) for t in model.parameters()} == {("meta", torch.bfloat16)}
+    model.reset_classifier(5)  # the new head follows the model, not the default device / dtype
+    assert (model.head.weight.device.type, model.head.weight.dtype) == ("meta", torch.bfloat16)
+    x = torch.empty(2, 1, 64, 64, device="meta", dtype=torch.bfloat16)
+    assert model.in_chans == 1 and model(x).shape == (2, 5)
+    assert model.forward_features(x).shape == (2, 2, 2, 384) and model.output_fmt == "NHWC"
+
+
+def test_pruned_features_keep_only_the_stages_they_use():
+    torch.manual_seed(0)
+    model = timm.create_model("pacavit_convmixer_tiny_100").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    pruned = copy.deepcopy(model)
+    assert pruned.prune_intermediate_layers([0, 1]) == [0, 1]
+    names = {n.split(".")[0] for n, _ in pruned.named_parameters()}
+    assert names == {"paca_teacher", "patch_embed", "stage1", "norm1", "transition1", "stage2", "norm2"}
+    assert not hasattr(pruned.paca_teacher, "to_clusters3") and pruned.num_features == 192
+    with torch.no_grad():
+        for got, want in zip(pruned.forward_intermediates(x, indices=[0, 1], intermediates_only=True), expected):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(pruned.forward_features(x).permute(0, 3, 1, 2), expected[1])
+    # as features_only builds it: every remaining parameter is used (DDP needs that)
+    features = timm.create_model("pacavit_convmixer_tiny_100", features_only=True, out_indices=(0, 1))
+    assert not any(n.startswith(("model.stage3", "model.stage4")) for n, _ in features.named_parameters())
+    sum(f.sum() for f in features(x)).backward()
+    assert [n for n, p in features.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", ["pacavit_convmixer_tiny_100", TINY])
+def test_torchscript_and_fx_compute_the_eager_function(name):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected)
+        traced = create_feature_extractor(
+            model, ["head"], tracer_kwargs=dict(autowrap_functions=timm.models.get_notrace_functions())
+        )
+        torch.testing.assert_close(traced(x)["head"], expected)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = timm.create_model("pacavit_convmixer_tiny_100", num_classes=4).eval()
@@ -72,7 +130,7 @@ def test_capture_maps_keeps_the_math_and_returns_assignments():
     torch.testing.assert_close(first["assignments"].flatten(2), logits.softmax(dim=-1))
     torch.testing.assert_close(first["assignments"].sum(dim=(2, 3)), torch.ones(1, 100, dtype=x.dtype))
     assert maps[-1]["assignments"] is None and maps[-1]["attention"].shape == (1, 16, 4, 4)
-    assert all(blk.attn.capture is None for blk in model.stage1)
+    assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone after the with
 
 
 def test_flops_and_params_match_the_seed_table():

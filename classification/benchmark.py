@@ -29,7 +29,7 @@ import torch
 import timm
 
 import cls_common
-from models import fused_kernels
+from models import fuse_for_cpu_inference
 from models.flops import count_flops, count_params
 from models.paca_vit import create_downstream
 from plots import plot_efficiency, plot_latency_vs_pixels
@@ -65,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-modes", choices=("eager", "compiled", "both"), default=None,
                    help="'both' measures every model eager and compiled in the same run (default: per --compile)")
     p.add_argument("--fused-kernels", choices=("on", "off", "both"), default="on",
-                   help="PaCa's oneDNN fused CPU inference kernels (models/layers/fused.py); 'both' also measures "
-                        "each PaCa model with the plain PyTorch ops, in the same run")
+                   help="models.fuse_for_cpu_inference, PaCa's oneDNN fused CPU inference layers "
+                        "(models/layers/fused.py); 'both' also measures each PaCa model without it, in the same run")
     p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
@@ -146,7 +146,7 @@ class ClassifierBench:
                     "params_M": round(count_params(model) / 1e6, 3),
                     "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
         self.label = name + (" (compiled)" if compiled else "") + ("" if fused else " (plain ops)")
-        self.model, memory_format = prepare(model, args, device, compiled)
+        self.model, memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device, compiled)
         self.args, self.device = args, device
         self.autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
         shape = (args.batch_size, 3, args.img_size, args.img_size)
@@ -158,7 +158,7 @@ class ClassifierBench:
             "cuda", enabled=args.amp and args.amp_dtype == "float16" and device.type == "cuda")
 
     def infer(self):
-        with torch.inference_mode(), self.autocast(), fused_kernels(self.fused):
+        with torch.inference_mode(), self.autocast():
             self.model(self.images)
 
     def train_step(self):
@@ -213,12 +213,13 @@ def latency_curve(name, sizes, args, device) -> list:
     """(img_size, ms per image) at batch 1 for each size."""
     points = []
     for size in sizes:
-        model, memory_format = prepare(create_backbone(name, size).eval(), args, device)
+        model = create_backbone(name, size).eval()
+        model, memory_format = prepare(fuse_for_cpu_inference(model) if args.fused_settings[0] else model, args, device)
         image = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
         autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
 
         def infer():
-            with torch.inference_mode(), autocast(), fused_kernels(args.fused_settings[0]):
+            with torch.inference_mode(), autocast():
                 model(image)
 
         ms = time_per_iteration(infer, device, args.warmup, args.iters) * 1e3

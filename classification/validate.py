@@ -19,6 +19,7 @@ from timm.utils import init_distributed_device, setup_default_logging
 
 import cls_common
 from cls_common import UsageError
+from models import fuse_for_cpu_inference
 from models.checkpoint import load_checkpoint
 
 _logger = logging.getLogger("pacavit")
@@ -74,7 +75,7 @@ def main(argv=None):
         _logger.setLevel(logging.WARNING)
     cls_common.check_model_name(args.model)
     num_classes = len(cls_common.class_map_for(args.data_dir, args.split))
-    model = build_model(args, num_classes)
+    model = fuse_for_cpu_inference(build_model(args, num_classes))  # oneDNN layers where this CPU has them
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

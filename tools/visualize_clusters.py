@@ -114,11 +114,9 @@ class Subject:
     title: str
     model: nn.Module  # everything that runs (moved to the device, put in eval mode)
     forward: Callable[[torch.Tensor], object]
-    backbone: nn.Module  # holds the PaCa blocks (capture_maps)
     mean: torch.Tensor  # (3, 1, 1), for RGB in [0, 1]
     std: torch.Tensor
     random_weights: bool
-    head: Optional[nn.Module] = None  # a PaCa segmentation head (``capture`` list attribute)
     class_names: Optional[List[str]] = None
 
 
@@ -143,7 +141,6 @@ def classifier_subject(model: nn.Module, title: str, random_weights: bool) -> Su
         title=title,
         model=model,
         forward=model,
-        backbone=model,
         mean=torch.tensor(cfg["mean"]).view(3, 1, 1),
         std=torch.tensor(cfg["std"]).view(3, 1, 1),
         random_weights=random_weights,
@@ -171,7 +168,7 @@ def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
 def segmentor_subject(segmentor: nn.Module, title: str, class_names: List[str], random_weights: bool) -> Subject:
     """Explain an mmseg encoder-decoder with the PaCa head, normalising inputs as its data preprocessor."""
     head = segmentor.decode_head
-    if not hasattr(head, "capture"):
+    if getattr(type(head), "cluster_logits_layer", None) is None:  # what capture_maps records
         raise ValueError(f"the decode head {type(head).__name__} has no clusters to draw; use the PaCa head")
     if len(class_names) != head.num_classes:
         raise ValueError(f"{len(class_names)} class names for a head with {head.num_classes} classes")
@@ -182,11 +179,9 @@ def segmentor_subject(segmentor: nn.Module, title: str, class_names: List[str], 
         title=title,
         model=segmentor,
         forward=lambda x: head(segmentor.extract_feat(x)),
-        backbone=segmentor.backbone,
         mean=preprocessor.mean.view(3, 1, 1) / 255.0,
         std=preprocessor.std.view(3, 1, 1) / 255.0,
         random_weights=random_weights,
-        head=head,
         class_names=class_names,
     )
 
@@ -207,18 +202,11 @@ class ClusterView:
 
 
 def run_captured(subject: Subject, x: torch.Tensor) -> Tuple[List[dict], List[dict]]:
-    """One forward pass; returns the backbone's ``capture_maps`` records and the head's records."""
+    """One forward pass; returns the ``capture_maps`` records of the PaCa blocks and of the PaCa head."""
     subject.model.eval()
-    head_maps: List[dict] = []
-    if subject.head is not None:
-        subject.head.capture = head_maps
-    try:
-        with torch.no_grad(), capture_maps(subject.backbone) as maps:
-            subject.forward(x)
-    finally:
-        if subject.head is not None:
-            subject.head.capture = None
-    return maps, head_maps
+    with torch.no_grad(), capture_maps(subject.model) as records:
+        subject.forward(x)
+    return [r for r in records if "head" not in r], [r for r in records if "head" in r]
 
 
 def cluster_views(maps: List[dict], head_maps: List[dict], class_names=None) -> List[ClusterView]:

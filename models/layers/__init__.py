@@ -1,7 +1,7 @@
 from .attention import PaCaAttention
 from .clustering import CLUSTERING_LAYERS, ConvClustering, LinearClustering, MlpClustering
 from .downsample import ConvDownsample
-from .fused import conv_act, fused_kernels, linear_act
+from .fused import cpu_fusion_support, fuse_for_cpu_inference
 from .layout import nchw_to_tokens, tokens_to_nchw
 from .mlp import ConvMlp, DWConv
 from .teacher import ConvMixerTeacher

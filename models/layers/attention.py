@@ -1,11 +1,9 @@
 """Patch-to-cluster attention: queries from the N patches, keys and values from M clusters."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .fused import linear_act
 
 try:
     import xformers.ops as xops
@@ -19,6 +17,8 @@ class PaCaAttention(nn.Module):
     With ``num_clusters == 0`` the keys and values come from the patches themselves (ordinary
     patch-to-patch attention).  ``clustering`` (optional) computes this block's assignment logits;
     without it the block reuses the assignments handed in by an earlier block or the teacher.
+    The attention weights are softmax(q k^T / sqrt(head_dim)) of the outputs of ``q`` and ``k``,
+    which is how ``models.capture_maps`` records them (hooks on those layers).
     """
 
     def __init__(
@@ -37,69 +37,54 @@ class PaCaAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if use_xformers and xops is None:
             raise ImportError("use_xformers=True needs the xformers package (./install.sh --with-xformers)")
+        if clustering is not None and num_clusters == 0:
+            raise ValueError("a clustering module needs num_clusters > 0")
         self.num_heads = num_heads
         self.num_clusters = num_clusters
         self.use_xformers = use_xformers
-        if num_clusters > 0:
-            self.cluster_norm = norm_layer(dim)
-            if clustering is not None:
-                self.clustering = clustering
+        self.cluster_norm = norm_layer(dim) if num_clusters > 0 else None
+        self.clustering = clustering
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Set by ``models.capture_maps``: a list that receives this block's maps on each forward.
-        self.capture: Optional[list] = None
 
     @property
     def computes_assignments(self) -> bool:
-        return hasattr(self, "clustering")
+        return self.clustering is not None
 
-    def forward(self, x: torch.Tensor, hw, assignments: Optional[torch.Tensor] = None):
+    def forward(
+        self, x: torch.Tensor, hw: Tuple[int, int], assignments: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, C) normalised tokens; assignments: (B, M, N) softmax over N, or None.
 
         Returns the attention output (B, N, C) and the assignments to hand to the next block.
         """
-        if self.num_clusters > 0:
-            if self.computes_assignments:
-                assignments = self.clustering(x, hw).softmax(dim=-1)
-            elif assignments is None:
+        if self.clustering is not None:
+            assignments = self.clustering(x, hw).softmax(dim=-1)
+        context = x
+        if self.cluster_norm is not None:
+            if assignments is None:
                 raise RuntimeError("a block without a clustering module needs assignments from an earlier block")
             context = self.cluster_norm(torch.bmm(assignments, x))
-        else:
-            context = x
         B, N, C = x.shape
         M = context.shape[1]
         heads = self.num_heads
-        q = linear_act(x, self.q.weight, self.q.bias).view(B, N, heads, C // heads)
-        k = linear_act(context, self.k.weight, self.k.bias).view(B, M, heads, C // heads)
-        v = linear_act(context, self.v.weight, self.v.bias).view(B, M, heads, C // heads)
+        q = self.q(x).view(B, N, heads, C // heads)
+        k = self.k(context).view(B, M, heads, C // heads)
+        v = self.v(context).view(B, M, heads, C // heads)
         dropout_p = self.attn_drop if self.training else 0.0
-
-        if self.capture is not None:
-            out = self._explicit_attention(q, k, v, dropout_p, assignments, hw)
-        elif self.use_xformers and x.is_cuda:
-            out = xops.memory_efficient_attention(q, k, v, p=dropout_p)
+        if self.use_xformers and x.is_cuda:
+            out = self._xformers_attention(q, k, v, dropout_p)
         else:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p
             ).transpose(1, 2)
-        out = self.proj_drop(linear_act(out.reshape(B, N, C), self.proj.weight, self.proj.bias))
+        out = self.proj_drop(self.proj(out.reshape(B, N, C)))
         return out, assignments
 
-    def _explicit_attention(self, q, k, v, dropout_p, assignments, hw):
-        """The same math as the fused kernels, keeping the attention weights for inspection."""
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        weights = weights.softmax(dim=-1)
-        self.capture.append(
-            {
-                "assignments": None if assignments is None else assignments.detach().unflatten(-1, tuple(hw)),
-                "attention": weights.detach(),
-                "hw": tuple(hw),
-            }
-        )
-        weights = F.dropout(weights, dropout_p, self.training)
-        return (weights @ v).transpose(1, 2)
+    @torch.jit.unused
+    def _xformers_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        return xops.memory_efficient_attention(q, k, v, p=dropout_p)

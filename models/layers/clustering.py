@@ -2,20 +2,13 @@
 
 Every module takes tokens ``x`` of shape (B, N, C) with their spatial size ``hw`` and returns
 logits of shape (B, M, N); the softmax over the N patches (last dim) is taken by the caller.
-The last projection is computed as ``W @ x^T`` so that the logits come out cluster-major and
-contiguous (a softmax over a non-last dim, or a transposing copy, costs more than the GEMM).
 """
+from typing import Tuple
+
 import torch
 from torch import nn
 
-from .fused import conv_act, linear_act
-from .layout import nchw_to_tokens, tokens_to_nchw
-
-
-def project_to_clusters(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """Cluster-major ``linear``: (B, N, C) tokens and (M, C[,1,1]) weights -> (B, M, N) logits."""
-    logits = torch.matmul(weight.flatten(1), x.transpose(1, 2))
-    return logits if bias is None else logits + bias.unsqueeze(-1)
+from .layout import tokens_to_nchw
 
 
 class ConvClustering(nn.Module):
@@ -31,13 +24,8 @@ class ConvClustering(nn.Module):
             nn.Conv2d(dim, num_clusters, 1, bias=False),
         )
 
-    def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        depthwise, act1, pointwise, act2, to_clusters = self.clustering
-        x = conv_act(tokens_to_nchw(x, hw), depthwise.weight, depthwise.bias, depthwise.padding, x.shape[-1], act1)
-        # The 1x1 convs are applied as linear layers on the (B, N, C) tokens: same weights and
-        # math, but no NCHW round trip and a faster GEMM than a 1x1 convolution.
-        x = linear_act(nchw_to_tokens(x), pointwise.weight.flatten(1), pointwise.bias, act2)
-        return project_to_clusters(x, to_clusters.weight)
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        return self.clustering(tokens_to_nchw(x, hw)).flatten(2)
 
 
 class MlpClustering(nn.Module):
@@ -48,9 +36,8 @@ class MlpClustering(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.clustering = nn.Sequential(nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, num_clusters))
 
-    def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        hidden, act, to_clusters = self.clustering
-        return project_to_clusters(linear_act(x, hidden.weight, hidden.bias, act), to_clusters.weight, to_clusters.bias)
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        return self.clustering(x).transpose(1, 2)
 
 
 class LinearClustering(nn.Module):
@@ -60,8 +47,8 @@ class LinearClustering(nn.Module):
         super().__init__()
         self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
 
-    def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
-        return project_to_clusters(x, self.clustering[0].weight)
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        return self.clustering(x).transpose(1, 2)
 
 
 CLUSTERING_LAYERS = {"conv": ConvClustering, "mlp": MlpClustering, "linear": LinearClustering}

@@ -3,10 +3,12 @@
 Tokens are kept contiguous as (B, H*W, C), i.e. NHWC.  Viewing them as NCHW gives a
 channels_last tensor, which convolutions consume and produce without a layout copy.
 """
+from typing import Tuple
+
 import torch
 
 
-def tokens_to_nchw(x: torch.Tensor, hw) -> torch.Tensor:
+def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     B, _, C = x.shape
     return x.view(B, hw[0], hw[1], C).permute(0, 3, 1, 2)
 

@@ -82,19 +82,26 @@ class ConvMixerTeacher(nn.Module):
         Returns per-stage assignment logits (B, M, N) (None for a stage without clusters) and the
         bottom-up stage features (B, C, H, W).
         """
-        bottom_up = []
-        for i in range(self.num_stages):
-            x = getattr(self, f"block{i + 1}")(x)
-            bottom_up.append(x)
-            if i + 1 < self.num_stages:
-                x = getattr(self, f"transition{i + 1}")(x)
+        # The children keep the official names (block1, transition1, ...), so they are found by
+        # name; a loop over named_children() also compiles with TorchScript, unlike getattr(f"...").
+        bottom_up: List[torch.Tensor] = []
+        for name, bottom_layer in self.named_children():
+            if name.startswith("block"):
+                x = bottom_layer(x)
+                bottom_up.append(x)
+            elif name.startswith("transition"):
+                x = bottom_layer(x)
         merged = [bottom_up[-1]]
-        for i in range(self.num_stages - 2, -1, -1):
-            top = F.interpolate(merged[0], size=bottom_up[i].shape[-2:], mode="bilinear", align_corners=False)
-            top = getattr(self, f"lateral{i + 1}")(top)
-            merged.insert(0, getattr(self, f"fpn{i + 1}")(bottom_up[i] + top))
-        logits = []
-        for i, feat in enumerate(merged):
-            head = getattr(self, f"to_clusters{i + 1}", None)
-            logits.append(None if head is None else head(feat).flatten(2))
+        for level in range(len(bottom_up) - 2, -1, -1):
+            top = F.interpolate(merged[0], size=bottom_up[level].shape[-2:], mode="bilinear", align_corners=False)
+            for name, top_down_layer in self.named_children():  # lateral{i} is registered before fpn{i}
+                if name == f"lateral{level + 1}":
+                    top = top_down_layer(top)
+                elif name == f"fpn{level + 1}":
+                    merged.insert(0, top_down_layer(bottom_up[level] + top))
+        logits: List[Optional[torch.Tensor]] = [None for _ in merged]
+        for name, head in self.named_children():
+            if name.startswith("to_clusters"):
+                level = int(name[len("to_clusters"):]) - 1
+                logits[level] = head(merged[level]).flatten(2)
         return logits, bottom_up

@@ -10,7 +10,7 @@ the number of classes each cluster has a known meaning.
 
 Parameter names follow the official implementation, so its released ADE20K checkpoints load.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 from mmcv.cnn import ConvModule, build_activation_layer, build_norm_layer
@@ -43,9 +43,11 @@ class PaCaSegHead(BaseDecodeHead):
         aux_loss_decode: loss of the cluster-assignment logits against the labels.
         Other arguments as ``BaseDecodeHead``; the number of clusters is ``num_classes``.
 
-    Set ``capture`` to a list to record, on each forward, ``dict(assignments=(B, M, H, W)
-    softmax over the pixels, hw=(H, W))`` (used by the cluster-map tools).
+    ``models.capture_maps`` records its cluster assignments (the softmax over the pixels of the
+    ``clustering`` output, as computed below).
     """
+
+    cluster_logits_layer = "clustering"  # the (B, M, H, W) assignment logits, for capture_maps
 
     def __init__(
         self,
@@ -65,7 +67,6 @@ class PaCaSegHead(BaseDecodeHead):
         self.v = self._cluster_projection(fused)
         self.proj = ConvModule(self.channels, self.channels, 1, **conv)
         self.aux_loss_decode = MODELS.build(aux_loss_decode)
-        self.capture: Optional[list] = None
 
     def _cluster_projection(self, in_features: int) -> nn.Sequential:
         """Linear -> norm -> activation over the cluster tokens; returns (B, channels, M)."""
@@ -90,8 +91,6 @@ class PaCaSegHead(BaseDecodeHead):
         )
         cluster_logits = self.clustering(fused)  # B M H W
         assignments = cluster_logits.flatten(2).softmax(dim=-1)  # B M N, softmax over the pixels
-        if self.capture is not None:
-            self.capture.append(dict(assignments=assignments.detach().unflatten(-1, tuple(size)), hw=tuple(size)))
         clusters = assignments @ fused.flatten(2).transpose(1, 2)  # B M C
         keys, values = self.k(clusters), self.v(clusters)  # B channels M
         queries = self.q(fused).flatten(2).transpose(1, 2)  # B N channels

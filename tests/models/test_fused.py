@@ -1,92 +1,217 @@
-"""The oneDNN fused CPU kernels compute what the plain PyTorch ops compute, and only where they may."""
+"""models.fuse_for_cpu_inference: the fused modules compute what the plain layers compute, run the
+oneDNN kernels only where this CPU and the dtype allow, and keep the model an ordinary module."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import timm
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from models import fused_kernels
-from models.layers import conv_act, linear_act
+import models
+from models.layers import fused
+from models.layers.fused import (
+    ChannelMajorConv2d,
+    ChannelMajorLinear,
+    FusedConv2d,
+    FusedLinear,
+    FusedPointwiseConv2d,
+    cpu_fusion_support,
+)
+
+from tests.conftest import REPO
+
+FAMILIES = [
+    "pacavit_tiny_p2cconv_100_0",
+    "pacavit_small_p2cmlp_100_0",
+    "pacavit_small_p2clinear_100_0",
+    "pacavit_convmixer_tiny_100",
+]
+SMALL = dict(depths=(1, 1, 2, 1))  # every code path of the zoo rows, fewer blocks
+BOTH_DTYPES = frozenset({torch.float32, torch.bfloat16})
 
 
-
-def fused_ops_run(fn) -> set:
+def onednn_ops(fn) -> set:
+    """The mkldnn fused ops that ``fn()`` runs."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::")}
 
 
-def plain_linear_act(x, weight, bias, act):
-    y = torch.nn.functional.linear(x, weight, bias)
-    return y if act is None else act(y)
+@pytest.fixture
+def probe(monkeypatch):
+    """Force ``cpu_fusion_support()``'s answer: probe(frozenset(...))."""
+    return lambda dtypes: monkeypatch.setattr(fused, "cpu_fusion_support", lambda: frozenset(dtypes))
 
 
+def create_pair(name: str, **overrides):
+    """(plain, fused) copies of one model with the same weights."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, **{**SMALL, **overrides}).eval()
+    fused_model = timm.create_model(name, **{**SMALL, **overrides}).eval()
+    fused_model.load_state_dict(plain.state_dict())
+    return plain, models.fuse_for_cpu_inference(fused_model)
+
+
+# -- the fused modules, one at a time -------------------------------------------------------------
 @pytest.mark.parametrize("act", [None, nn.GELU(), nn.GELU(approximate="tanh")])
-def test_linear_act_matches_plain_ops(act):
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_matches_linear_and_act(probe, act, bias):
+    probe(BOTH_DTYPES)
     torch.manual_seed(0)
-    x, weight, bias = torch.randn(2, 37, 24), torch.randn(40, 24), torch.randn(40)
-    plain = plain_linear_act(x, weight, bias, act)
+    linear, x = nn.Linear(24, 40, bias=bias), torch.randn(2, 37, 24)
+    layer = FusedLinear(linear, act)
     with torch.no_grad():
-        assert fused_ops_run(lambda: linear_act(x, weight, bias, act)) == {"mkldnn::_linear_pointwise"}
-        torch.testing.assert_close(linear_act(x, weight, bias, act), plain, rtol=1e-5, atol=1e-5)
-        no_bias = linear_act(x, weight, None, act)
-        torch.testing.assert_close(no_bias, plain_linear_act(x, weight, None, act), rtol=1e-5, atol=1e-5)
+        expected = (act or nn.Identity())(linear(x))
+        assert onednn_ops(lambda: layer(x)) == {"mkldnn::_linear_pointwise"}
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_size", [3, 7])
-def test_conv_act_matches_plain_ops_and_keeps_channels_last(kernel_size):
+@pytest.mark.parametrize("kernel_size, residual", [(3, True), (7, False)])
+def test_fused_conv_matches_conv_act_and_keeps_channels_last(probe, kernel_size, residual):
+    probe(BOTH_DTYPES)
     torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, kernel_size, padding=kernel_size // 2, groups=16)
     x = torch.randn(2, 16, 11, 9).contiguous(memory_format=torch.channels_last)
-    weight, bias, pad = torch.randn(16, 1, kernel_size, kernel_size), torch.randn(16), kernel_size // 2
-    plain = nn.functional.gelu(nn.functional.conv2d(x, weight, bias, padding=pad, groups=16))
+    layer = FusedConv2d(conv, nn.GELU(), residual=residual)
     with torch.no_grad():
-        fused_conv = lambda: conv_act(x, weight, bias, (pad, pad), 16, nn.GELU())  # noqa: E731
-        assert fused_ops_run(fused_conv) == {"mkldnn::_convolution_pointwise"}
-        fused = fused_conv()
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    assert fused.is_contiguous(memory_format=torch.channels_last)
+        expected = nn.functional.gelu(conv(x) + x if residual else conv(x))
+        assert onednn_ops(lambda: layer(x)) == {"mkldnn::_convolution_pointwise"}
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_unfusable_activation_falls_back():
-    x, weight = torch.randn(3, 8), torch.randn(5, 8)
-    with torch.no_grad():
-        assert fused_ops_run(lambda: linear_act(x, weight, None, nn.ReLU())) == set()
-    torch.testing.assert_close(linear_act(x, weight, None, nn.ReLU()), torch.relu(x @ weight.T))
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["pacavit_tiny_p2cconv_100_0", "pacavit_small_p2cmlp_100_0", "pacavit_small_p2clinear_100_0", "pacavit_convmixer_tiny_100"],
-)
-def test_model_outputs_agree_with_plain_path(name):
+def test_pointwise_conv_runs_as_a_fused_gemm_over_the_pixels(probe):
+    probe(BOTH_DTYPES)
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+    conv, x = nn.Conv2d(16, 24, 1), torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    layer = FusedPointwiseConv2d(conv, nn.GELU())
+    with torch.no_grad():
+        assert onednn_ops(lambda: layer(x)) == {"mkldnn::_linear_pointwise"}
+        torch.testing.assert_close(layer(x), nn.functional.gelu(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_major_projections_return_contiguous_cluster_logits():
+    torch.manual_seed(0)
+    linear, tokens = nn.Linear(16, 5), torch.randn(2, 12, 16)
+    out = ChannelMajorLinear(linear)(tokens)
+    torch.testing.assert_close(out, linear(tokens))
+    assert out.transpose(1, 2).is_contiguous()
+    conv, image = nn.Conv2d(16, 5, 1, bias=False), torch.randn(2, 16, 3, 4).contiguous(memory_format=torch.channels_last)
+    out = ChannelMajorConv2d(conv)(image)
+    torch.testing.assert_close(out, conv(image))
+    assert out.is_contiguous()
+
+
+def test_only_gelu_is_fused():
+    with pytest.raises(ValueError, match="GELU"):
+        FusedLinear(nn.Linear(4, 4), nn.ReLU())
+
+
+# -- whole models --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_model_agrees_with_plain_and_runs_the_kernels(probe, name):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair(name)
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
-        assert "mkldnn::_linear_pointwise" in fused_ops_run(lambda: model(x))
-        fused = model(x)
-        with fused_kernels(False):
-            assert fused_ops_run(lambda: model(x)) == set()
-            plain = model(x)
-    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+        assert onednn_ops(lambda: plain(x)) == set()  # the plain model never calls them
+        assert onednn_ops(lambda: fused_model(x)) == {"mkldnn::_linear_pointwise", "mkldnn::_convolution_pointwise"}
+        torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert list(fused_model.state_dict()) == list(plain.state_dict())
 
 
-def test_training_and_float64_use_plain_ops():
+def test_the_transform_keeps_parameters_and_hooks():
     torch.manual_seed(0)
-    model = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=3)
-    x = torch.randn(1, 3, 32, 32)
-    assert fused_ops_run(lambda: model(x).sum().backward()) == set()
-    assert all(p.grad is not None for p in model.parameters())
+    model = timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval()
+    before = dict(model.named_parameters())
+    assert models.fuse_for_cpu_inference(model) is model
+    assert all(p is before[name] for name, p in model.named_parameters())  # the same tensors, same names
+    kinds = {type(m) for m in model.modules()}
+    assert nn.Linear in kinds  # outside the PaCa blocks (the classifier) the layers stay plain
+    assert {FusedLinear, FusedConv2d, FusedPointwiseConv2d, ChannelMajorConv2d} <= kinds
+    calls = []
+    fused_layers = [m for m in model.modules() if type(m) in (FusedLinear, FusedConv2d, FusedPointwiseConv2d)]
+    for layer in fused_layers:
+        layer.register_forward_hook(lambda mod, args, out: calls.append(mod))
     with torch.no_grad():
-        assert fused_ops_run(lambda: model.double()(x.double())) == set()
+        model(torch.randn(1, 3, 32, 32))
+    assert len(calls) == len(fused_layers)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert list(models.fuse_for_cpu_inference(model).state_dict()) == list(state)  # applied twice: no change
 
 
-def test_bfloat16_inference_agrees():
-    torch.manual_seed(0)
-    model = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=10).eval().to(torch.bfloat16)
+def test_forced_probe_without_support_runs_plain_ops(probe):
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(1, 3, 32, 32)
+    probe(set())
+    with torch.inference_mode():
+        assert onednn_ops(lambda: fused_model(x)) == set()
+        torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-5, atol=1e-5)
+    untouched = timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL)
+    assert models.fuse_for_cpu_inference(untouched) is untouched
+    assert not any(type(m) is FusedLinear for m in untouched.modules())  # nothing to gain: no swap
+
+
+def test_forced_probe_without_bfloat16_keeps_bfloat16_on_plain_ops(probe):
+    probe({torch.float32})
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert onednn_ops(lambda: fused_model(x)) == {"mkldnn::_linear_pointwise", "mkldnn::_convolution_pointwise"}
+        fused_model, plain = fused_model.to(torch.bfloat16), plain.to(torch.bfloat16)
+        assert onednn_ops(lambda: fused_model(x.bfloat16())) == set()
+        torch.testing.assert_close(fused_model(x.bfloat16()), plain(x.bfloat16()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bfloat16_inference_agrees(name):
+    """On this CPU's real probe: the kernels where it supports bfloat16, the plain ops elsewhere."""
+    plain, fused_model = create_pair(name)
+    plain, fused_model = plain.to(torch.bfloat16), fused_model.to(torch.bfloat16)
     x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
-        fused = model(x)
-        with fused_kernels(False):
-            plain = model(x)
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.05, atol=0.05)
+        ran = onednn_ops(lambda: fused_model(x))
+        assert bool(ran) == (torch.bfloat16 in cpu_fusion_support())
+        torch.testing.assert_close(fused_model(x).float(), plain(x).float(), rtol=0.05, atol=0.05)
+
+
+def test_training_float64_and_tracing_use_plain_ops(probe):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0", num_classes=3)
+    fused_model.train()
+    x = torch.randn(1, 3, 32, 32)
+    assert onednn_ops(lambda: fused_model(x).sum().backward()) == set()
+    assert all(p.grad is not None for p in fused_model.parameters())
+    fused_model.eval()
+    with torch.no_grad():
+        assert onednn_ops(lambda: fused_model.double()(x.double())) == set()
+        fused_model.float()
+        traced = torch.jit.trace(fused_model, x)
+        assert onednn_ops(lambda: traced(x)) == set()
+        torch.testing.assert_close(traced(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+AVX2_SCRIPT = textwrap.dedent("""
+    import timm, torch, models
+    from models.layers.fused import cpu_fusion_support
+    assert torch.bfloat16 not in cpu_fusion_support(), cpu_fusion_support()
+    model = timm.create_model("pacavit_tiny_p2cconv_100_0", depths=(1, 1, 1, 1), num_classes=10).eval()
+    model = models.fuse_for_cpu_inference(model).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    print("ok")
+""")
+
+
+def test_bfloat16_inference_on_an_emulated_avx2_cpu():
+    """oneDNN and ATen limited to AVX2 (as on AMD Zen 3): bfloat16 falls back instead of crashing."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", AVX2_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

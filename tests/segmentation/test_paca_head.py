@@ -6,6 +6,7 @@ import torch
 from mmseg.registry import MODELS
 
 import mmseg_custom  # noqa: F401  (registers the head and the segmentor)
+from models import capture_maps
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,10 @@ def test_train_forward_matches_golden(manifest, golden_weights, golden_outputs):
 
 def test_capture_records_assignments_without_changing_the_output(manifest, golden_weights, golden_outputs):
     head = build_head(manifest, golden_weights).eval()
-    head.capture = []
-    with torch.no_grad():
+    with torch.no_grad(), capture_maps(head) as records:
         seg_logits = head(golden_inputs(manifest, golden_weights))
     torch.testing.assert_close(seg_logits.float(), golden_outputs["outputs"][0], rtol=1e-5, atol=1e-5)
-    (record,) = head.capture
+    (record,) = records
     height, width = manifest["output_shapes"][0][2:]
     assert record["hw"] == (height, width)
     assert record["assignments"].shape == (1, manifest["config"]["num_classes"], height, width)

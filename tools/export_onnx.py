@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import timm  # noqa: E402
 
 import models  # noqa: E402
-from models.checkpoint import extract_state_dict, load_checkpoint_file  # noqa: E402
+from models.checkpoint import extract_state_dict  # noqa: E402
 
 DOWNSTREAM = "_downstream"
 # ONNX Runtime and PyTorch sum in different orders: float32 outputs differ by ~1e-6 in practice
@@ -39,27 +39,29 @@ RTOL, ATOL = 1e-3, 1e-4
 MIN_SIZE = 33
 
 
-def build_model(name: str, checkpoint: str = None) -> torch.nn.Module:
-    """The model ``name`` (a ``pacavit_*`` classifier or a ``*_downstream`` backbone) with ``checkpoint``
-    loaded: a path, a URL, or ``imagenet`` for the released ImageNet file."""
-    if name.endswith(DOWNSTREAM):
-        backbone = models.create_downstream(name, pretrained=checkpoint)
-        backbone.init_weights()  # the backbone's own loading policy, as in detection / segmentation
-        return backbone.eval()
-    if name not in models.VARIANTS:
+def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
+    """The model ``name`` (a ``pacavit_*`` classifier or a ``*_downstream`` backbone) in eval mode with
+    ``checkpoint`` loaded (a path, a URL, or ``imagenet`` for the released ImageNet file), and the
+    class names that the checkpoint stores (or None)."""
+    variant = name.removesuffix(DOWNSTREAM)
+    if variant not in models.VARIANTS:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(models.VARIANTS)} (or <name>{DOWNSTREAM})")
+    if name.endswith(DOWNSTREAM):
+        if use_ema:
+            raise SystemExit("--use-ema is for classifier checkpoints; a backbone loads as in detection/segmentation")
+        backbone = models.create_downstream(variant, pretrained=checkpoint)
+        backbone.init_weights()  # the backbone's own loading policy, as in detection / segmentation
+        return backbone.eval(), None
     if checkpoint == "imagenet":
-        return timm.create_model(name, pretrained=True).eval()
+        return timm.create_model(name, pretrained=True).eval(), None
     if checkpoint is None:
-        return timm.create_model(name).eval()
-    raw = load_checkpoint_file(checkpoint)
-    head = extract_state_dict(raw).get("head.weight")
-    # a fine-tuned classifier has its own class count: build the head to fit instead of re-initialising it
+        return timm.create_model(name).eval(), None
+    raw = models.read_checkpoint(checkpoint)
+    head = extract_state_dict(raw, use_ema).get("head.weight")
+    # a fine-tuned classifier has its own class count: the head is built to fit, and nothing is re-initialised
     model = timm.create_model(name, num_classes=0 if head is None else head.shape[0])
-    models.load_pretrained(model, checkpoint)
-    if isinstance(raw, dict) and raw.get("class_names"):
-        model.class_names = list(raw["class_names"])
-    return model.eval()
+    models.load_checkpoint(model, raw, use_ema=use_ema)
+    return model.eval(), raw.get("class_names")
 
 
 def output_names(model: torch.nn.Module) -> list:
@@ -115,22 +117,28 @@ def check_shapes(img_size: int):
     return [(1, 3, img_size, img_size), (3, 3, img_size + 32, img_size + 64)]
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL_NAME", help="a pacavit_* name, or <name>_downstream for the backbone")
     parser.add_argument("--checkpoint", metavar="PATH|URL", help="weights to export; 'imagenet' = the released file")
+    parser.add_argument("--use-ema", action="store_true", help="export the EMA weights of a training checkpoint")
     parser.add_argument("--out", type=Path, help="the ONNX file (default: work_dirs/onnx/MODEL_NAME.onnx)")
     parser.add_argument("--img-size", type=int, default=224, help="example input size for the export (default 224)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.img_size < MIN_SIZE:
         parser.error(f"--img-size must be at least {MIN_SIZE}: the last stage (stride 32) needs at least 2x2 tokens")
 
-    model = build_model(args.model, args.checkpoint)
+    model, class_names = build_model(args.model, args.checkpoint, args.use_ema)
     out = (args.out or REPO / "work_dirs" / "onnx" / f"{args.model}.onnx").resolve()
     metadata = {"model_name": args.model}
-    if getattr(model, "class_names", None):
-        metadata["class_names"] = json.dumps(model.class_names)
+    if class_names:
+        metadata["class_names"] = json.dumps(list(class_names))
     export(model, out, args.img_size, args.opset, metadata)
     shapes = check_shapes(args.img_size)
     difference = check(model, out, shapes)

@@ -39,8 +39,9 @@ def input_dims(path) -> list:
 
 @pytest.mark.slow
 def test_onnx_export_has_dynamic_batch_and_size_and_agrees_with_onnxruntime(tmp_path):
-    # the ConvMixer-teacher backbone: teacher, clustering and four outputs in one graph
-    backbone = models.create_downstream("pacavit_convmixer_tiny_100").eval()
+    # the ConvMixer-teacher backbone (one block per stage): teacher, clustering and four outputs in one graph
+    backbone = models.create_downstream("pacavit_convmixer_tiny_100", depths=(1, 1, 1, 1), teacher_depths=(1, 1, 1, 1))
+    backbone.eval()
     path = export_onnx.export(backbone, tmp_path / "backbone.onnx", img_size=64)
     assert input_dims(path) == ["batch", 3, "height", "width"]
 
@@ -99,6 +100,20 @@ def test_export_command_writes_a_checked_file_of_a_finetuned_checkpoint(tmp_path
     (logits,) = run_onnx(out, images)
     with torch.no_grad():
         np.testing.assert_allclose(logits, trained(images).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_export_loads_the_checkpoint_class_count_names_and_ema_weights(tmp_path):
+    name = "pacavit_tiny_p2cconv_100_0"
+    trained, ema = timm.create_model(name, num_classes=3), timm.create_model(name, num_classes=3)
+    checkpoint = tmp_path / "last.pth.tar"
+    torch.save(
+        {"state_dict": trained.state_dict(), "state_dict_ema": ema.state_dict(), "class_names": ["a", "b", "c"]},
+        checkpoint,
+    )
+    for use_ema, source in ((False, trained), (True, ema)):
+        model, class_names = export_onnx.build_model(name, str(checkpoint), use_ema=use_ema)
+        assert class_names == ["a", "b", "c"] and model.num_classes == 3 and not model.training
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_export_command_rejects_unknown_names_and_tiny_sizes(capsys):

@@ -1,0 +1,77 @@
+"""README "Use in your own code": its Python snippets run as written and do what the text says;
+its export commands name real options of tools/export_onnx.py."""
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import export_onnx  # noqa: E402
+
+SECTION = "## Use in your own code"
+
+
+def section_text() -> str:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index(SECTION)
+    end = readme.find("\n## ", start + len(SECTION))
+    return readme[start:end]
+
+
+def code_blocks(language: str) -> list:
+    return re.findall(rf"```{language}\n(.*?)```", section_text(), flags=re.DOTALL)
+
+
+@pytest.mark.slow
+def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the LoRA snippet saves a file into the working folder
+    namespace = {}
+    blocks = code_blocks("python")
+    assert len(blocks) == 4, "hooks, LoRA, quantisation, TorchScript/FX/export"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+
+    # hooks: the query projections of all 10 blocks fired, with the shape the comment gives
+    assert len(namespace["queries"]) == 10
+    assert namespace["queries"]["stage1.0.attn.q"] == torch.Size([1, 3136, 96])
+
+    # LoRA: the merged model is a plain PaCa-ViT whose saved weights load strictly into a new one
+    merged = namespace["model"]
+    fresh = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=10).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "pacavit_tiny_lora.pth", weights_only=True))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), merged(images))
+
+    # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one
+    int8_model = namespace["int8_model"]
+    assert not [name for name, m in int8_model.named_modules() if type(m) is nn.Linear]
+    with torch.no_grad():
+        reference, quantized = merged(images), int8_model(images)
+    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+
+    # TorchScript, FX and torch.export compute the model's function
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = merged(images)
+        torch.testing.assert_close(namespace["scripted"](images), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(namespace["graph_module"](images)["logits"], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(namespace["program"].module()(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_commands_use_real_options():
+    commands = [line.split("#")[0] for line in code_blocks("shell")[0].splitlines() if line.strip()]
+    assert commands
+    parser = export_onnx.build_parser()
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == ["python", "tools/export_onnx.py"]
+        args = parser.parse_args(words[2:])
+        assert args.model.removesuffix(export_onnx.DOWNSTREAM) in export_onnx.models.VARIANTS

@@ -19,7 +19,13 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+    resolve_pretrained_cfg,
+)
 from timm.models._features import feature_take_indices
 
 from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
@@ -513,23 +519,27 @@ default_cfgs = generate_default_cfgs({name: _cfg(name) for name in VARIANTS})
 
 def _create_pacavit(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    model = build_model_with_cfg(
-        PaCaViT,
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+
+    def build(**model_kwargs) -> PaCaViT:
+        # the weights load into the whole model, before timm's features_only wrapper prunes it
+        model = PaCaViT(**model_kwargs)
+        if pretrained:
+            source = cfg.get("file") or cfg.get("url")
+            if not source:
+                raise RuntimeError(f"{variant} has no released ImageNet checkpoint; pass a local file instead")
+            # like timm's pretrained loading: another num_classes / num_clusters re-initialises those
+            # layers, another in_chans adapts the stem conv
+            load_checkpoint(model, source, reinit=("head", "clustering"), first_conv=cfg.get("first_conv"))
+        return model
+
+    return build_model_with_cfg(
+        build,
         variant,
-        pretrained=False,  # loaded below by the project's loader (mirror URL, clear errors)
+        pretrained=False,  # loaded by ``build`` with the project's loader (mirror URL, clear errors)
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**VARIANTS[variant], **kwargs},
     )
-    if pretrained:
-        cfg = getattr(model, "pretrained_cfg", None) or model.model.pretrained_cfg
-        source = cfg.get("file") or cfg.get("url")
-        if not source:
-            raise RuntimeError(f"{variant} has no released ImageNet checkpoint; pass a local file instead")
-        # like timm's pretrained loading: another num_classes / num_clusters re-initialises those
-        # layers, another in_chans adapts the stem conv
-        target = getattr(model, "model", model)  # features_only wraps the model
-        load_checkpoint(target, source, reinit=("head", "clustering"), first_conv=cfg.get("first_conv"))
-    return model
 
 
 def create_downstream(variant: str, **kwargs) -> PaCaViTDownstream:

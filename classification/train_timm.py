@@ -405,6 +405,7 @@ def resume(args, model, optimizer, scaler, model_ema, class_names):
 
 
 def restore_rng_states(args, states) -> None:
+    """Put this process's random generators back where they were when the checkpoint was saved."""
     if states is not None and len(states) == args.world_size:
         set_rng_state(states[args.rank])
         return

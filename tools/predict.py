@@ -26,7 +26,8 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-import predict_tasks as tasks  # noqa: E402
+import predict_tasks as tasks  # noqa: E402  (puts the repository and classification/ on sys.path)
+from cls_common import UsageError  # noqa: E402
 from models import CheckpointError  # noqa: E402
 from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, output_folders  # noqa: E402
 
@@ -97,6 +98,16 @@ def build_predictor(args: argparse.Namespace):
     return tasks.Segmenter(args.config, args.checkpoint, args.device, args.clusters, args.cfg_options)
 
 
+def write_result(out: Path, picture: tasks.Picture, result: tasks.Result) -> dict:
+    """Save the pictures of one image; returns its ``predictions.json`` entry."""
+    written = []
+    for suffix, image in result.pictures.items():
+        image.save(out / f"{picture.stem}{suffix}.png")
+        written.append(f"{picture.stem}{suffix}.png")
+    height, width = picture.rgb.shape[:2]
+    return dict(image=picture.source, width=width, height=height, outputs=written, **result.entry)
+
+
 def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tuple[List[dict], List[str]]:
     """Predict every image in batches, writing its PNGs; returns the JSON entries and the skipped images."""
     stems = [folder.name for folder in output_folders(sources, out)]
@@ -112,15 +123,11 @@ def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tu
                     entries.append(dict(image=source, error=f"cannot read it as an image ({e})"))
                     skipped.append(source)
                     bar.update(1)
-            for group in predictor.batches(pictures) if pictures else []:
+            if not pictures:
+                continue
+            for group in predictor.batches(pictures):
                 for picture, result in zip(group, predictor.predict(group)):
-                    written = []
-                    for suffix, image in result.pictures.items():
-                        image.save(out / f"{picture.stem}{suffix}.png")
-                        written.append(f"{picture.stem}{suffix}.png")
-                    height, width = picture.rgb.shape[:2]
-                    entries.append(dict(image=picture.source, width=width, height=height, outputs=written,
-                                        **result.entry))
+                    entries.append(write_result(out, picture, result))
                     bar.update(1)
     order = {source: i for i, source in enumerate(sources)}
     entries.sort(key=lambda e: order[e["image"]])  # same-size batches (segmentation) may reorder
@@ -180,7 +187,7 @@ def main(argv=None) -> int:
     try:
         sources = find_images(args.inputs, args.out)
         predictor = build_predictor(args)
-    except (CheckpointError, FileNotFoundError, ValueError, tasks.cls_common.UsageError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, UsageError) as e:
         _logger.error("error: %s", e)
         return 2
     if predictor.random_weights:

@@ -23,7 +23,7 @@ export PACAVIT_DATASETS="$WORK/datasets" PACAVIT_WORK_DIRS="$WORK/work_dirs" OMP
 DET_CONFIG=configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py
 "$PY" detection/make_tiny_coco.py --out "$WORK/datasets/coco_tiny"
 (cd detection && "$PY" train_mmdet.py "$DET_CONFIG" --work-dir "$WORK/detection" \
-    --cfg-options val_cfg=None val_dataloader=None val_evaluator=None)
+    --cfg-options randomness.seed=0 val_cfg=None val_dataloader=None val_evaluator=None)
 "$PY" tools/predict.py detect sklearn:flower.jpg --config "detection/$DET_CONFIG" \
     --checkpoint "$WORK/detection/epoch_2.pth" --score-thr 0.02 --out "$WORK/detect"
 
@@ -31,7 +31,7 @@ DET_CONFIG=configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py
 SEG_CONFIG=segmentation/configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py
 "$PY" segmentation/make_tiny_ade.py --out "$WORK/datasets/ADEChallengeData2016"
 "$PY" segmentation/train_mmseg.py "$SEG_CONFIG" --work-dir "$WORK/segmentation" --cfg-options \
-    model.backbone.init_cfg=None "model.data_preprocessor.size=(64,64)" \
+    randomness.seed=0 model.backbone.init_cfg=None "model.data_preprocessor.size=(64,64)" \
     "train_dataloader.dataset.pipeline.2.scale=(128,96)" "train_dataloader.dataset.pipeline.3.crop_size=(64,64)" \
     train_dataloader.num_workers=0 train_dataloader.persistent_workers=False \
     train_cfg.max_iters=20 default_hooks.checkpoint.interval=20 val_cfg=None val_dataloader=None val_evaluator=None

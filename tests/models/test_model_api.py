@@ -82,6 +82,18 @@ def test_pruned_features_keep_only_the_stages_they_use():
     assert [n for n, p in features.named_parameters() if p.grad is None] == []
 
 
+def test_pretrained_features_load_before_pruning(tmp_path):
+    checkpoint = tmp_path / "weights.pth"
+    state_dict = timm.create_model(TINY).state_dict()
+    state_dict["norm2.weight"] = torch.rand(192)  # not the init value, so the check below means something
+    torch.save(state_dict, checkpoint)
+    features = timm.create_model(
+        TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)), features_only=True, out_indices=(0, 1)
+    )
+    assert features.feature_info.channels() == [96, 192] and not hasattr(features.model, "stage3")
+    torch.testing.assert_close(features.model.norm2.weight, torch.load(checkpoint)["norm2.weight"])
+
+
 @pytest.mark.parametrize("name", ["pacavit_convmixer_tiny_100", TINY])
 def test_torchscript_and_fx_compute_the_eager_function(name):
     from torchvision.models.feature_extraction import create_feature_extractor

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import export_onnx  # noqa: E402
+import models  # noqa: E402
 
 SECTION = "## Use in your own code"
 
@@ -34,7 +35,7 @@ def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the LoRA snippet saves a file into the working folder
     namespace = {}
     blocks = code_blocks("python")
-    assert len(blocks) == 4, "hooks, LoRA, quantisation, TorchScript/FX/export"
+    assert len(blocks) == 5, "hooks, LoRA, quantisation, TorchScript/FX/export, fused kernels"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
 
@@ -42,28 +43,31 @@ def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     assert len(namespace["queries"]) == 10
     assert namespace["queries"]["stage1.0.attn.q"] == torch.Size([1, 3136, 96])
 
-    # LoRA: the merged model is a plain PaCa-ViT whose saved weights load strictly into a new one
-    merged = namespace["model"]
-    fresh = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=10).eval()
-    fresh.load_state_dict(torch.load(tmp_path / "pacavit_tiny_lora.pth", weights_only=True))
+    # LoRA: the saved merged weights load strictly into a new plain model (the reference below)
+    plain = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=10).eval()
+    plain.load_state_dict(torch.load(tmp_path / "pacavit_tiny_lora.pth", weights_only=True))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(images), merged(images))
+        expected = plain(images)
 
     # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one
     int8_model = namespace["int8_model"]
     assert not [name for name, m in int8_model.named_modules() if type(m) is nn.Linear]
     with torch.no_grad():
-        reference, quantized = merged(images), int8_model(images)
-    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+        assert (int8_model(images) - expected).abs().max() < 0.1 * expected.abs().max()
 
-    # TorchScript, FX and torch.export compute the model's function
-    images = torch.randn(2, 3, 224, 224)
+    # TorchScript, FX, torch.export and the fused model compute the same function
+    fused = namespace["model"]
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    if models.cpu_fusion_support():
+        assert any(type(m).__name__.startswith("Fused") for m in fused.modules())
     with torch.no_grad():
-        expected = merged(images)
         torch.testing.assert_close(namespace["scripted"](images), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(namespace["graph_module"](images)["logits"], expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(namespace["program"].module()(images), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused(images), expected, rtol=1e-4, atol=1e-5)
+        exported_size = torch.randn(2, 3, 224, 224)  # the snippet exports with static shapes
+        exported = namespace["program"].module()(exported_size)
+        torch.testing.assert_close(exported, plain(exported_size), rtol=1e-4, atol=1e-5)
 
 
 def test_export_commands_use_real_options():

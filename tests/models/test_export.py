@@ -17,6 +17,7 @@ import timm
 import torch
 
 import models
+from models.paca_vit import RELEASED_IMAGENET
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -114,6 +115,21 @@ def test_export_loads_the_checkpoint_class_count_names_and_ema_weights(tmp_path)
         model, class_names = export_onnx.build_model(name, str(checkpoint), use_ema=use_ema)
         assert class_names == ["a", "b", "c"] and model.num_classes == 3 and not model.training
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_export_takes_the_released_imagenet_file_for_classifier_and_backbone(tmp_path, monkeypatch):
+    name = "pacavit_tiny_p2cconv_100_0"
+    released = timm.create_model(name)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    torch.save(released.state_dict(), mirror / RELEASED_IMAGENET[name])
+    monkeypatch.setenv("PACAVIT_CHECKPOINT_BASE_URL", str(mirror))  # a folder mirror: no network
+    monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    expected = released.state_dict()
+    for model_name in (name, name + export_onnx.DOWNSTREAM):
+        model, class_names = export_onnx.build_model(model_name, "imagenet")
+        assert class_names is None and not model.training
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
 def test_export_command_rejects_unknown_names_and_tiny_sizes(capsys):

@@ -1,8 +1,8 @@
 """Export a PaCa-ViT model to ONNX, check the file against PyTorch with onnxruntime, say where it went.
 
-    python tools/export_onnx.py pacavit_tiny_p2cconv_100_0 --checkpoint imagenet
+    python tools/export_onnx.py pacavit_tiny_p2cconv_100_0 --checkpoint pretrained
     python tools/export_onnx.py pacavit_tiny_p2cconv_100_0 --checkpoint work_dirs/.../model_best.pth.tar
-    python tools/export_onnx.py pacavit_small_p2cconv_100_0_downstream --checkpoint imagenet --img-size 512
+    python tools/export_onnx.py pacavit_small_p2cconv_100_0_downstream --checkpoint pretrained --img-size 512
 
 The graph comes from ``torch.onnx.export(..., dynamo=True)`` (that is, from ``torch.export``) with
 batch size, height and width left dynamic: the file runs on any batch and image size, the example
@@ -32,6 +32,7 @@ import models  # noqa: E402
 from models.checkpoint import extract_state_dict  # noqa: E402
 
 DOWNSTREAM = "_downstream"
+PRETRAINED = "pretrained"  # the --checkpoint word for the released ImageNet file, as in the other tools
 # ONNX Runtime and PyTorch sum in different orders: float32 outputs differ by ~1e-6 in practice
 RTOL, ATOL = 1e-3, 1e-4
 # torch.export takes a dynamic size to be at least 2 (0 and 1 are specialised), so the last stage
@@ -41,7 +42,7 @@ MIN_SIZE = 33
 
 def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
     """The model ``name`` (a ``pacavit_*`` classifier or a ``*_downstream`` backbone) in eval mode with
-    ``checkpoint`` loaded (a path, a URL, or ``imagenet`` for the released ImageNet file), and the
+    ``checkpoint`` loaded (a path, a URL, or ``pretrained`` for the released ImageNet file), and the
     class names that the checkpoint stores (or None)."""
     variant = name.removesuffix(DOWNSTREAM)
     if variant not in models.VARIANTS:
@@ -49,10 +50,10 @@ def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
     if name.endswith(DOWNSTREAM):
         if use_ema:
             raise SystemExit("--use-ema is for classifier checkpoints; a backbone loads as in detection/segmentation")
-        backbone = models.create_downstream(variant, pretrained=checkpoint)
+        backbone = models.create_downstream(variant, pretrained="imagenet" if checkpoint == PRETRAINED else checkpoint)
         backbone.init_weights()  # the backbone's own loading policy, as in detection / segmentation
         return backbone.eval(), None
-    if checkpoint == "imagenet":
+    if checkpoint == PRETRAINED:
         return timm.create_model(name, pretrained=True).eval(), None
     if checkpoint is None:
         return timm.create_model(name).eval(), None
@@ -120,7 +121,9 @@ def check_shapes(img_size: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL_NAME", help="a pacavit_* name, or <name>_downstream for the backbone")
-    parser.add_argument("--checkpoint", metavar="PATH|URL", help="weights to export; 'imagenet' = the released file")
+    parser.add_argument(
+        "--checkpoint", metavar="PATH|URL|pretrained", help="the weights; 'pretrained': the released ImageNet file"
+    )
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights of a training checkpoint")
     parser.add_argument("--out", type=Path, help="the ONNX file (default: work_dirs/onnx/MODEL_NAME.onnx)")
     parser.add_argument("--img-size", type=int, default=224, help="example input size for the export (default 224)")

@@ -117,7 +117,7 @@ def test_export_loads_the_checkpoint_class_count_names_and_ema_weights(tmp_path)
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_export_takes_the_released_imagenet_file_for_classifier_and_backbone(tmp_path, monkeypatch):
+def test_export_takes_the_released_pretrained_file_for_classifier_and_backbone(tmp_path, monkeypatch):
     name = "pacavit_tiny_p2cconv_100_0"
     released = timm.create_model(name)
     mirror = tmp_path / "mirror"
@@ -127,7 +127,7 @@ def test_export_takes_the_released_imagenet_file_for_classifier_and_backbone(tmp
     monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
     expected = released.state_dict()
     for model_name in (name, name + export_onnx.DOWNSTREAM):
-        model, class_names = export_onnx.build_model(model_name, "imagenet")
+        model, class_names = export_onnx.build_model(model_name, "pretrained")
         assert class_names is None and not model.training
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 

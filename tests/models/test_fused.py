@@ -142,8 +142,21 @@ def test_the_transform_keeps_parameters_and_hooks():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert len(calls) == len(fused_layers)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert list(models.fuse_for_cpu_inference(model).state_dict()) == list(state)  # applied twice: no change
+    modules = list(model.modules())
+    assert list(models.fuse_for_cpu_inference(model).modules()) == modules  # applied twice: no change
+
+
+def test_capture_maps_records_the_same_maps_from_the_fused_model(probe):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), models.capture_maps(plain) as expected, models.capture_maps(fused_model) as got:
+        plain(x), fused_model(x)
+    assert [(r["stage"], r["block"]) for r in got] == [(r["stage"], r["block"]) for r in expected]
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours["attention"], theirs["attention"], rtol=1e-4, atol=1e-5)
+        if theirs["assignments"] is not None:
+            torch.testing.assert_close(ours["assignments"], theirs["assignments"], rtol=1e-4, atol=1e-6)
 
 
 def test_forced_probe_without_support_runs_plain_ops(probe):

@@ -202,11 +202,12 @@ step "timm's model tests from the $TIMM_PIN source distribution into ${TIMM_TEST
 if [[ -f "$TIMM_TESTS/test_models.py" ]]; then
     echo "    already unpacked"
 else
+    mkdir -p "$TIMM_SDIST_DIR"
     if [[ ! -f "$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz" ]]; then
         "$PY" -m pip download --quiet --no-deps --no-binary :all: --dest "$TIMM_SDIST_DIR" "$TIMM_PIN"
     fi
     HINT="$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz has no tests/ folder: remove it and rerun"
-    unpack_dir="$(mktemp -d "$REPO/.cache/timm-unpack.XXXXXX")"
+    unpack_dir="$(mktemp -d "$TIMM_SDIST_DIR/unpack.XXXXXX")"
     tar -xzf "$TIMM_SDIST_DIR/${TIMM_PIN/==/-}.tar.gz" -C "$unpack_dir" "${TIMM_PIN/==/-}/tests"
     # moved into place whole, so an interrupted run never leaves a half-unpacked folder that looks done
     rm -rf "$TIMM_TESTS"

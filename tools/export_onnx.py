@@ -9,8 +9,9 @@ batch size, height and width left dynamic: the file runs on any batch and image 
 input of ``--img-size`` only drives the export.  Right after writing, the file runs in
 onnxruntime at two input sizes and must agree with the PyTorch model; otherwise the command fails.
 
-A classifier gives ``logits`` (B, classes); its class count is taken from the checkpoint, and the
-``class_names`` that training checkpoints store go into the file's metadata.  A ``_downstream``
+A classifier gives ``logits`` (B, classes); its class count is taken from the checkpoint, the
+``class_names`` that training checkpoints store go into the file's metadata, and ``--use-ema``
+exports a training checkpoint's EMA weights.  A ``_downstream``
 backbone gives ``stage1`` .. ``stage4`` (NCHW, strides 4 to 32).  The input is ``images``
 (B, 3, H, W), normalised with the ImageNet mean and std.
 """

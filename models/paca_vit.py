@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, calculate_drop_path_rates, get_device_dtype, trunc_normal_
@@ -29,7 +28,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
-from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, nchw_to_tokens
+from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, PaCaStage
 
 __all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaStage", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
 
@@ -72,33 +71,6 @@ class PaCaBlock(nn.Module):
         x = x + self.drop_path(self.ls1(attn))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2_before(x), hw)))
         return x, assignments
-
-
-class PaCaStage(nn.ModuleList):
-    """The PaCa blocks of one stage.  A ``ModuleList`` (the official ``stage{i}.{j}`` names) that
-    also runs them: the first block (or the teacher) provides the assignments the others reuse."""
-
-    def __init__(self, blocks: Sequence[nn.Module]):
-        super().__init__(blocks)
-        self.grad_checkpointing = False
-
-    def forward(
-        self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """x: (B, H, W, C).  teacher_logits: (B, M, H*W) cluster logits from the ConvMixer teacher;
-        shortcut: the teacher's (B, C, H, W) stage features, added to the output.  Returns
-        (B, H, W, C), before the stage norm."""
-        hw = (x.shape[1], x.shape[2])
-        tokens = x.flatten(1, 2)
-        assignments = None if teacher_logits is None else teacher_logits.softmax(dim=-1)
-        for blk in self:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                tokens, assignments = checkpoint(blk, tokens, hw, assignments, use_reentrant=False)
-            else:
-                tokens, assignments = blk(tokens, hw, assignments)
-        if shortcut is not None:
-            tokens = tokens + nchw_to_tokens(shortcut)
-        return tokens.view_as(x)
 
 
 TeacherOutput = Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]

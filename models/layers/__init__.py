@@ -4,4 +4,5 @@ from .downsample import ConvDownsample
 from .fused import cpu_fusion_support, fuse_for_cpu_inference
 from .layout import nchw_to_tokens, tokens_to_nchw
 from .mlp import ConvMlp, DWConv
+from .stage import PaCaStage
 from .teacher import ConvMixerTeacher

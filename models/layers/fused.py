@@ -1,20 +1,28 @@
 """Fused layers for CPU inference, and the transform that swaps them in.
 
-``fuse_for_cpu_inference(model)`` replaces, inside the PaCa blocks, the plain ``nn.Linear`` /
-``nn.Conv2d`` layers (and the GELU after them) by the modules below.  They hold the same
-parameter tensors under the same names (the state_dict is unchanged) and are called as modules,
-so hooks still see every layer; the model computes the same function.  What changes:
+``fuse_for_cpu_inference(model)`` replaces, inside the PaCa stages, the plain ``nn.Linear`` /
+``nn.Conv2d`` layers (and the GELU after them), and the stages themselves, by the modules below.
+They hold the same parameter tensors under the same names (the state_dict is unchanged) and are
+called as modules, so hooks still see every layer; the model computes the same function.  What
+changes:
 
 - ``FusedLinear`` / ``FusedConv2d`` / ``FusedPointwiseConv2d``: oneDNN computes the layer, its
   bias and the following GELU in one kernel as the output is written
   (``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``); PyTorch's plain ops make
   a separate pass for the bias copy and for the activation.  The 1x1 convolution runs as a GEMM
   over the NHWC tokens, and the MLP's depthwise conv folds its identity shortcut into the kernel.
-  On the 2-core AVX-512 benchmark machine PaCa-Tiny's fp32 inference efficiency rose from 0.82 to
-  0.93 of ConvNeXt-Tiny's with them (``classification/speed_report.sh``, README "Performance").
+  oneDNN's fp32 GEMMs use AVX-512 where the CPU has it (PyTorch's MKL runs its AVX2 kernel on AMD
+  CPUs, seen on Zen 5).
 - ``ChannelMajorLinear`` / ``ChannelMajorConv2d``: the clustering output projection computed as
   ``W @ x^T``, so that the (B, M, N) logits come out contiguous for the softmax over the patches
   (a transposing copy costs more than the GEMM).
+- ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
+  in the CPU caches (see the class).  This gain does not depend on the instruction set.
+
+PaCa-Tiny's fp32 inference efficiency relative to ConvNeXt-Tiny, plain -> fused (batch 8 at
+224, 2 threads, the CPU rows of ``classification/speed_report.sh``), on an AMD EPYC Zen 5: 0.80 ->
+1.75; with oneDNN and ATen limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``):
+0.81 -> 1.22.
 
 The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
 fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,
@@ -34,6 +42,7 @@ from .attention import PaCaAttention
 from .clustering import ConvClustering, LinearClustering, MlpClustering
 from .layout import nchw_to_tokens, tokens_to_nchw
 from .mlp import ConvMlp
+from .stage import PaCaStage
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,9 +59,15 @@ def cpu_fusion_support() -> FrozenSet[torch.dtype]:
     return frozenset({torch.float32})
 
 
+def _eager() -> bool:
+    """Not under TorchScript, tracing, FX or compilation, which know none of the tricks here."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_symbolic_tracing()
+                or torch.compiler.is_compiling())
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a fused module may run its oneDNN kernel on input ``x`` (see the module docstring)."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+    if not _eager():
         return False
     return (
         x.device.type == "cpu"
@@ -194,6 +209,56 @@ class FusedDWConv(nn.Module):
         return nchw_to_tokens(self.dwconv(tokens_to_nchw(x, hw)))
 
 
+def _watched(module: nn.Module) -> bool:
+    """Whether a forward hook sees ``module`` or a layer in it (``capture_maps``, feature hooks)."""
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    return bool(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+class BatchChunkedStage(PaCaStage):
+    """A ``PaCaStage`` that, at inference, runs its blocks on groups of images in turn.
+
+    The images are independent, so the output is the same.  But a group's activations, above
+    all the MLP's 4x wider hidden layer (4.8 MB per 224x224 image in stage 1), stay in the CPU
+    caches from one layer to the next, and no tensor gets so large (glibc: over 32 MB) that the
+    allocator maps it from the operating system and unmaps it again on every call, paying a
+    page fault per 4 kB.  A group holds at least one image and about ``tokens_per_group`` tokens
+    (default: 1024 per intra-op thread, so that each thread keeps a large share of every GEMM).
+
+    The whole batch goes through at once off the CPU, where a gradient is needed, under tracing,
+    scripting and compilation, and while a forward hook watches the stage or a layer in it: hooks
+    (``capture_maps``) see the batch that the plain model passes.
+    """
+
+    def __init__(self, stage: PaCaStage, tokens_per_group: Optional[int] = None):
+        super().__init__(list(stage))
+        self.grad_checkpointing = stage.grad_checkpointing
+        self.tokens_per_group = tokens_per_group
+
+    def group_size(self, tokens_per_image: int) -> int:
+        tokens = self.tokens_per_group or 1024 * torch.get_num_threads()
+        return max(1, tokens // tokens_per_image)
+
+    def forward(
+        self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if not _eager():
+            return super().forward(x, teacher_logits, shortcut)
+        group = self.group_size(x.shape[1] * x.shape[2])
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if group >= x.shape[0] or x.device.type != "cpu" or needs_grad or _watched(self):
+            return super().forward(x, teacher_logits, shortcut)
+        parts = [
+            super(BatchChunkedStage, self).forward(
+                x[i : i + group],
+                None if teacher_logits is None else teacher_logits[i : i + group],
+                None if shortcut is None else shortcut[i : i + group],
+            )
+            for i in range(0, x.shape[0], group)
+        ]
+        return torch.cat(parts)
+
+
 # -- the transform ------------------------------------------------------------------------------
 def _fuse_attention(attn: PaCaAttention):
     for name in ("q", "k", "v", "proj"):
@@ -261,4 +326,7 @@ def fuse_for_cpu_inference(model: nn.Module) -> nn.Module:
         fuse = FUSERS.get(type(module))
         if fuse is not None:
             fuse(module)
+        for name, child in module.named_children():
+            if type(child) is PaCaStage:
+                setattr(module, name, BatchChunkedStage(child))
     return model

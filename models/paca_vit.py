@@ -475,6 +475,9 @@ def _cfg(name: str) -> dict:
         "url": f"{RELEASE_BASE_URL}/{filename}" if filename else "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        # the smallest input at which every stage has its nominal reduction (stage 4 is 1x1); any
+        # size runs.  timm's model tests use it instead of their larger default test sizes.
+        "min_input_size": (3, 32, 32),
         "pool_size": (7, 7),
         "crop_pct": 0.9,
         "interpolation": "bicubic",

@@ -315,7 +315,7 @@ class PaCaViT(nn.Module):
             or only ``intermediates``.
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC', got {}".format(output_fmt))
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         outs = self._forward_stages(x, max_index if stop_early or intermediates_only else self.num_stages - 1)
         intermediates = [outs[i].permute(0, 3, 1, 2) if output_fmt == "NCHW" else outs[i] for i in take_indices]

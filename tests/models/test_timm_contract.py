@@ -99,6 +99,8 @@ def run_timm_suite(workdir: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("GITHUB_ACTIONS", "TORCH_DEVICE", "TORCH_BACKEND")}
     # GITHUB_ACTIONS would switch timm's file to another selection (and drop the pretrained tests)
     env.update(PACAVIT_CHECKPOINT_BASE_URL=str(workdir / "mirror"), PACAVIT_CHECKPOINT_CACHE=str(workdir / "cache"))
+    # the file's own knob for its per-test time limits (120-360 s), which a busy 2-core host can exceed
+    env.setdefault("TIMEOUT", "900")
     command = [sys.executable, "-m", "pytest", "test_models.py", "-k", "pacavit", "-c", "pytest.ini",
                "-p", "no:cacheprovider", "-q", "--tb=short", "-rfEs", "--junitxml=report.xml"]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)

@@ -45,6 +45,15 @@ def is_locked(path: Path) -> bool:
         return False
 
 
+def wait_unlocked(path: Path, timeout=10) -> None:
+    """Wait for the flock on ``path`` to go: a killed process shows as a zombie (what wait_gone
+    waits for) while its other threads are still closing its files."""
+    deadline = time.time() + timeout
+    while is_locked(path):
+        assert time.time() < deadline, f"{path} is still locked"
+        time.sleep(0.1)
+
+
 def wait_for(condition, job, log: Path, what: str, timeout=300):
     deadline = time.time() + timeout
     while not condition():
@@ -113,19 +122,31 @@ def refused_while_running(cmd, run_dir: Path, env, tmp_path: Path, cwd=None) -> 
         assert third.returncode == 2 and "in use by another launcher" in third.stderr, third.stderr
         assert all(f"pid {pid}:" in third.stderr for pid in torchruns), third.stderr
 
-        # torchrun dies too: its worker, orphaned in its own session, still holds the workers' lock
+        # torchrun dies too: its worker, orphaned in its own session, still holds the workers' lock.
+        # The worker is frozen first so that it outlives torchrun whatever torchrun's death does to
+        # it (a broken output pipe, say); SIGKILL still ends it below.
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
         kill(torchruns)
         wait_gone(torchruns)
+        wait_unlocked(launcher_lock)
         assert all(Path(f"/proc/{pid}").exists() for pid in workers), "the worker should outlive torchrun"
         fourth = relaunch(cmd, env, cwd)
         assert fourth.returncode == 2, fourth.stdout + fourth.stderr
-        assert "training processes of an earlier launch" in fourth.stderr
+        assert "training processes of an earlier launch" in fourth.stderr, fourth.stderr
         assert all(f"pid {pid}:" in fourth.stderr for pid in workers), fourth.stderr
     finally:
-        kill(everything + holders(workers_lock) + holders(launcher_lock))
+        kill(everything)
         job.wait()
         wait_gone(everything)
-    assert not is_locked(launcher_lock) and not is_locked(workers_lock)
+        # a worker killed while forking a data-loader process leaves a child that still holds the
+        # lock for a moment: end whatever holds it until nothing does
+        deadline = time.time() + 60
+        while (left := holders(workers_lock) + holders(launcher_lock)) and time.time() < deadline:
+            kill(left)
+            wait_gone(left)
+    wait_unlocked(launcher_lock)
+    wait_unlocked(workers_lock)
 
 
 def zoo_configs(task_dir: Path):
@@ -146,7 +167,10 @@ def check_num_workers_zero(config, scope):
 
 
 def write_broken_checkpoint(work_dir: Path, name="epoch_1.pth"):
-    """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer."""
+    """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer,
+    as the run's only checkpoint (on a fast machine the killed launch may have saved others)."""
+    for checkpoint in work_dir.glob("*.pth"):
+        checkpoint.unlink()
     (work_dir / name).write_bytes(b"PK\x03\x04 cut short")
     (work_dir / "last_checkpoint").write_text(str(work_dir / name))
 

@@ -95,7 +95,8 @@ paca_lock_run() {
     local dir="$1" lock="$1/$PACA_LOCK" workers="$1/$PACA_WORKERS_LOCK" fd
     mkdir -p "$dir"
     exec {PACA_LOCK_FD}<>"$lock"
-    if ! flock -n "$PACA_LOCK_FD"; then
+    # a few seconds' grace: the kernel releases a killed process's flock shortly after it is gone
+    if ! flock -w 3 "$PACA_LOCK_FD"; then
         local owner
         owner="$(cat "$lock" 2>/dev/null)"
         exec {PACA_LOCK_FD}>&-
@@ -104,7 +105,7 @@ $(_paca_lock_holders "$lock")
 Wait for it to finish, or stop it (kill PID) before starting this run again."
     fi
     exec {fd}<>"$workers"
-    if ! flock -n "$fd"; then
+    if ! flock -w 3 "$fd"; then
         exec {fd}>&-
         paca_die "training processes of an earlier launch of $dir are still running (their launcher has exited):
 $(_paca_lock_holders "$workers")

@@ -1,4 +1,7 @@
+import functools
+import http.server
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,3 +21,23 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def release_server(tmp_path, monkeypatch):
+    """Serve ``tmp_path/release`` on 127.0.0.1 as the release prefix; cache into ``tmp_path/cache``."""
+    root = tmp_path / "release"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PACAVIT_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    yield root
+    server.shutdown()
+    server.server_close()

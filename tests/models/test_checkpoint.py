@@ -2,13 +2,10 @@
 site, a mirror folder or a file:// mirror), official training checkpoints, OpenMMLab Runner
 checkpoints, and the exact-or-named-reinit policy."""
 import argparse
-import functools
-import http.server
 import logging
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -22,27 +19,6 @@ from models.checkpoint import CheckpointError, RELEASE_BASE_URL, load_checkpoint
 from models.paca_vit import RELEASED_IMAGENET, create_downstream
 
 NAME = "pacavit_tiny_p2cconv_100_0"
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def release_server(tmp_path, monkeypatch):
-    """Serve ``tmp_path/release`` on 127.0.0.1 as the release prefix; cache into ``tmp_path/cache``."""
-    root = tmp_path / "release"
-    root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("PACAVIT_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
-    yield root
-    server.shutdown()
-    server.server_close()
 
 
 def _official_checkpoint(name: str, wrap: str = "state_dict", seed: int = 0) -> dict:

@@ -1,13 +1,10 @@
 """tools/predict.py end to end, on CPU, with photos the project does not ship (scikit-learn's
 china.jpg and flower.jpg, a generated picture), a broken file and paths with spaces."""
 import argparse
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -71,25 +68,6 @@ def segmentation_checkpoint(tmp_path_factory):
     return path
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def release_mirror(tmp_path, monkeypatch):
-    """A folder served on 127.0.0.1 as the release prefix; downloads are cached under tmp_path."""
-    root = tmp_path / "release"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PACAVIT_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
-    yield root
-    server.shutdown()
-    server.server_close()
-
-
 # -- checks ---------------------------------------------------------------------------------------
 def read_run(out, photos):
     """predictions.json, with its entries checked against the inputs: input order, sizes, outputs."""
@@ -139,8 +117,8 @@ def test_classify_with_class_names_from_training(photos, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_classify_pretrained_gets_imagenet_names_through_the_loader(photos, release_mirror, tmp_path):
-    classifier_checkpoint(release_mirror / f"IMNET_224_{MODEL}.pth", 1000, seed=1)
+def test_classify_pretrained_gets_imagenet_names_through_the_loader(photos, release_server, tmp_path):
+    classifier_checkpoint(release_server / f"IMNET_224_{MODEL}.pth", 1000, seed=1)
     image = photos["folder"] / "generated.webp"
     out = tmp_path / "out"
     assert predict.main(["classify", str(image), "--model", MODEL, "--checkpoint", "pretrained",

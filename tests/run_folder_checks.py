@@ -166,11 +166,12 @@ def check_num_workers_zero(config, scope):
                                         persistent_workers=loader.get("persistent_workers", False))
 
 
-def write_broken_checkpoint(work_dir: Path, name="epoch_1.pth"):
-    """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer,
-    as the run's only checkpoint (on a fast machine the killed launch may have saved others)."""
-    for checkpoint in work_dir.glob("*.pth"):
-        checkpoint.unlink()
+def write_broken_checkpoint(work_dir: Path, name="epoch_1.pth", alone: bool = False):
+    """A Runner checkpoint cut short while saving, named by mmengine's ``last_checkpoint`` pointer;
+    ``alone``: as the run's only checkpoint (a killed launch may have saved others first)."""
+    if alone:
+        for checkpoint in work_dir.glob("*.pth"):
+            checkpoint.unlink()
     (work_dir / name).write_bytes(b"PK\x03\x04 cut short")
     (work_dir / "last_checkpoint").write_text(str(work_dir / name))
 

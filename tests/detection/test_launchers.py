@@ -67,7 +67,7 @@ def test_one_launcher_per_run_folder_and_no_resume_loop(launcher_env, tmp_path):
     refused_while_running(cmd, work_dir, launcher_env, tmp_path, cwd=DETECTION)
 
     # nothing of that launch is left: the next one gets the run, whose only checkpoint is broken
-    write_broken_checkpoint(work_dir)
+    write_broken_checkpoint(work_dir, alone=True)
     result = run(launch("locks", "t1", 0), launcher_env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{work_dir / 'epoch_1.pth'} is not a readable PyTorch checkpoint" in result.stderr

@@ -153,7 +153,7 @@ def test_one_launcher_per_run_folder_and_no_resume_loop(env, tmp_path, free_port
     refused_while_running(cmd, work_dir, env, tmp_path, cwd=REPO)
 
     # nothing of that launch is left: the next one gets the run, whose only checkpoint is broken
-    write_broken_checkpoint(work_dir, "iter_1.pth")
+    write_broken_checkpoint(work_dir, "iter_1.pth", alone=True)
     output = run([SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, "0", "ci", "tiny", "0", "1", free_port], env,
                  expect_ok=False)
     assert f"{work_dir / 'iter_1.pth'} is not a readable PyTorch checkpoint" in output

@@ -31,13 +31,15 @@ def lora_run():
     lora = peft.get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
     images, labels = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+    with torch.no_grad():
+        untrained = lora.eval()(images)
     lora.train()
     for _ in range(3):
         loss = nn.functional.cross_entropy(lora(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return dict(targets=targets, base_state=base_state, lora=lora.eval(), images=images)
+    return dict(targets=targets, base_state=base_state, lora=lora.eval(), images=images, untrained=untrained)
 
 
 def test_every_q_and_v_projection_gets_an_adapter(lora_run):
@@ -72,6 +74,7 @@ def test_adapters_change_the_output(lora_run):
             plain = lora(images)
     # with the adapters off the model computes the base model's q and v: the outputs must differ
     assert (adapted - plain).abs().max() > 1e-3
+    torch.testing.assert_close(plain, lora_run["untrained"])
 
 
 def test_merged_model_has_the_official_names_and_the_adapted_output(lora_run):
@@ -80,6 +83,9 @@ def test_merged_model_has_the_official_names_and_the_adapted_output(lora_run):
         adapted = lora(images)
     # merge a copy: the fixture's PEFT model is shared by the other tests
     merged = copy.deepcopy(lora).merge_and_unload()
+    base = lora_run["base_state"]
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(base[k], v)}
+    assert changed and all(k.endswith((".attn.q.weight", ".attn.v.weight")) for k in changed)
     assert all(type(merged.get_submodule(name)) is nn.Linear for name in lora_run["targets"])
     plain = timm.create_model(NAME, num_classes=5).eval()
     plain.load_state_dict(merged.state_dict())  # strict: exactly the model's own parameter names

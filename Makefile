@@ -2,7 +2,7 @@
 # when the environment is complete).
 PYTHON := .venv/bin/python
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-slow test-all
 
 install:
 	./install.sh
@@ -10,8 +10,12 @@ install:
 demo: install
 	bash classification/demo.sh
 
+# the everyday loop: every test except the end-to-end runs (launchers, training, predict, export)
 test: install
-	$(PYTHON) -m pytest
-
-test-fast: install
 	$(PYTHON) -m pytest -m "not slow"
+
+# the end-to-end runs alone; CI runs both targets
+test-slow: install
+	$(PYTHON) -m pytest -m slow
+
+test-all: test test-slow

@@ -1,8 +1,9 @@
 """Interpretability: cluster assignments and attention maps out of a normal forward pass.
 
 ``capture_maps`` only adds forward hooks: the model runs its usual code (and kernels) and its
-output is unchanged.  The attention weights, which the fused attention kernel never forms, are
-recomputed from the outputs of the ``q`` and ``k`` layers that the hooks see.
+output is unchanged.  The attention weights, which the fused attention kernel never forms, come from
+``PaCaAttention.attention_weights`` applied to the outputs of the ``q`` and ``k`` layers that the
+hooks see.
 """
 import re
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ class _BlockRecorder:
     """Hooks on one PaCa attention block: its q and k outputs, then the block's own output."""
 
     def __init__(self, sink: list, attn: PaCaAttention, stage: int, block: int):
-        self.sink, self.num_heads, self.stage, self.block = sink, attn.num_heads, stage, block
+        self.sink, self.attn, self.stage, self.block = sink, attn, stage, block
         self.q: Optional[torch.Tensor] = None
         self.k: Optional[torch.Tensor] = None
         self.handles = [
@@ -35,11 +36,6 @@ class _BlockRecorder:
     def keep_k(self, module, args, out):
         self.k = out.detach()
 
-    def attention(self) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim)) per head: (B, heads, N, M)."""
-        q, k = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (self.q, self.k))
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-
     def record(self, module, args, kwargs, output):
         hw = tuple(args[1] if len(args) > 1 else kwargs["hw"])
         assignments = output[1]
@@ -47,7 +43,7 @@ class _BlockRecorder:
             "stage": self.stage,
             "block": self.block,
             "assignments": None if assignments is None else assignments.detach().unflatten(-1, hw),
-            "attention": self.attention(),
+            "attention": self.attn.attention_weights(self.q, self.k),
             "hw": hw,
         })
         self.q = self.k = None

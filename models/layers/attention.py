@@ -17,8 +17,8 @@ class PaCaAttention(nn.Module):
     With ``num_clusters == 0`` the keys and values come from the patches themselves (ordinary
     patch-to-patch attention).  ``clustering`` (optional) computes this block's assignment logits;
     without it the block reuses the assignments handed in by an earlier block or the teacher.
-    The attention weights are softmax(q k^T / sqrt(head_dim)) of the outputs of ``q`` and ``k``,
-    which is how ``models.capture_maps`` records them (hooks on those layers).
+    The attention weights are ``attention_weights`` of the outputs of ``q`` and ``k``: the fused
+    kernel never forms them, so ``models.capture_maps`` rebuilds them from hooks on those layers.
     """
 
     def __init__(
@@ -84,6 +84,13 @@ class PaCaAttention(nn.Module):
             ).transpose(1, 2)
         out = self.proj_drop(self.proj(out.reshape(B, N, C)))
         return out, assignments
+
+    @torch.jit.unused
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) per head, (B, heads, N, M), from the outputs of ``q`` (B, N, C)
+        and ``k`` (B, M, C): the weights that the block's scaled dot-product attention applies to ``v``."""
+        q, k = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k))
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     @torch.jit.unused
     def _xformers_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:

@@ -3,6 +3,7 @@ import http.server
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,3 +42,22 @@ def release_server(tmp_path, monkeypatch):
     yield root
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def train_config_of(monkeypatch, tmp_path):
+    """train_config_of(config, default_scope, task, *args): the config that ``train_main`` hands
+    to mmengine's Runner for these arguments (the Runner is not built, the dataset not checked)."""
+    import mmengine.runner
+
+    from models import openmmlab
+
+    def run(config, default_scope, task, *args):
+        handed = []
+        monkeypatch.setattr(openmmlab, "check_data_roots", lambda cfg, loaders: None)
+        monkeypatch.setattr(mmengine.runner.Runner, "from_cfg",
+                            classmethod(lambda cls, cfg: handed.append(cfg) or SimpleNamespace(train=lambda: None)))
+        openmmlab.train_main(default_scope, task, [str(config), "--work-dir", str(tmp_path / "work_dir"), *args])
+        return handed[0]
+
+    return run

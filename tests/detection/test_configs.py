@@ -63,3 +63,10 @@ def test_training_pipeline_is_the_multi_scale_crop_recipe():
     assert crop_branch[1].crop_size == (384, 600) and crop_branch[2].scales == scales
     assert cfg.optim_wrapper.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
     assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.0
+
+
+def test_auto_scale_lr_uses_the_official_total_batch(train_config_of):
+    """--auto-scale-lr scales from the official 8 GPUs x 2 images (mmdet's 1x schedule sets 16)."""
+    cfg = train_config_of(CONFIGS[0], "mmdet", "detection", "--auto-scale-lr")
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size

@@ -98,3 +98,10 @@ def test_learning_rates_and_weight_decay(tiny_pacahead):
     assert settings["backbone.stage1.0.attn.q.weight"] == (6e-5, 0.01)
     assert settings["backbone.stage1.0.norm1_before.weight"] == (6e-5, 0.0)
     assert settings["backbone.norm4.bias"] == (6e-5, 0.0)
+
+
+def test_auto_scale_lr_uses_the_official_total_batch(train_config_of):
+    """--auto-scale-lr works (it exited with an error before) and scales from 8 GPUs x 2 images."""
+    config = CONFIG_DIR / "paca_head" / f"pacahead_pacavit_tiny_p2cconv_100_0{SUFFIX}.py"
+    cfg = train_config_of(config, "mmseg", "segmentation", "--auto-scale-lr")
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)

@@ -10,7 +10,9 @@ import os
 import sys
 from contextlib import nullcontext
 from functools import partial
+from typing import List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 import timm
 from timm.data import ImageDataset, create_transform
+from timm.data.readers.img_extensions import get_img_extensions
 
 import models  # noqa: F401  (registers the PaCa-ViT models with timm)
 from models.checkpoint import CheckpointError
@@ -67,21 +70,91 @@ def require_split(data_dir: str, split: str) -> str:
     return path
 
 
+def check_folders_reached_once(split_dir: str) -> None:
+    """Refuse a split where timm's folder walk (which follows symlinks) reaches a folder twice.
+
+    A link back up the tree (``train/ellipse/up -> ..``, ``train/all -> .``) is walked again and again
+    until the path gets too long, multiplying the images about forty times; two links to one folder
+    count its images twice.
+    """
+    reached = {}  # real path -> the first path it was reached by
+    pending = [split_dir]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in reached:
+            first = reached[real]
+            if os.path.commonpath([first, folder]) == first:
+                how = f"is a symlink loop: it leads back to {first}, so its images would be counted over and over"
+            else:
+                how = f"is the same folder as {first}, so its images would be counted twice"
+            raise UsageError(f"{folder} {how}. Remove the link, then run again")
+        reached[real] = folder
+        with os.scandir(folder) as entries:
+            pending += sorted((e.path for e in entries if e.is_dir()), reverse=True)
+
+
+def class_folders(split_dir: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def check_no_empty_class(split_dir: str, classes: List[str]) -> None:
+    """A class folder without images (directly inside it, where timm labels them by the folder's name)
+    would still get an output of the classifier that no training image ever teaches."""
+    suffixes = get_img_extensions(as_set=True)
+    for name in classes:
+        folder = os.path.join(split_dir, name)
+        with os.scandir(folder) as entries:
+            if not any(os.path.splitext(e.name)[1].lower() in suffixes and e.is_file() for e in entries):
+                raise UsageError(f"class folder {folder} holds no images ({', '.join(sorted(suffixes))}): it would "
+                                 f"become a class that can never be predicted. Put its images in it or remove it")
+
+
 def class_map_for(data_dir: str, split: str) -> dict:
     """Class-name -> index mapping, taken from ``train/`` when it exists (as in training).
 
     Indexing the validation images by the training classes keeps labels right even when the
-    validation split lacks a class; a validation class unknown to training is an error.
+    validation split lacks a class; a validation class unknown to training is an error.  Both
+    splits are checked for folders reached twice, and the classes for empty folders.
     """
-    val_classes = sorted(e.name for e in os.scandir(require_split(data_dir, split)) if e.is_dir())
-    train_dir = os.path.join(data_dir, "train")
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) if os.path.isdir(train_dir) else val_classes
+    split_dir = require_split(data_dir, split)
+    check_folders_reached_once(split_dir)
+    val_classes = class_folders(split_dir)
+    classes_dir = os.path.join(data_dir, "train")
+    if os.path.isdir(classes_dir):
+        if os.path.realpath(classes_dir) != os.path.realpath(split_dir):
+            check_folders_reached_once(classes_dir)
+        classes = class_folders(classes_dir)
+    else:
+        classes_dir, classes = split_dir, val_classes
     unknown = sorted(set(val_classes) - set(classes))
     if unknown:
-        raise UsageError(f"classes {unknown[:5]} in {data_dir}/{split} are missing from {train_dir}")
+        raise UsageError(f"classes {unknown[:5]} in {data_dir}/{split} are missing from {classes_dir}")
     if not classes:
-        raise UsageError(f"no class folders in {os.path.join(data_dir, split)}")
+        raise UsageError(f"no class folders in {split_dir}")
+    check_no_empty_class(classes_dir, classes)
     return {name: index for index, name in enumerate(classes)}
+
+
+def to_rgb8(image: Image.Image, name: str) -> Image.Image:
+    """``image`` as 8-bit RGB, named ``name`` in a warning.
+
+    Pillow's ``convert("RGB")`` clips the grey values of 16-bit (``I;16*``), 32-bit (``I``) and float
+    (``F``) images at 255, which turns a 16-bit PNG almost white; those are scaled by their bit depth
+    (65535, or 1.0 for float) instead.  Values outside that range cannot be scaled faithfully: they
+    are stretched from their own minimum and maximum, with a warning.  Pillow reads 16-bit RGB(A)
+    PNGs as 8-bit itself.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    low, high = 0.0, 1.0 if image.mode == "F" else 65535.0
+    if values.size and (values.min() < low or values.max() > high):
+        low, high = float(values.min()), float(values.max())
+        _logger.warning("%s: its %s values (%g to %g) exceed the range of its bit depth; stretched from their "
+                        "own range to 8 bit, so its brightness is not what was stored", name, image.mode, low, high)
+    grey = np.round((values - low) * (255.0 / max(high - low, 1e-12)))
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
 
 
 class EvalImageFolder(ImageDataset):
@@ -95,7 +168,7 @@ class EvalImageFolder(ImageDataset):
         file, target = self.reader[index][:2]
         try:
             with file:
-                image = Image.open(file).convert("RGB")
+                image = to_rgb8(Image.open(file), self.filename(index, absolute=True))
         except (OSError, SyntaxError) as err:  # PIL reports some broken PNGs as SyntaxError
             raise UsageError(f"cannot read image {self.filename(index, absolute=True)} ({err}). Every image of "
                              f"an evaluation counts once: repair or remove the file, then run again") from None

@@ -1,0 +1,80 @@
+"""What an ImageFolder must not do silently: symlink loops and empty class folders (refused with the
+path named), 16-bit PNGs (read at their real brightness)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from timm.data import create_dataset
+
+import cls_common
+from .cls_helpers import CLS_DIR, MODEL, write_colour_dataset
+
+TRAIN_IMAGES = 3 * 2  # write_colour_dataset(..., {"train": 2, "val": 1})
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_colour_dataset(tmp_path / "data", {"train": 2, "val": 1})
+
+
+def test_a_link_back_up_the_tree_is_refused_with_its_path(data):
+    (data / "train" / "class0" / "up").symlink_to("..")
+    # what timm's walk makes of it: the images again at every level, until the path is too long
+    assert len(create_dataset("", root=str(data), split="train")) > 10 * TRAIN_IMAGES
+    with pytest.raises(cls_common.UsageError, match=f"{data / 'train' / 'class0' / 'up'} is a symlink loop"):
+        cls_common.class_map_for(str(data), "val")
+
+
+def test_a_link_to_the_split_itself_is_refused_not_made_a_class(data):
+    (data / "train" / "all").symlink_to(".")
+    with pytest.raises(cls_common.UsageError, match=f"{data / 'train' / 'all'} is a symlink loop: it leads back "
+                                                    f"to {data / 'train'}"):
+        cls_common.class_map_for(str(data), "val")
+    (data / "train" / "all").unlink()
+    (data / "val" / "all").symlink_to(".")  # the split being evaluated is checked as well
+    with pytest.raises(cls_common.UsageError, match=f"{data / 'val' / 'all'} is a symlink loop"):
+        cls_common.class_map_for(str(data), "val")
+
+
+def test_two_links_to_one_folder_are_refused_and_a_link_elsewhere_is_fine(data, tmp_path):
+    elsewhere = write_colour_dataset(tmp_path / "storage", {"extra": 1}) / "extra" / "class0"
+    (data / "train" / "class3").symlink_to(elsewhere)  # class folders kept on another disk: usual
+    assert cls_common.class_map_for(str(data), "val") == {f"class{k}": k for k in range(4)}
+    (data / "train" / "class4").symlink_to(elsewhere)
+    with pytest.raises(cls_common.UsageError, match="is the same folder as .*counted twice"):
+        cls_common.class_map_for(str(data), "val")
+
+
+def test_an_empty_class_folder_is_refused_with_its_path(data):
+    (data / "train" / "class3").mkdir()
+    (data / "train" / "class3" / "README.txt").write_text("no images here")
+    with pytest.raises(cls_common.UsageError, match=f"class folder {data / 'train' / 'class3'} holds no images"):
+        cls_common.class_map_for(str(data), "val")
+    (data / "train" / "class3" / "README.txt").unlink()
+    (data / "train" / "class3").rmdir()
+    (data / "val" / "class2" / "0.png").unlink()  # a class without validation images: still learnable
+    assert cls_common.class_map_for(str(data), "val") == {f"class{k}": k for k in range(3)}
+
+
+@pytest.mark.slow
+def test_validate_reports_a_loop_in_one_line_before_loading_the_model(data):
+    (data / "val" / "class1" / "up").symlink_to("..")
+    result = subprocess.run([sys.executable, "validate.py", "--data-dir", str(data), "--model", MODEL,
+                             "--checkpoint", str(data / "never read.pth"), "--img-size", "32"], cwd=CLS_DIR, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {data / 'val' / 'class1' / 'up'} is a symlink loop" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluation_reads_a_16_bit_png_as_its_8_bit_original(data):
+    eight_bit = np.asarray(Image.open(data / "val" / "class0" / "0.png").convert("L"))
+    Image.fromarray(eight_bit.astype(np.uint16) * 257).save(data / "val" / "class0" / "0.png")  # mode I;16
+    Image.fromarray(eight_bit).save(data / "val" / "class1" / "0.png")
+    dataset = cls_common.EvalImageFolder(str(data / "val"), class_map=cls_common.class_map_for(str(data), "val"))
+    dataset.transform = np.asarray
+    by_name = {os.path.relpath(dataset.filename(i, absolute=True), data / "val"): dataset[i][0]
+               for i in range(len(dataset))}
+    np.testing.assert_array_equal(by_name[os.path.join("class0", "0.png")], by_name[os.path.join("class1", "0.png")])

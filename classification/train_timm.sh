@@ -53,6 +53,7 @@ It is never retrained or overwritten; choose another Tag, or delete that folder 
     echo "$NAME has already finished training: $DONE_DIR; nothing to do (it is never retrained)"
     exit 0
 fi
+paca_check_nodes
 # Node 0 owns the run folder (shared by all nodes) and its lock; every node makes the same resume decision.
 if [[ "${NODE_RANK:-0}" == "0" ]]; then
     paca_lock_run "$RUN_DIR"
@@ -82,8 +83,7 @@ CUDA_ARGS=()
 if ! paca_torchrun "$PORT" "$CLS_DIR/train_timm.py" -c "$CONFIG" --model "$MODEL" --data-dir "$DATA_DIR" \
     --img-size "$IMG_SIZE" --workers "$WORKERS" --output "$RUN_DIR" --device "$PACA_DEVICE" \
     "${CUDA_ARGS[@]}" "${RESUME_ARGS[@]}" "${PACA_ARGS[@]}"; then
-    echo "training stopped before the end; $RUN_DIR is kept. Continue it with Resume=1 (Remove_old=0)." >&2
-    exit 1
+    paca_training_failed classification "$RUN_DIR" "Continue it with Resume=1 (Remove_old=0)."
 fi
 
 if [[ "${NODE_RANK:-0}" == "0" ]]; then

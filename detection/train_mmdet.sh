@@ -13,7 +13,8 @@
 # One launcher per run folder: a second one on the same Exp_name/Tag stops at once, naming the
 # first.  Exp_name and Tag are folder names (no '/'; a trailing one is dropped).
 # [others] go to train_mmdet.py (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node, with one shared
+# work dir; node 0 owns the run folder (lock, removal, FINISHED mark).  SIGTERM saves a checkpoint.
 set -euo pipefail
 source "$(dirname "$0")/../tools/launch_common.sh"
 

@@ -11,7 +11,9 @@ What this adds on top of mmengine's Runner:
 * work dirs under ``work_dirs/<task>/`` (root overridable with env ``PACAVIT_WORK_DIRS``);
 * the launcher is read from torchrun's environment, and CPU processes use the gloo backend
   (mmengine would call ``torch.cuda.set_device`` and wrap DDP with a CUDA device id);
-* automatic resume from the work dir, ``--amp`` refused without CUDA, ``--auto-scale-lr``;
+* automatic resume from the work dir, ``--amp`` refused without CUDA, ``--auto-scale-lr``; rank 0
+  chooses the checkpoint and tells the other ranks, so every node of a run resumes from the same one;
+* SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops;
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
   loading (resume), while arbitrary pickled callables are still refused;
@@ -21,10 +23,13 @@ What this adds on top of mmengine's Runner:
 """
 import argparse
 import os
+import signal
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from mmengine.hooks import Hook
 
 from .checkpoint import CheckpointError
 from .run_folder import hold_workers_lock, resume_point
@@ -86,11 +91,21 @@ def _launcher() -> str:
 
 
 def _prepare_environment(cfg, launcher: str) -> None:
-    """Loaders that fit their worker count; on CPU processes: gloo process group and DDP without
-    device ids (mmengine assumes CUDA)."""
+    """Loaders that fit their worker count, and the process group, started here rather than in the
+    Runner so that the ranks can agree on things before it is built.  On CPU processes: gloo and DDP
+    without device ids (mmengine assumes CUDA)."""
     register_checkpoint_safe_globals()
     _fit_persistent_workers(cfg)
-    if launcher == "none" or torch.cuda.is_available():
+    if launcher == "none":
+        return
+    if torch.cuda.is_available():
+        from mmengine.dist import init_dist, is_distributed
+        from mmengine.utils.dl_utils import set_multi_processing
+
+        # as Runner.setup_env does it (which then finds the group started)
+        set_multi_processing(**cfg.env_cfg.get("mp_cfg", {}), distributed=True)
+        if not is_distributed():
+            init_dist(launcher, **cfg.env_cfg.get("dist_cfg", {}))
         return
     import torch.distributed as dist
 
@@ -174,9 +189,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     cfg = load_config(args.config, default_scope, args.cfg_options)
     cfg.work_dir = args.work_dir or _default_work_dir(task, Path(args.config).stem)
     cfg.launcher = _launcher()
-    # resume from --resume, else from the work dir's newest intact checkpoint (none: a fresh start)
     cfg.resume = True
-    cfg.load_from = args.resume or _newest_intact_checkpoint(cfg.work_dir)
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
@@ -187,17 +200,76 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     hold_workers_lock()
     _prepare_environment(cfg, cfg.launcher)
-    Runner.from_cfg(cfg).train()
+    cfg.load_from = _agreed_resume_point(args.resume, cfg.work_dir)
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(CheckpointOnSigterm())
+    runner.train()
 
 
-def _newest_intact_checkpoint(work_dir: str) -> Optional[str]:
-    """Where to resume: the work dir's newest checkpoint that loads (a corrupt latest one is named
-    and skipped), None for a fresh start."""
-    try:
-        path = resume_point("openmmlab", work_dir)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}") from err
-    return None if path is None else str(path)
+def _agreed_resume_point(requested: Optional[str], work_dir: str) -> Optional[str]:
+    """Where to resume: ``--resume``, else the work dir's newest checkpoint that loads (a corrupt
+    latest one is named and skipped), None for a fresh start.
+
+    Rank 0 decides and tells the others: nodes that read a shared folder at different moments
+    (node 0 still removing an old run, a file system's stale cache) would otherwise start at
+    different iterations and wait for each other forever.
+    """
+    from mmengine.dist import broadcast_object_list, get_rank
+
+    decision = [None, None]  # (checkpoint, error)
+    if get_rank() == 0:
+        try:
+            path = requested or resume_point("openmmlab", work_dir)
+            decision[0] = None if path is None else str(path)
+        except CheckpointError as err:
+            decision[1] = f"error: {err}"
+    broadcast_object_list(decision)
+    if decision[1]:
+        raise SystemExit(decision[1])
+    return decision[0]
+
+
+class CheckpointOnSigterm(Hook):
+    """On SIGTERM (what SLURM sends before preempting a job, and what torchrun passes on when it is
+    stopped), save a resumable checkpoint after the current iteration and end the run.
+
+    The signal may reach the ranks at different iterations, so they agree each iteration (a max
+    over a flag) and all stop after the same one: a rank that stopped alone would leave the others
+    waiting in their next all-reduce.  The checkpoint is named by mmengine's ``last_checkpoint``
+    pointer, where the launcher's resume looks first.
+    """
+
+    priority = "VERY_LOW"  # after the Runner's own checkpoint and logger hooks
+
+    def __init__(self):
+        self.signalled = False
+
+    def before_train(self, runner) -> None:
+        signal.signal(signal.SIGTERM, self._note_signal)
+
+    def _note_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        from mmengine.dist import all_reduce, is_main_process
+
+        flag = torch.tensor([int(self.signalled)], device=_collective_device())
+        all_reduce(flag, op="max")
+        if not flag.item():
+            return
+        iteration = runner.iter + 1
+        filename = f"iter_{iteration}.pth"
+        runner.save_checkpoint(runner.work_dir, filename, by_epoch=False)
+        path = os.path.join(runner.work_dir, filename)
+        if is_main_process():
+            with open(os.path.join(runner.work_dir, "last_checkpoint"), "w") as pointer:
+                pointer.write(path)
+        raise SystemExit(f"stopped by SIGTERM after iteration {iteration}; saved {path} to resume from")
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must live for the process group's collectives (NCCL: this rank's GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +323,10 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
     _prepare_environment(cfg, cfg.launcher)
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    load_model_checkpoint(model, args.checkpoint)
+    try:
+        load_model_checkpoint(model, args.checkpoint)
+    except CheckpointError as err:  # a wrong or broken file: one line, not a traceback
+        raise SystemExit(f"error: {err}") from err
     runner._has_loaded = True  # tells runner.test() not to look for another checkpoint
     return runner.test()
 

@@ -3,7 +3,8 @@
 #   source "$(dirname "$0")/../tools/launch_common.sh"
 #
 # Environment knobs (all optional):
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun (defaults: 1, 0, 127.0.0.1, Port)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun (defaults: 1, 0, 127.0.0.1, Port);
+#                                                with NNODES>1, MASTER_ADDR (node 0's address) is required
 #   PACAVIT_YES=1                                confirm deleting an old experiment (same as --yes)
 #   PYTHON                                       interpreter (default: the repo's .venv if present)
 #   PACAVIT_DEVICE=cpu                           force the CPU path even where CUDA is available
@@ -122,18 +123,61 @@ paca_resume_point() {
     PYTHONPATH="$PACAVIT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(paca_python)" -m models.run_folder resume-point "$1" "$2"
 }
 
+# Several nodes: every node's torchrun meets node 0 at MASTER_ADDR.  The single-node default
+# 127.0.0.1 would have each node wait for itself until killed, so it must be given.
+paca_check_nodes() {
+    local nnodes="${NNODES:-1}" node_rank="${NODE_RANK:-0}"
+    [[ "$nnodes" =~ ^[0-9]+$ && "$nnodes" -ge 1 ]] || paca_die "NNODES must be a positive integer, got '$nnodes'"
+    [[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$nnodes" ]] ||
+        paca_die "NODE_RANK must be 0..$((nnodes - 1)) with NNODES=$nnodes, got '$node_rank'"
+    (( nnodes == 1 )) || [[ -n "${MASTER_ADDR:-}" ]] ||
+        paca_die "NNODES=$nnodes needs MASTER_ADDR: set it on every node to node 0's address (e.g. MASTER_ADDR=\$(hostname -i) on node 0); the single-node default 127.0.0.1 would leave each node waiting for itself"
+}
+
+# paca_cuda_devices GPUS NB_GPUS: the CUDA_VISIBLE_DEVICES of the run.  GPUS lists device
+# numbers; a CUDA_VISIBLE_DEVICES inherited from the job (SLURM sets it to the GPUs it allocated)
+# is kept, and GPUS then counts within it, so a job never reaches a GPU it was not given.
+paca_cuda_devices() {
+    local gpus="$1" nb_gpus="$2" index allowed=() wanted=() chosen=()
+    IFS=, read -ra wanted <<<"$gpus"
+    for index in "${wanted[@]}"; do
+        [[ "$index" =~ ^[0-9]+$ ]] || paca_die "gpus must list device numbers like 0,1,2,3, got '$gpus'"
+    done
+    (( nb_gpus <= ${#wanted[@]} )) ||
+        paca_die "Nb_gpus=$nb_gpus but gpus '$gpus' lists ${#wanted[@]} device(s): list at least $nb_gpus GPUs or lower Nb_gpus"
+    if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        echo "$gpus"
+        return
+    fi
+    IFS=, read -ra allowed <<<"$CUDA_VISIBLE_DEVICES"
+    for index in "${wanted[@]}"; do
+        (( index < ${#allowed[@]} )) ||
+            paca_die "gpus '$gpus' names GPU $index, but this job may use only CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES (${#allowed[@]} GPU(s), set by SLURM or your shell); gpus counts within them: use 0..$((${#allowed[@]} - 1))"
+        chosen+=("${allowed[index]}")
+    done
+    (IFS=,; echo "${chosen[*]}")
+}
+
 # Choose devices from the launcher's Gpus / Nb_gpus arguments.  Sets PACA_NPROC and
 # PACA_DEVICE (cuda|cpu); on CUDA also CUDA_VISIBLE_DEVICES.  Without CUDA it falls back to
-# CPU processes (gloo backend) instead of failing.
+# CPU processes (gloo backend) instead of failing; PACAVIT_DEVICE=cpu hides the GPUs from the
+# processes, so nothing of the run (NCCL, SyncBN, mmengine's device choice) lands on them.
 paca_select_devices() {
     local gpus="$1" nb_gpus="$2" py
     [[ "$nb_gpus" =~ ^[0-9]+$ && "$nb_gpus" -ge 1 ]] || paca_die "Nb_gpus must be a positive integer, got '$nb_gpus'"
+    paca_check_nodes
     py="$(paca_python)"
     if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]] && "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-        export CUDA_VISIBLE_DEVICES="$gpus"
+        CUDA_VISIBLE_DEVICES="$(paca_cuda_devices "$gpus" "$nb_gpus")" || exit 2
+        export CUDA_VISIBLE_DEVICES
         PACA_DEVICE=cuda
     else
-        echo "note: no CUDA device visible; running $nb_gpus CPU process(es) with the gloo backend"
+        if [[ "${PACAVIT_DEVICE:-}" == "cpu" ]]; then
+            echo "note: PACAVIT_DEVICE=cpu; running $nb_gpus CPU process(es) with the gloo backend, GPUs hidden"
+            export CUDA_VISIBLE_DEVICES=""
+        else
+            echo "note: no CUDA device visible; running $nb_gpus CPU process(es) with the gloo backend"
+        fi
         PACA_DEVICE=cpu
         # share the cores between the processes instead of oversubscribing them
         local cores
@@ -147,23 +191,77 @@ paca_select_devices() {
     export PACA_DEVICE
 }
 
-# torchrun over a script: paca_torchrun PORT script.py args...
+# The processes' stderr on its way to the terminal: copied to FILE (for paca_training_failed)
+# and without the traceback torchrun prints when a signal stops it (the launcher says what
+# happened instead).  It ignores SIGTERM/SIGINT so that it outlives the processes it reports on.
+_paca_stderr_filter() {
+    trap '' TERM INT
+    exec awk -v copy="$1" '
+        function flush_block() { if (block != "") { printf "%s", block > "/dev/stderr"; printf "%s", block >> copy }; block = "" }
+        /^Traceback \(most recent call last\):/ { flush_block(); in_block = 1 }
+        in_block {
+            block = block $0 "\n"
+            if ($0 !~ /^[ \t]/ && $0 !~ /^Traceback/) {
+                if ($0 ~ /SignalException/) block = ""
+                flush_block(); in_block = 0
+            }
+            next
+        }
+        { print > "/dev/stderr"; print >> copy; fflush() }
+        END { flush_block() }'
+}
+
+# torchrun over a script: paca_torchrun PORT script.py args...  Its stderr is kept in
+# PACA_TORCHRUN_LOG; a SIGTERM/SIGINT to the launcher is left in PACA_STOPPED_BY (torchrun,
+# in the same process group, gets it too and stops its workers, who save where they are).
 paca_torchrun() {
     local port="$1" script="$2"
     shift 2
-    local py
+    local py rc
     py="$(paca_python)"
+    paca_check_nodes
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
+    PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
+    PACA_STOPPED_BY=""
+    trap 'PACA_STOPPED_BY=SIGTERM' TERM
+    trap 'PACA_STOPPED_BY=SIGINT' INT
     set -x
-    "$py" -m torch.distributed.run \
+    { "$py" -m torch.distributed.run \
         --nnodes="${NNODES:-1}" \
         --node_rank="${NODE_RANK:-0}" \
         --nproc_per_node="$PACA_NPROC" \
         --master_addr="${MASTER_ADDR:-127.0.0.1}" \
         --master_port="${MASTER_PORT:-$port}" \
-        "$script" "$@"
-    { local rc=$?; set +x; } 2>/dev/null
+        "$script" "$@" 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"; } 3>&1
+    { rc=${PIPESTATUS[0]}; set +x; } 2>/dev/null
+    trap - TERM INT
     return $rc
+}
+
+# paca_training_failed TASK DIR RESUME_HINT: the launcher's last word on a training that
+# stopped early (exits).  The resume hint follows only a stop that a resume continues (a
+# signal, a crash after a checkpoint); a reported `error:` (bad option, dataset, full disk)
+# would stop a resumed run the same way, so it is repeated instead, below torchrun's report.
+paca_training_failed() {
+    local task="$1" dir="$2" resume_hint="$3" error cause
+    if [[ -n "$PACA_STOPPED_BY" ]]; then
+        echo "stopped by $PACA_STOPPED_BY: $dir is kept with the checkpoint saved at the stop. $resume_hint" >&2
+        [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
+        exit 143
+    fi
+    error="$(grep -aoE '(^|: )error: .*' "$PACA_TORCHRUN_LOG" | tail -n 1 | sed 's/^: //' || true)"
+    if [[ -n "$error" ]]; then
+        echo "training failed: $error" >&2
+        echo "$dir is kept, but a resume would stop the same way: fix the cause and launch again" >&2
+        exit 1
+    fi
+    cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" | tail -n 1 || true)"
+    if [[ -n "$(paca_resume_point "$task" "$dir" 2>/dev/null)" ]]; then
+        echo "training stopped before the end${cause:+ ($cause)}; $dir is kept. $resume_hint" >&2
+    else
+        echo "training failed before its first checkpoint${cause:+: $cause}; fix the cause above and launch again" >&2
+    fi
+    exit 1
 }
 
 # Experiments of the OpenMMLab launchers (train_mmdet.sh / train_mmseg.sh) are marked finished by
@@ -171,6 +269,9 @@ paca_torchrun() {
 # never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), takes
 # the folder's lock, deletes an unfinished one on Remove_old=1 (with --yes) and otherwise keeps it
 # to resume from its newest intact checkpoint (left in PACA_RESUME_FROM; empty for a fresh start).
+# On several nodes sharing the folder, node 0 alone locks, removes and marks it finished; the
+# other nodes leave it as it is, and their processes resume from the checkpoint rank 0 chose
+# (models/openmmlab.py), so every node continues from the same one.
 PACA_FINISHED_MARK="FINISHED"
 
 paca_prepare_experiment() {
@@ -181,8 +282,12 @@ paca_prepare_experiment() {
         echo "$dir is a finished experiment; nothing to do"
         exit 0
     fi
-    paca_lock_run "$dir"
     PACA_RESUME_FROM=""
+    if [[ "${NODE_RANK:-0}" != 0 ]]; then
+        export PACAVIT_RUN_LOCK="$dir/$PACA_WORKERS_LOCK"
+        return
+    fi
+    paca_lock_run "$dir"
     if [[ "$remove_old" == 1 ]]; then
         paca_confirm_remove "$dir"
     else
@@ -220,6 +325,7 @@ paca_openmmlab_train() {
     shift 7
     paca_take_flags "$@"
     local work_dir resume_args=()
+    paca_check_nodes
     work_dir="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/$task/$exp/$(basename "$PACA_CONFIG" .py)_$tag"
     paca_prepare_experiment "$work_dir" "$remove_old"
     if [[ -n "$PACA_RESUME_FROM" ]]; then
@@ -228,11 +334,14 @@ paca_openmmlab_train() {
     paca_select_devices "$gpus" "$nb_gpus"
     if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" \
         "${resume_args[@]}" "${PACA_ARGS[@]}"; then
-        echo "training stopped before the end; $work_dir is kept: rerun with Remove_old=0 to resume it" >&2
-        exit 1
+        paca_training_failed openmmlab "$work_dir" "Rerun with Remove_old=0 to resume it."
     fi
-    paca_mark_finished "$work_dir"
-    echo "finished: $work_dir"
+    if [[ "${NODE_RANK:-0}" == 0 ]]; then
+        paca_mark_finished "$work_dir"
+        echo "finished: $work_dir"
+    else
+        echo "node ${NODE_RANK} done; node 0 marks $work_dir finished"
+    fi
 }
 
 # paca_openmmlab_test TASK ENTRY.py config checkpoint gpus nb_gpus port [others]

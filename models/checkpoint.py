@@ -11,7 +11,7 @@ Two functions, one policy:
   (code) is refused.  Every failure is one ``CheckpointError`` naming the file and what to do.
 * :func:`load_checkpoint` puts the weights into a model.  The match is exact, except for the
   layers the caller names in ``reinit`` (``"head"``: the classifier; ``"clustering"``: the
-  clustering layers, whose output size is the number of clusters; or any module path): those are
+  cluster output layers, whose output size is the number of clusters; or any module path): those are
   loaded where they fit and otherwise keep their fresh initialisation, and the checkpoint's
   tensors for them that the model has no place for are dropped.  Both are logged and returned in
   a :class:`LoadReport`.  Any other missing, unexpected or resized tensor raises.
@@ -24,14 +24,27 @@ routed here: it loads strictly and prefers EMA weights when a file has them.
 ``PACAVIT_CHECKPOINT_BASE_URL`` replaces the release prefix: an ``http(s)://`` or ``file://`` URL
 or a plain folder (mirrors, air-gapped sites, tests).  ``PACAVIT_CHECKPOINT_CACHE`` moves the
 download cache (default: ``$TORCH_HOME/hub/checkpoints``).
+
+Integrity (:func:`verify_checkpoint`, applied to every file before it is unpickled): the file must
+start as a checkpoint does (not as an error page, JSON or text), and each record of a zip-format
+checkpoint must match the CRC32 stored beside it.  Downloads are cached under the whole URL
+(``<cache>/<hash of the URL>/<file name>``), one process per machine fetches a file while the
+others wait on a lock beside it, a download shorter than its Content-Length or stalled for
+``$PACAVIT_DOWNLOAD_TIMEOUT`` seconds is refused and never cached, and a cached file that fails the
+check is removed and fetched again.
 """
 import argparse
+import codecs
+import fcntl
 import functools
+import hashlib
+import http.client
 import logging
 import os
 import pickle
-import re
+import tempfile
 import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -42,20 +55,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers.clustering import find_cluster_output_layers
+
 _logger = logging.getLogger(__name__)
 
 RELEASE_BASE_URL = "https://github.com/iVMCL/PaCaViT/releases/download/pacavit"
 BASE_URL_ENV = "PACAVIT_CHECKPOINT_BASE_URL"
 CACHE_ENV = "PACAVIT_CHECKPOINT_CACHE"
+TIMEOUT_ENV = "PACAVIT_DOWNLOAD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+CHUNK_BYTES = 1 << 20
+# A torch.save file is a zip archive (PK local header) or, in the legacy format, a pickle (protocol opcode).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
 
 STATE_DICT_KEYS = ("state_dict", "model")
 EMA_STATE_DICT_KEYS = ("state_dict_ema", "model_ema")
 # Wrapper prefixes: DDP (``module.``) and torch.compile (``_orig_mod.``), in either order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Named groups for ``reinit``; any other name is a module path (``stage4.0.attn.clustering``).
+# Named groups for ``reinit``: the module paths they stand for in a given model.  Any other name
+# is a module path itself (``stage4.0.attn.clustering``).  "clustering" is every cluster output
+# layer, found by module (models/layers/clustering.py), whatever the clustering kind.
 REINIT_GROUPS = {
-    "head": re.compile(r"^head\."),
-    "clustering": re.compile(r"(^|\.)clustering\.|^paca_teacher\.to_clusters\d+\."),
+    "head": lambda model: ["head"],
+    "clustering": lambda model: [path for path, _, _ in find_cluster_output_layers(model)],
 }
 
 Source = Union[str, os.PathLike]
@@ -114,47 +137,193 @@ def is_url(source: Source) -> bool:
     return _scheme(os.fspath(source)) in ("http", "https", "file")
 
 
+def _describe_non_checkpoint(head: bytes) -> str:
+    """What a file that does not start like a checkpoint holds, for the error message."""
+    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    try:
+        words = text.decode("utf-8")
+    except UnicodeDecodeError as e:  # binary data, or a character cut at the end of ``head``
+        words = text[:e.start].decode("utf-8")
+    if not words or "\0" in words:
+        return f"binary data, neither a zip archive nor a pickle (it begins with {head[:8].hex(' ')})"
+    kind = {"<": "an HTML/XML page", "{": "a JSON document", "[": "a JSON document"}.get(words[0], "a text file")
+    return f"{kind} beginning {words.splitlines()[0].strip()[:120]!r}"
+
+
 def _check_looks_like_checkpoint(path: str, origin: str):
-    """Catch the usual non-checkpoints (empty files, HTML error pages) before unpickling."""
+    """Catch the usual non-checkpoints (empty files, error pages, JSON or text answers) before
+    anything tries to unpickle them."""
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
         raise CheckpointError(f"{origin} is empty. Delete {path} and download or save it again.")
-    if head.lstrip().startswith(b"<"):
-        raise CheckpointError(
-            f"{origin} is an HTML/XML page, not a PyTorch checkpoint (a login, error or redirect page "
-            f"was saved instead of the file). Check the URL, or download the file by hand and pass its "
-            f"path; set {BASE_URL_ENV} to use a mirror."
-        )
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        return
+    raise CheckpointError(
+        f"{origin} is {_describe_non_checkpoint(head)}, not a PyTorch checkpoint (torch.save writes a zip "
+        f"archive or a pickle; a server that answers with an error or login page leaves such a file). "
+        f"Check the URL, or download the file by hand and pass its path; set {BASE_URL_ENV} to use a mirror."
+    )
 
 
-def download(url: str) -> str:
-    """Download ``url`` into the cache (once) and return the local path."""
+def verify_checkpoint(path: Source, origin: Optional[str] = None) -> None:
+    """Raise ``CheckpointError`` naming the file unless ``path`` looks like a PyTorch checkpoint and,
+    for the zip format that ``torch.save`` writes, every record matches its stored CRC32.
+
+    Reads the file once without unpickling anything.  Records saved without a checksum
+    (``torch.serialization.set_crc32_options(False)`` writes 0) and legacy pickle files, which carry
+    none, pass on their structure alone.  Used for downloads, cached files and every file that
+    :func:`read_checkpoint` opens (hence for the resume candidates of a run folder too).
+    """
+    path = os.fspath(path)
+    origin = origin or path
+    _check_looks_like_checkpoint(path, origin)
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return
+        try:
+            with zipfile.ZipFile(f) as archive:
+                for record in archive.infolist():
+                    if record.CRC == 0 and record.file_size:
+                        continue
+                    with archive.open(record) as data:  # zipfile raises BadZipFile at the end on a CRC mismatch
+                        while data.read(CHUNK_BYTES):
+                            pass
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+            raise CheckpointError(
+                f"{origin} is corrupt or truncated ({e}): its contents do not match the checksums stored in the "
+                f"file. If it was downloaded, delete it and download it again; if a run was writing it, that run "
+                f"was interrupted while saving: use an earlier checkpoint of the run."
+            ) from e
+
+
+def download_timeout() -> float:
+    """Seconds a download may wait to connect or for the next bytes: ``$PACAVIT_DOWNLOAD_TIMEOUT``."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise CheckpointError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds above 0; set e.g. {TIMEOUT_ENV}=300")
+    return seconds
+
+
+def cache_path(url: str) -> str:
+    """Where ``url`` is cached: ``<cache>/<16 hex digits of the URL's SHA-256>/<file name>``, so files
+    of the same name from different URLs (``runA/model_best.pth.tar``, ``runB/...``) stay apart."""
     filename = os.path.basename(urlparse(url).path) or "checkpoint.pth"
-    os.makedirs(cache_dir(), exist_ok=True)
-    dst = os.path.join(cache_dir(), filename)
-    if os.path.isfile(dst):
-        return dst
-    partial = dst + ".partial"
+    return os.path.join(cache_dir(), hashlib.sha256(url.encode()).hexdigest()[:16], filename)
+
+
+class _DownloadLock:
+    """An exclusive flock on ``<cache entry>.lock``: one download of a file per machine (per shared
+    filesystem); the other processes say that they wait, then find the file in the cache."""
+
+    def __init__(self, dst: str, url: str):
+        self.path, self.url = dst + ".lock", url
+
+    def __enter__(self):
+        self.file = open(self.path, "a+b")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _logger.warning("another process is downloading %s; waiting for it (lock %s)", self.url, self.path)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the flock; the lock file stays for the next ones
+
+
+def _fetch(url: str, dst: str):
+    """Download ``url`` to a partial file of this process, check it, then rename it to ``dst``."""
+    from tqdm import tqdm
+
+    timeout = download_timeout()
+    folder = os.path.dirname(dst)
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=f"{os.path.basename(dst)}.", suffix=".partial")
     _logger.info("downloading %s to %s", url, dst)
     try:
-        torch.hub.download_url_to_file(url, partial, progress=True)
-        _check_looks_like_checkpoint(partial, url)
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "pacavit-checkpoint-loader"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                expected = response.headers.get("Content-Length")
+                expected = int(expected) if expected and expected.isdigit() else None
+                received = 0
+                with tqdm(total=expected, unit="B", unit_scale=True, disable=None, desc=os.path.basename(dst)) as bar:
+                    while chunk := response.read(CHUNK_BYTES):
+                        out.write(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        if expected is not None and received != expected:
+            raise http.client.IncompleteRead(b"", expected - received)
+        verify_checkpoint(partial, origin=url)
         os.replace(partial, dst)
-    except (urllib.error.URLError, OSError) as e:
+    except CheckpointError:
+        raise
+    except http.client.IncompleteRead:
         raise CheckpointError(
-            f"could not download {url}: {e}. Check the network, set {BASE_URL_ENV} to a mirror (a URL "
-            f"or a folder), or download the file by hand and pass its local path."
-        ) from e
+            f"the download of {url} ended after {received} of {expected} bytes (the connection was cut); "
+            f"nothing was cached: run again to download it anew."
+        ) from None
+    except (TimeoutError, urllib.error.URLError) as e:
+        if isinstance(getattr(e, "reason", e), TimeoutError):
+            raise CheckpointError(
+                f"{url} did not answer for {timeout:g} s (the server stalled); nothing was cached. Try again, "
+                f"set {BASE_URL_ENV} to a mirror, or allow more time with {TIMEOUT_ENV}=<seconds>."
+            ) from e
+        raise _network_error(url, e) from e
+    except (http.client.HTTPException, OSError) as e:
+        raise _network_error(url, e) from e
     finally:
         if os.path.exists(partial):  # a failed or rejected download must not be reused
             os.remove(partial)
+
+
+def _network_error(url: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"could not download {url}: {e}. Check the network, set {BASE_URL_ENV} to a mirror (a URL "
+        f"or a folder), or download the file by hand and pass its local path."
+    )
+
+
+def download(url: str) -> str:
+    """Download ``url`` into the cache (once per machine) and return the local, verified path.
+
+    A cached file that fails :func:`verify_checkpoint` is removed and fetched again.  Only the
+    holder of the lock removes or replaces a cache entry; a rename is atomic, so readers see
+    either the old file or the new one."""
+    dst = cache_path(url)
+    if _intact_cache_entry(dst, url, remove=False):
+        return dst
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with _DownloadLock(dst, url):
+        # another process may have fetched it while this one waited
+        if not _intact_cache_entry(dst, url, remove=True):
+            _fetch(url, dst)
     return dst
 
 
+def _intact_cache_entry(dst: str, url: str, remove: bool) -> bool:
+    """Whether the cache holds an intact ``dst``; with ``remove`` (under the lock) a broken one goes."""
+    try:
+        verify_checkpoint(dst, origin=f"{dst} (cached from {url})")
+        return True
+    except FileNotFoundError:
+        return False
+    except CheckpointError as e:
+        if remove:
+            _logger.warning("%s; removing it and downloading it again", e)
+            os.remove(dst)
+        return False
+
+
 def resolve_checkpoint(source: Source) -> str:
-    """A local file for ``source``: a path, a ``file://`` URL, or an http(s) URL (downloaded into
-    the cache); release URLs go to the mirror first."""
+    """A local, verified (:func:`verify_checkpoint`) file for ``source``: a path, a ``file://`` URL,
+    or an http(s) URL (downloaded into the cache); release URLs go to the mirror first."""
     requested = os.fspath(source)
     source = mirror_url(requested)
     scheme = _scheme(source)
@@ -176,6 +345,7 @@ def resolve_checkpoint(source: Source) -> str:
     if not os.path.isfile(path):
         mirrored = f" ({BASE_URL_ENV} mirrors {requested} there)" if source != requested else ""
         raise CheckpointError(f"checkpoint file not found: {source}{mirrored}")
+    verify_checkpoint(path)
     return path
 
 
@@ -235,7 +405,6 @@ def read_checkpoint(source: Source, map_location="cpu") -> dict:
     whatever was imported before.  Failures raise ``CheckpointError`` naming the file.
     """
     path = resolve_checkpoint(source)
-    _check_looks_like_checkpoint(path, path)
     try:
         with torch.serialization.safe_globals(list(safe_globals())):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -285,11 +454,11 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> Dict[str, 
     return tensors
 
 
-def _reinit_matcher(reinit: Sequence[str]):
+def _reinit_matcher(reinit: Sequence[str], model: nn.Module):
     if isinstance(reinit, str):
         reinit = (reinit,)
-    patterns = [REINIT_GROUPS.get(name) or re.compile(rf"^{re.escape(name)}\.") for name in reinit]
-    return lambda key: any(p.search(key) for p in patterns)
+    prefixes = tuple(f"{path}." for name in reinit for path in (REINIT_GROUPS[name](model) if name in REINIT_GROUPS else [name]))
+    return lambda key: key.startswith(prefixes)
 
 
 def _backbone_subset(state_dict: Dict[str, torch.Tensor], own: Mapping, dropped: List[str]):
@@ -298,6 +467,11 @@ def _backbone_subset(state_dict: Dict[str, torch.Tensor], own: Mapping, dropped:
         return state_dict
     dropped.extend(k for k in state_dict if not k.startswith("backbone."))
     return {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+
+
+def _is_bare_backbone_for(state_dict: Mapping, own: Mapping) -> bool:
+    """A classification / backbone checkpoint given to a model with a ``backbone`` (a detector)?"""
+    return any(k.startswith("backbone.") for k in own) and not any(k.startswith("backbone.") for k in state_dict)
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -319,7 +493,7 @@ def fit_state_dict(
     """Match ``state_dict`` to ``model`` under the policy of :func:`load_checkpoint` without
     loading it: returns the tensors to load and the report.  Raises on a mismatch."""
     own = model.state_dict()
-    in_reinit = _reinit_matcher(reinit)
+    in_reinit = _reinit_matcher(reinit, model)
     report = LoadReport(source=source, loaded=[])
     state_dict = _backbone_subset(dict(state_dict), own, report.dropped)
     fitted = {}
@@ -348,6 +522,12 @@ def fit_state_dict(
             reinit_log.append(f"{key} (not in the checkpoint)")
         else:
             missing.append(key)
+    if missing and not fitted and _is_bare_backbone_for(state_dict, own):
+        raise CheckpointError(
+            f"{source} holds the weights of a bare backbone or classifier (no backbone.* tensors), not of a "
+            f"whole {type(model).__name__}: evaluate a checkpoint of the detector / segmentor itself; an "
+            f"ImageNet classifier initialises the backbone when training (model.backbone.init_cfg or pretrained)."
+        )
     if missing or unexpected or resized:
         def sample(keys: List[str]) -> str:
             return f"{len(keys)}" + (f" (e.g. {'; '.join(keys[:3])})" if keys else "")
@@ -374,6 +554,7 @@ def load_checkpoint(
     reinit: Sequence[str] = (),
     use_ema: bool = False,
     first_conv: Optional[str] = None,
+    name: Optional[str] = None,
 ) -> LoadReport:
     """Load ``source`` (anything :func:`read_checkpoint` takes, or a dict it returned) into ``model``.
 
@@ -388,10 +569,10 @@ def load_checkpoint(
     * wrapper prefixes (``module.``, ``_orig_mod.``) and, for a model without a ``backbone``, the
       ``backbone.`` part of a detector / segmentor checkpoint (the rest is dropped).
 
-    ``use_ema`` takes the EMA weights of a training checkpoint.  Anything else raises
-    ``CheckpointError`` naming the tensors and what to do.
+    ``use_ema`` takes the EMA weights of a training checkpoint.  ``name`` is what messages call a
+    dict ``source`` (its file).  Anything else raises ``CheckpointError`` naming the tensors and what to do.
     """
-    name = "the checkpoint" if isinstance(source, Mapping) else os.fspath(source)
+    name = name or ("the checkpoint" if isinstance(source, Mapping) else os.fspath(source))
     checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
     try:
         state_dict = extract_state_dict(checkpoint, use_ema)

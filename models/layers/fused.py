@@ -26,9 +26,17 @@ ATEN_CPU_CAPABILITY=avx2``): 0.81 -> 1.16-1.22.
 
 The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
 fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,
-TorchScript and compilation and CPU autocast, and for a dtype that ``cpu_fusion_support()`` lists
-for this CPU (bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module
-runs the plain PyTorch ops.  The plain model (without the transform) never calls these kernels.
+TorchScript and compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU
+(bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module runs the
+plain PyTorch ops.  The plain model (without the transform) never calls these kernels.
+
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a fused module computes in bfloat16 as
+autocast's linear / conv would (bfloat16 output), but from a bfloat16 copy of its weight and bias
+that it keeps between calls, where autocast casts the float32 weight again on every call.  The copy
+is made again when the parameter changes: an in-place update (optimizer step, ``load_state_dict``)
+moves its version counter, ``.to()`` / ``.data =`` give it new storage.  A write through ``.data``
+(``p.data.copy_(...)``) is invisible to both; after one, call ``fuse_for_cpu_inference`` again or
+``model.apply(fused.drop_weight_caches)``.
 """
 import functools
 from typing import Callable, Dict, FrozenSet, Optional, Tuple, Type
@@ -65,17 +73,64 @@ def _eager() -> bool:
                 or torch.compiler.is_compiling())
 
 
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a fused module may run its oneDNN kernel on input ``x`` (see the module docstring)."""
-    if not _eager():
-        return False
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and x.dtype in cpu_fusion_support()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-    )
+def kernel_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype in which a fused module runs its oneDNN kernel on input ``x``: CPU autocast's
+    dtype when it is on, else that of ``x`` and ``weight``; None: the plain ops (see the module
+    docstring)."""
+    if not _eager() or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        # autocast leaves float64 alone, and so do we
+        dtype = torch.get_autocast_dtype("cpu") if weight.dtype != torch.float64 else None
+    else:
+        dtype = x.dtype if x.dtype == weight.dtype else None
+    return dtype if dtype in cpu_fusion_support() else None
+
+
+class WeightCache(nn.Module):
+    """Base of the fused modules: ``weight`` / ``bias`` as the kernel takes them, in a given dtype,
+    kept while the parameters are unchanged (see the module docstring)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def __init__(self):
+        super().__init__()
+        self._cached: Optional[tuple] = None
+
+    def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as the kernel takes it (subclasses fold or reshape it)."""
+        return weight
+
+    def _fingerprint(self) -> tuple:
+        # the cache keeps a reference to each source tensor, so its storage cannot be freed and
+        # reused under the same address; the version counter sees in-place updates
+        return tuple((t.data_ptr(), t._version) if t is not None else None for t in (self.weight, self.bias))
+
+    def kernel_weights(self, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        key = (dtype, self._fingerprint())
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                weight = self.kernel_weight(self.weight).to(dtype).contiguous()
+                bias = None if self.bias is None else self.bias.to(dtype)
+            self._cached = (key, weight, bias, (self.weight, self.bias))
+        return self._cached[1], self._cached[2]
+
+    def weights_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The kept weights where the kernels may run (under autocast: no cast per call), else the
+        parameters themselves (autograd, tracing)."""
+        dtype = kernel_dtype(x, self.weight)
+        if dtype is None:
+            return self.kernel_weight(self.weight), self.bias
+        return self.kernel_weights(dtype)
+
+
+def drop_weight_caches(module: nn.Module) -> None:
+    """``model.apply(drop_weight_caches)``: forget the kept kernel weights (after ``p.data`` writes)."""
+    if isinstance(module, WeightCache):
+        module._cached = None
 
 
 def _fusable_act(act: nn.Module) -> bool:
@@ -91,7 +146,7 @@ def _post_op(act: Optional[nn.Module]) -> Tuple[str, list, str]:
     return "gelu", [], act.approximate
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(WeightCache):
     """``act(linear(x))`` with ``act`` None or GELU; oneDNN's fused kernel where it may run."""
 
     def __init__(self, linear: nn.Linear, act: Optional[nn.Module] = None):
@@ -102,12 +157,13 @@ class FusedLinear(nn.Module):
         self.post_op = _post_op(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_onednn(x, self.weight):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.post_op)
+        dtype = kernel_dtype(x, self.weight)
+        if dtype is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *self.kernel_weights(dtype), *self.post_op)
         return self.act(F.linear(x, self.weight, self.bias))
 
 
-class FusedConv2d(nn.Module):
+class FusedConv2d(WeightCache):
     """``act(conv(x) [+ x])`` for a stride-1 conv; ``residual`` folds the identity into the kernel.
 
     ``x + depthwise_conv(x)`` is one convolution whose kernel has 1 added at its centre tap: the
@@ -133,17 +189,21 @@ class FusedConv2d(nn.Module):
             identity[:, :, conv.padding[0], conv.padding[1]] = 1.0
             self.register_buffer("identity", identity, persistent=False)
 
+    def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.identity if self.residual else weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_onednn(x, self.weight):
-            weight = self.weight + self.identity if self.residual else self.weight
+        dtype = kernel_dtype(x, self.weight)
+        if dtype is not None:
+            weight, bias = self.kernel_weights(dtype)
             return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, self.bias, self.padding, [1, 1], [1, 1], self.groups, *self.post_op
+                x.to(dtype), weight, bias, self.padding, [1, 1], [1, 1], self.groups, *self.post_op
             )
         y = F.conv2d(x, self.weight, self.bias, padding=self.padding, groups=self.groups)
         return self.act(y + x if self.residual else y)
 
 
-class FusedPointwiseConv2d(nn.Module):
+class FusedPointwiseConv2d(WeightCache):
     """``act(conv1x1(x))`` computed as a fused linear layer over the NHWC pixels (a faster GEMM
     than a 1x1 convolution, and free of layout copies for a channels_last input)."""
 
@@ -155,10 +215,14 @@ class FusedPointwiseConv2d(nn.Module):
         self.act = act if act is not None else nn.Identity()
         self.post_op = _post_op(act)
 
+    def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_onednn(x, self.weight):
+        dtype = kernel_dtype(x, self.weight)
+        if dtype is not None:
             nhwc = torch.ops.mkldnn._linear_pointwise(
-                x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias, *self.post_op
+                x.to(dtype).permute(0, 2, 3, 1), *self.kernel_weights(dtype), *self.post_op
             )
             return nhwc.permute(0, 3, 1, 2)
         return self.act(F.conv2d(x, self.weight, self.bias))
@@ -170,7 +234,7 @@ def _channel_major_linear(tokens: torch.Tensor, weight: torch.Tensor, bias: Opti
     return out if bias is None else out + bias.unsqueeze(-1)
 
 
-class ChannelMajorLinear(nn.Module):
+class ChannelMajorLinear(WeightCache):
     """``linear(x)`` for (B, N, C) input, returned as the transpose of a contiguous (B, M, N)
     tensor: same values, but ``.transpose(1, 2)`` of the result is contiguous."""
 
@@ -180,10 +244,10 @@ class ChannelMajorLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channel_major_linear(x, self.weight, self.bias).transpose(1, 2)
+        return _channel_major_linear(x, *self.weights_for(x)).transpose(1, 2)
 
 
-class ChannelMajorConv2d(nn.Module):
+class ChannelMajorConv2d(WeightCache):
     """A 1x1 conv whose output is contiguous NCHW (for channels_last input too), so that
     ``flatten(2)`` of it is free."""
 
@@ -193,9 +257,12 @@ class ChannelMajorConv2d(nn.Module):
             raise ValueError("ChannelMajorConv2d takes 1x1 stride-1 convs without groups")
         self.weight, self.bias = conv.weight, conv.bias
 
+    def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
-        return _channel_major_linear(nchw_to_tokens(x), self.weight.flatten(1), self.bias).view(B, -1, H, W)
+        return _channel_major_linear(nchw_to_tokens(x), *self.weights_for(x)).view(B, -1, H, W)
 
 
 class FusedDWConv(nn.Module):
@@ -278,7 +345,7 @@ def _fuse_mlp(mlp: ConvMlp):
 
 
 def _fuse_conv_clustering(clustering: ConvClustering):
-    seq = clustering.clustering  # depthwise, act, pointwise, act, to_clusters
+    seq = clustering.clustering  # depthwise, act, pointwise, act, output layer
     if type(seq[0]) is not nn.Conv2d:
         return
     for i, fused_cls in ((0, FusedConv2d), (2, FusedPointwiseConv2d)):
@@ -286,23 +353,23 @@ def _fuse_conv_clustering(clustering: ConvClustering):
         seq[i] = fused_cls(seq[i], seq[i + 1] if fuse_act else None)
         if fuse_act:
             seq[i + 1] = nn.Identity()
-    seq[4] = ChannelMajorConv2d(seq[4])
+    clustering.replace_output_layer(ChannelMajorConv2d(clustering.output_layer))
 
 
 def _fuse_mlp_clustering(clustering: MlpClustering):
-    seq = clustering.clustering  # hidden, act, to_clusters
+    seq = clustering.clustering  # hidden, act, output layer
     if type(seq[0]) is not nn.Linear:
         return
     fuse_act = _fusable_act(seq[1])
     seq[0] = FusedLinear(seq[0], seq[1] if fuse_act else None)
     if fuse_act:
         seq[1] = nn.Identity()
-    seq[2] = ChannelMajorLinear(seq[2])
+    clustering.replace_output_layer(ChannelMajorLinear(clustering.output_layer))
 
 
 def _fuse_linear_clustering(clustering: LinearClustering):
-    if type(clustering.clustering[0]) is nn.Linear:
-        clustering.clustering[0] = ChannelMajorLinear(clustering.clustering[0])
+    if type(clustering.output_layer) is nn.Linear:
+        clustering.replace_output_layer(ChannelMajorLinear(clustering.output_layer))
 
 
 # How each module type is fused, in place.  A new fused layer is added here.

@@ -54,6 +54,8 @@ def conv_act_bn(conv: nn.Module, out_dim: int, act_layer=nn.GELU) -> nn.Sequenti
 
 
 class ConvMixerTeacher(nn.Module):
+    kind = "teacher"  # for find_cluster_output_layers (models/layers/clustering.py)
+
     def __init__(
         self,
         embed_dims: Tuple[int, ...],
@@ -75,6 +77,10 @@ class ConvMixerTeacher(nn.Module):
                 setattr(self, f"fpn{i + 1}", conv_mixer_layer(dim, kernel_size, act_layer))
             if num_clusters[i] > 0:
                 setattr(self, f"to_clusters{i + 1}", nn.Conv2d(dim, num_clusters[i], 1))
+
+    def named_cluster_outputs(self) -> List[Tuple[str, nn.Module]]:
+        """The per-stage heads that output the cluster-assignment logits (``to_clusters{i}``)."""
+        return [(name, child) for name, child in self.named_children() if name.startswith("to_clusters")]
 
     def forward(self, x: torch.Tensor) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
         """x: stem output (B, C, H, W).

@@ -94,8 +94,11 @@ class PaCaSegHead(BaseDecodeHead):
         clusters = assignments @ fused.flatten(2).transpose(1, 2)  # B M C
         keys, values = self.k(clusters), self.v(clusters)  # B channels M
         queries = self.q(fused).flatten(2).transpose(1, 2)  # B N channels
-        # unscaled single-head attention, as in the official head
-        attention = (queries @ keys).softmax(dim=-1)  # B N M
+        # unscaled single-head attention, as in the official head; its logits sum `channels` products,
+        # which overflow float16 under autocast (--amp), so they and their softmax are at least float32
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            precision = torch.promote_types(queries.dtype, torch.float32)
+            attention = (queries.to(precision) @ keys.to(precision)).softmax(dim=-1).to(values.dtype)  # B N M
         out = (values @ attention.transpose(1, 2)).unflatten(-1, tuple(size))  # B channels H W
         seg_logits = self.cls_seg(self.proj(out))
         if self.training:

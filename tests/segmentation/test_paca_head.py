@@ -71,3 +71,16 @@ def test_capture_records_assignments_without_changing_the_output(manifest, golde
     # a softmax over the pixels: each cluster's map sums to one
     torch.testing.assert_close(record["assignments"].sum(dim=(2, 3)), torch.ones(1, 150, dtype=torch.float64))
 
+
+def test_attention_logits_do_not_overflow_under_float16_autocast(manifest, golden_weights):
+    """The unscaled query-cluster logits sum 256 channel products: large features (here the golden
+    inputs x 400) push them past float16's 65504 (inf, then NaN after the softmax), so under --amp
+    they are computed in float32; the saturated attention then agrees with the float32 head."""
+    head = build_head(manifest, golden_weights).float().eval()
+    inputs = [400 * x.float() for x in golden_inputs(manifest, golden_weights)]
+    with torch.no_grad():
+        reference = head(inputs)
+        with torch.autocast("cpu", dtype=torch.float16):
+            mixed = head(inputs)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=1.0)

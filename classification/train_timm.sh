@@ -83,7 +83,7 @@ CUDA_ARGS=()
 if ! paca_torchrun "$PORT" "$CLS_DIR/train_timm.py" -c "$CONFIG" --model "$MODEL" --data-dir "$DATA_DIR" \
     --img-size "$IMG_SIZE" --workers "$WORKERS" --output "$RUN_DIR" --device "$PACA_DEVICE" \
     "${CUDA_ARGS[@]}" "${RESUME_ARGS[@]}" "${PACA_ARGS[@]}"; then
-    paca_training_failed classification "$RUN_DIR" "Continue it with Resume=1 (Remove_old=0)."
+    paca_training_failed classification "$RUN_DIR" "continue it with Resume=1 (Remove_old=0)"
 fi
 
 if [[ "${NODE_RANK:-0}" == "0" ]]; then

@@ -8,6 +8,7 @@ leaving an orphaned worker), until nothing of it is left.
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -183,3 +184,64 @@ def wait_until_free(run_dir: Path, timeout=120) -> None:
     while is_locked(run_dir / LAUNCHER_LOCK) or is_locked(run_dir / WORKERS_LOCK):
         assert time.time() < deadline, f"the processes of {run_dir} did not end"
         time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes on one host: two launchers of one run (NNODES=2, NODE_RANK 0 and 1) meeting at
+# 127.0.0.1, sharing the work dir as nodes share a file system.
+
+
+class TwoNodes:
+    """Node 0 and node 1 launchers of ``cmd``, each in its own session with its output in a file."""
+
+    def __init__(self, cmd, env, tmp_path: Path, cwd=None, name="nodes"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.logs = [tmp_path / f"{name}_node{rank}.log" for rank in (0, 1)]
+        self.jobs = []
+        # node 1 first: it must not touch the run folder node 0 owns, whenever it starts
+        for rank in (1, 0):
+            node_env = dict(env, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            with open(self.logs[rank], "w") as out:
+                self.jobs.insert(0, subprocess.Popen([str(c) for c in cmd], env=node_env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def output(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def wait(self, timeout=600) -> list:
+        """Both launchers' exit codes, once both have ended."""
+        try:
+            return [job.wait(timeout=timeout) for job in self.jobs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the two nodes did not finish:\n{self.output(0)[-3000:]}\n{self.output(1)[-3000:]}")
+
+    def wait_for_output(self, pattern: str, rank=0, timeout=300) -> None:
+        """Wait until node ``rank``'s output shows ``pattern`` (training logs come from node 0 only)."""
+        deadline = time.time() + timeout
+        while pattern not in self.output(rank):
+            assert all(job.poll() is None for job in self.jobs), f"a node ended before '{pattern}':\n{self.output(0)[-3000:]}"
+            assert time.time() < deadline, f"timed out waiting for '{pattern}':\n{self.output(0)[-3000:]}"
+            time.sleep(0.2)
+
+    def sigterm(self) -> None:
+        """What a scheduler does before preempting the job: SIGTERM to each launcher's process group."""
+        for job in self.jobs:
+            os.killpg(job.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        for job in self.jobs:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def check_sigterm_stop(output: str, hint: str) -> None:
+    """A launcher stopped by SIGTERM ends with its own line (and the resume hint), without the
+    traceback torchrun prints for the signal."""
+    assert "SignalException" not in output and "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: ") and hint in last, output[-3000:]

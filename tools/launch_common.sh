@@ -245,7 +245,7 @@ paca_torchrun() {
 paca_training_failed() {
     local task="$1" dir="$2" resume_hint="$3" error cause
     if [[ -n "$PACA_STOPPED_BY" ]]; then
-        echo "stopped by $PACA_STOPPED_BY: $dir is kept with the checkpoint saved at the stop. $resume_hint" >&2
+        echo "stopped by $PACA_STOPPED_BY: $dir is kept with the checkpoint saved at the stop: $resume_hint" >&2
         [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
         exit 143
     fi
@@ -257,7 +257,7 @@ paca_training_failed() {
     fi
     cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" | tail -n 1 || true)"
     if [[ -n "$(paca_resume_point "$task" "$dir" 2>/dev/null)" ]]; then
-        echo "training stopped before the end${cause:+ ($cause)}; $dir is kept. $resume_hint" >&2
+        echo "training stopped before the end${cause:+ ($cause)}; $dir is kept: $resume_hint" >&2
     else
         echo "training failed before its first checkpoint${cause:+: $cause}; fix the cause above and launch again" >&2
     fi
@@ -334,7 +334,7 @@ paca_openmmlab_train() {
     paca_select_devices "$gpus" "$nb_gpus"
     if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" \
         "${resume_args[@]}" "${PACA_ARGS[@]}"; then
-        paca_training_failed openmmlab "$work_dir" "Rerun with Remove_old=0 to resume it."
+        paca_training_failed openmmlab "$work_dir" "rerun with Remove_old=0 to resume it"
     fi
     if [[ "${NODE_RANK:-0}" == 0 ]]; then
         paca_mark_finished "$work_dir"

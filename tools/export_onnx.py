@@ -137,6 +137,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.img_size < MIN_SIZE:
         parser.error(f"--img-size must be at least {MIN_SIZE}: the last stage (stride 32) needs at least 2x2 tokens")
+    if args.out is not None and args.out.is_dir():  # found before the export, not after it
+        parser.error(f"--out {args.out} is a folder; give the file to write, e.g. --out {args.out / args.model}.onnx")
 
     model, class_names = build_model(args.model, args.checkpoint, args.use_ema)
     out = (args.out or REPO / "work_dirs" / "onnx" / f"{args.model}.onnx").resolve()

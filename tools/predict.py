@@ -9,17 +9,21 @@ Folders are searched recursively for jpg, jpeg, png, bmp and webp files.  For ea
 ``DIR/<stem>.png`` (the predictions drawn on the image; segmentation also ``DIR/<stem>_labels.png``,
 the class index of every pixel) and, for the whole run, ``DIR/predictions.json``.  An image that
 cannot be read is reported by name and skipped (exit code 1 at the end); the others are predicted.
+A DIR that holds an earlier run's ``predictions.json`` is refused unless ``--overwrite``, and so is a
+DIR another run is writing into (exit code 2, before any model loads).
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 TOOLS = Path(__file__).resolve().parent
@@ -29,11 +33,12 @@ if str(TOOLS) not in sys.path:
 import predict_tasks as tasks  # noqa: E402  (puts the repository and classification/ on sys.path)
 from cls_common import UsageError  # noqa: E402
 from models import CheckpointError  # noqa: E402
-from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, output_folders  # noqa: E402
+from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, output_folders, read_image  # noqa: E402
 
 _logger = logging.getLogger("predict")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PREDICTIONS = "predictions.json"
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -67,20 +72,6 @@ def find_images(inputs: Sequence[str], out: Path) -> List[str]:
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
     return found
-
-
-class ImageReadError(RuntimeError):
-    """An input image could not be decoded."""
-
-
-def read_image(source: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, turned upright by its EXIF orientation."""
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{type(e).__name__}: {e}") from e
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -135,9 +126,68 @@ def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tu
 
 
 def write_json(path: Path, predictor, entries: List[dict]):
+    """Written whole or not at all: a run killed while writing leaves no half a file."""
     document = dict(task=predictor.task, **predictor.header(), random_weights=predictor.random_weights,
                     images=entries, class_names=predictor.class_names)
-    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+
+
+# -- the output folder ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def claimed_output(out: Path, overwrite: bool) -> Iterator[None]:
+    """Create ``out`` and hold it for this run; every refusal is a UsageError, raised before any model loads.
+
+    A finished run's ``predictions.json`` is never replaced unless ``overwrite`` (then that run's
+    pictures go first); a second run into the folder is refused while this one holds it (an flock
+    on the folder, which the system drops however this process ends).  A folder this run created
+    and left empty (it failed before writing anything) is removed again.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folder = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"cannot create the --out folder {out} ({e.strerror}); choose another --out") from None
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            created = False  # the other run's folder
+            raise UsageError(f"another predict.py run is writing into {out}; wait for it to end or choose "
+                             f"another --out") from None
+        try:
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as e:
+            raise UsageError(f"cannot write into the --out folder {out} ({e.strerror}); choose another --out") from None
+        if (out / PREDICTIONS).exists():
+            if not overwrite:
+                raise UsageError(f"{out} holds the results of an earlier run ({PREDICTIONS}); pass --overwrite "
+                                 f"to replace them, or choose another --out")
+            remove_previous_run(out)
+        yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: this run wrote its results there
+                out.rmdir()
+        os.close(folder)  # releases the lock
+
+
+def remove_previous_run(out: Path) -> None:
+    """The pictures listed in ``out``'s predictions.json, then the file (``--overwrite``)."""
+    previous = out / PREDICTIONS
+    try:
+        entries = json.loads(previous.read_text())["images"]
+        names = [name for entry in entries for name in entry.get("outputs", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        names = []  # not a predictions.json this tool wrote: only the file itself is replaced
+    for name in names:
+        if isinstance(name, str) and Path(name).name == name:  # files of the folder itself, nothing elsewhere
+            (out / name).unlink(missing_ok=True)
+    previous.unlink()
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -151,7 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files and folders (searched recursively); sklearn:china.jpg and "
                              "sklearn:flower.jpg are scikit-learn's sample photos")
-    common.add_argument("--out", required=True, type=Path, help="output folder")
+    common.add_argument("--out", required=True, type=Path,
+                        help="output folder (created); one that holds an earlier run's predictions.json is refused")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier run in --out (its pictures and predictions.json)")
     common.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     common.add_argument("--clusters", action="store_true",
                         help="draw the PaCa clusters of the backbone's last clustering stage beside each prediction")
@@ -184,19 +237,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.task == "classify":
         torch.manual_seed(args.seed)
-    try:
-        sources = find_images(args.inputs, args.out)
-        predictor = build_predictor(args)
-    except (CheckpointError, FileNotFoundError, ValueError, UsageError) as e:
-        _logger.error("error: %s", e)
-        return 2
-    if predictor.random_weights:
-        _logger.warning("no --checkpoint: random weights, the predictions mean nothing (the pictures say so)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    entries, skipped = predict_all(predictor, sources, args.out, args.batch_size)
-    write_json(args.out / "predictions.json", predictor, entries)
-    _logger.info("predicted %d of %d images; pictures and predictions.json in %s", len(sources) - len(skipped),
-                 len(sources), args.out)
+    with contextlib.ExitStack() as run:
+        try:
+            sources = find_images(args.inputs, args.out)
+            run.enter_context(claimed_output(args.out, args.overwrite))
+            predictor = build_predictor(args)
+        except (CheckpointError, FileNotFoundError, ValueError, UsageError) as e:
+            _logger.error("error: %s", e)
+            return 2
+        if predictor.random_weights:
+            _logger.warning("no --checkpoint: random weights, the predictions mean nothing (the pictures say so)")
+        entries, skipped = predict_all(predictor, sources, args.out, args.batch_size)
+        write_json(args.out / PREDICTIONS, predictor, entries)
+    _logger.info("predicted %d of %d images; pictures and %s in %s", len(sources) - len(skipped), len(sources),
+                 PREDICTIONS, args.out)
     if skipped:
         _logger.error("%d of %d images could not be read and were skipped: %s", len(skipped), len(sources),
                       ", ".join(skipped))

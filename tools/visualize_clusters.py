@@ -40,10 +40,13 @@ REPO = TOOLS.parent
 for path in (REPO, TOOLS):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+if str(REPO / "classification") not in sys.path:  # cls_common (after REPO: ``models`` is found there)
+    sys.path.append(str(REPO / "classification"))
 
 import timm  # noqa: E402
 
 import cluster_figures as figures  # noqa: E402
+from cls_common import to_rgb8  # noqa: E402
 import models  # noqa: E402  (importing it registers the pacavit_* models with timm)
 from models import CheckpointError, capture_maps, load_checkpoint  # noqa: E402
 
@@ -84,21 +87,29 @@ class ImageReadError(RuntimeError):
     """An input image could not be read (the other images of a folder are still drawn)."""
 
 
+def read_image(source: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file, turned upright by its EXIF orientation; 16-bit and
+    32-bit images are scaled to 8 bits by their bit depth (``cls_common.to_rgb8``)."""
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return np.asarray(to_rgb8(ImageOps.exif_transpose(image), source))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{type(e).__name__}: {e}") from e
+
+
 def load_image(source: str, size: int) -> np.ndarray:
     """RGB float image in [0, 1], shorter side resized to ``size`` and centre-cropped to a square.
 
     ``sklearn:NAME`` reads one of scikit-learn's bundled sample photos (china.jpg, flower.jpg).
     """
-    try:
-        if source.startswith(SKLEARN_PREFIX):
-            from sklearn.datasets import load_sample_image
+    if source.startswith(SKLEARN_PREFIX):
+        from sklearn.datasets import load_sample_image
 
-            image = Image.fromarray(load_sample_image(source[len(SKLEARN_PREFIX):]))
-        else:
-            image = Image.open(source)
-        image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
-    except OSError as e:
-        raise ImageReadError(f"cannot read {source}: {e}") from e
+        rgb = load_sample_image(source[len(SKLEARN_PREFIX):])
+    else:
+        rgb = read_image(source)
+    image = ImageOps.fit(Image.fromarray(rgb), (size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -426,7 +437,7 @@ def main(argv=None) -> int:
         try:
             written = explain(subject, source, folder, settings, args.device)
         except ImageReadError as e:
-            _logger.error("[%d/%d] %s: skipped (%s)", i, len(sources), source, e)
+            _logger.error("[%d/%d] %s: skipped (cannot read it as an image: %s)", i, len(sources), source, e)
             failed.append(source)
             continue
         rate = i / (time.time() - start)

@@ -30,7 +30,10 @@ from timm.models._features import feature_take_indices
 from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, PaCaStage
 
-__all__ = ["PaCaViT", "PaCaViTDownstream", "PaCaStage", "PaCaBlock", "VARIANTS", "checkpoint_filter_fn", "create_downstream"]
+__all__ = [
+    "PaCaViT", "PaCaViTDownstream", "PaCaStage", "PaCaBlock", "VARIANTS", "IMAGENET_DROP_PATH_RATE",
+    "checkpoint_filter_fn", "create_downstream",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -318,7 +321,7 @@ class PaCaViT(nn.Module):
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC', got {}".format(output_fmt))
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         outs = self._forward_stages(x, max_index if stop_early or intermediates_only else self.num_stages - 1)
-        intermediates = [outs[i].permute(0, 3, 1, 2) if output_fmt == "NCHW" else outs[i] for i in take_indices]
+        intermediates = [nhwc_to_contiguous_nchw(outs[i]) if output_fmt == "NCHW" else outs[i] for i in take_indices]
         if intermediates_only:
             return intermediates
         return outs[-1], intermediates
@@ -346,6 +349,16 @@ class PaCaViT(nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def nhwc_to_contiguous_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) stage output -> contiguous (B, C, H, W) feature map.
+
+    A bare ``permute`` would hand out a channels_last view, and mmcv's ops (RoIAlign's CPU kernel
+    and CUDA launcher among them) index their input's memory as contiguous NCHW without checking
+    the strides: Mask R-CNN then pools scrambled features.  One copy here serves every consumer.
+    """
+    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def _check_global_pool(global_pool: str) -> str:
@@ -406,7 +419,7 @@ class PaCaViTDownstream(PaCaViT):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         outs = self._forward_stages(x, max(self.out_indices))
-        return [outs[i].permute(0, 3, 1, 2) for i in self.out_indices]
+        return [nhwc_to_contiguous_nchw(outs[i]) for i in self.out_indices]
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -450,6 +463,11 @@ VARIANTS: Dict[str, dict] = {
         "base", depths=(3, 3, 16, 3), num_clusters=(100, 100, 100, 100), teacher_depths=(2, 2, 4, 2)
     ),
 }
+
+# The stochastic-depth rate each variant is trained with on ImageNet: the official model table fixes
+# it per variant (Base 0.5, every other row 0.1).  train_timm.py uses it unless --drop-path is given;
+# the models themselves default to 0 (timm's convention: the recipe sets it).
+IMAGENET_DROP_PATH_RATE = {name: 0.5 if name == "pacavit_base_p2cconv_100_0" else 0.1 for name in VARIANTS}
 
 # Released ImageNet checkpoints (file names under the release URL).  The seed README lists the
 # [100,81,64,49] file for the [100,100,100,100] row too; that link is kept as published.

@@ -5,6 +5,8 @@ The same for export_onnx.py's --out."""
 import errno
 import json
 import logging
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 import export_onnx
 import predict
 import visualize_clusters
-from .conftest import generated_image
+from .conftest import TOOLS, generated_image
 
 MODEL = "pacavit_tiny_p2cconv_100_0"
 
@@ -72,6 +74,7 @@ def test_values_beyond_the_bit_depth_are_stretched_with_a_warning_naming_the_fil
     assert np.array_equal(np.argsort(stretched, axis=None, kind="stable"), np.argsort(values, axis=None, kind="stable"))
 
 
+@pytest.mark.slow
 def test_a_16_bit_png_is_predicted_as_its_8_bit_version(grey, tmp_path):
     _, eight_bit, sixteen_bit = grey
     assert classify(eight_bit, sixteen_bit, out=tmp_path / "out") == 0
@@ -80,6 +83,7 @@ def test_a_16_bit_png_is_predicted_as_its_8_bit_version(grey, tmp_path):
 
 
 # -- the output folder ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_finished_run_is_kept_unless_overwrite_and_then_replaced_whole(grey, tmp_path, monkeypatch, caplog):
     _, eight_bit, sixteen_bit = grey
     out = tmp_path / "out"
@@ -99,14 +103,22 @@ def test_a_finished_run_is_kept_unless_overwrite_and_then_replaced_whole(grey, t
     assert sorted(p.name for p in out.iterdir()) == ["grey16.png", "predictions.json"]  # the earlier picture went
 
 
-def test_a_second_run_into_a_folder_being_written_is_refused(grey, tmp_path, no_model, caplog):
+def test_a_second_run_into_a_folder_another_process_holds_is_refused_until_it_ends(grey, tmp_path, no_model, caplog):
     out = tmp_path / "out"
-    # the first run holds the folder as predict.main does; flock treats two opens of the folder
-    # as two owners even in one process, exactly as in two processes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, predict; from pathlib import Path\n"
+                               "with predict.claimed_output(Path(sys.argv[1]), False):\n"
+                               "    print('held', flush=True); sys.stdin.read()", str(out)],
+        cwd=TOOLS, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert classify(grey[1], out=out) == 2
+        assert f"another predict.py run is writing into {out}" in caplog.text
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait(timeout=60)
     with predict.claimed_output(out, overwrite=False):
-        assert classify(grey[1], out=out, extra=["--overwrite"]) == 2
-        assert out.is_dir()  # still the first run's
-    assert f"another predict.py run is writing into {out}" in caplog.text
+        assert out.is_dir()
 
 
 def test_an_unusable_out_is_one_line_with_the_usage_exit_code(grey, tmp_path, no_model, monkeypatch, caplog):

@@ -11,7 +11,8 @@ What this adds on top of mmengine's Runner:
 * work dirs under ``work_dirs/<task>/`` (root overridable with env ``PACAVIT_WORK_DIRS``);
 * the launcher is read from torchrun's environment, and CPU processes use the gloo backend
   (mmengine would call ``torch.cuda.set_device`` and wrap DDP with a CUDA device id);
-* automatic resume from the work dir, ``--amp`` refused without CUDA, ``--auto-scale-lr``; rank 0
+* automatic resume from the work dir, fp16 AMP on CUDA unless ``--no-amp`` (``--amp`` refused
+  without CUDA), ``--auto-scale-lr``; rank 0
   chooses the checkpoint and tells the other ranks, so every node of a run resumes from the same one;
 * SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops;
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
@@ -171,12 +172,22 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
         "--resume", metavar="CHECKPOINT",
         help="resume from this checkpoint (default: resume from the work dir's latest checkpoint, if any)",
     )
-    parser.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA only)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="fp16 mixed precision (AmpOptimWrapper), as the official launchers train (default: on with CUDA, "
+             "off on CPU; --no-amp trains in float32)",
+    )
     parser.add_argument(
         "--auto-scale-lr", action="store_true",
         help="scale the learning rate by (total batch size / auto_scale_lr.base_batch_size)",
     )
     return parser
+
+
+def amp_enabled(amp_flag: Optional[bool], cuda: bool) -> bool:
+    """fp16 AMP by default where it runs (CUDA), as the official launchers (``--amp``) train;
+    ``--amp`` / ``--no-amp`` decide otherwise."""
+    return cuda if amp_flag is None else amp_flag
 
 
 def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> None:
@@ -190,7 +201,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     cfg.work_dir = args.work_dir or _default_work_dir(task, Path(args.config).stem)
     cfg.launcher = _launcher()
     cfg.resume = True
-    if args.amp:
+    if amp_enabled(args.amp, torch.cuda.is_available()):
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if args.auto_scale_lr:
@@ -260,10 +271,11 @@ class CheckpointOnSigterm(Hook):
         iteration = runner.iter + 1
         filename = f"iter_{iteration}.pth"
         runner.save_checkpoint(runner.work_dir, filename, by_epoch=False)
+        if not is_main_process():
+            raise SystemExit(128 + signal.SIGTERM)
         path = os.path.join(runner.work_dir, filename)
-        if is_main_process():
-            with open(os.path.join(runner.work_dir, "last_checkpoint"), "w") as pointer:
-                pointer.write(path)
+        with open(os.path.join(runner.work_dir, "last_checkpoint"), "w") as pointer:
+            pointer.write(path)
         raise SystemExit(f"stopped by SIGTERM after iteration {iteration}; saved {path} to resume from")
 
 

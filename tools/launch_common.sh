@@ -195,6 +195,7 @@ paca_select_devices() {
 # and without the traceback torchrun prints when a signal stops it (the launcher says what
 # happened instead).  It ignores SIGTERM/SIGINT so that it outlives the processes it reports on.
 _paca_stderr_filter() {
+    { set +x; } 2>/dev/null  # the launcher traces the torchrun command, not this filter
     trap '' TERM INT
     exec awk -v copy="$1" '
         function flush_block() { if (block != "") { printf "%s", block > "/dev/stderr"; printf "%s", block >> copy }; block = "" }
@@ -222,9 +223,10 @@ paca_torchrun() {
     paca_check_nodes
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
+    trap 'rm -f -- "$PACA_TORCHRUN_LOG"' EXIT
     PACA_STOPPED_BY=""
-    trap 'PACA_STOPPED_BY=SIGTERM' TERM
-    trap 'PACA_STOPPED_BY=SIGINT' INT
+    trap '{ PACA_STOPPED_BY=SIGTERM; } 2>/dev/null' TERM
+    trap '{ PACA_STOPPED_BY=SIGINT; } 2>/dev/null' INT
     set -x
     { "$py" -m torch.distributed.run \
         --nnodes="${NNODES:-1}" \

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_folder_checks import check_num_workers_zero, refused_while_running, write_broken_checkpoint, zoo_configs
+from models.run_folder import resume_point
+from tests.run_folder_checks import (
+    TwoNodes,
+    check_num_workers_zero,
+    check_sigterm_stop,
+    refused_while_running,
+    write_broken_checkpoint,
+    zoo_configs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SEGMENTATION = REPO / "segmentation"
@@ -159,3 +167,34 @@ def test_one_launcher_per_run_folder_and_no_resume_loop(env, tmp_path, free_port
     assert f"{work_dir / 'iter_1.pth'} is not a readable PyTorch checkpoint" in output
     assert f"rm {work_dir / 'iter_1.pth'} {work_dir / 'last_checkpoint'}" in output
     assert "rerun with Remove_old=0" not in output
+
+
+@pytest.mark.slow
+def test_two_nodes_stop_on_sigterm_and_resume_to_the_end(env, tmp_path):
+    """Two launchers of one run (NNODES=2) on this host: node 0 alone removes the old run, SIGTERM
+    saves a checkpoint and each launcher says so, and the relaunched nodes resume from it and finish."""
+    work_dir = experiment_dir(env, PACAHEAD_TINY)
+    work_dir.mkdir(parents=True)
+    (work_dir / "old.log").write_text("an unfinished earlier run")
+
+    def launch(remove_old, iters):
+        return [SEGMENTATION / "train_mmseg.sh", PACAHEAD_TINY, remove_old, "ci", "tiny", "0", "1", "0", "--yes",
+                "--cfg-options", *TRAIN_SMALL, f"train_cfg.max_iters={iters}", "default_hooks.checkpoint.interval=1000"]
+
+    nodes = TwoNodes(launch("1", 100000), env, tmp_path, cwd=REPO, name="preempted")
+    nodes.wait_for_output("Iter(train) [")
+    nodes.sigterm()
+    assert nodes.wait() == [143, 143]
+    for rank in (0, 1):
+        check_sigterm_stop(nodes.output(rank), "rerun with Remove_old=0 to resume it")
+    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
+    saved = resume_point("openmmlab", work_dir)
+    iteration = int(saved.stem.split("_")[1])
+    assert saved == work_dir / f"iter_{iteration}.pth" and iteration >= 1
+
+    nodes = TwoNodes(launch("0", iteration + 1), env, tmp_path, cwd=REPO, name="resumed")
+    assert nodes.wait() == [0, 0], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]
+    assert f"finished: {work_dir}" in nodes.output(0)
+    assert f"node 1 done; node 0 marks {work_dir} finished" in nodes.output(1)
+    assert (work_dir / "FINISHED").is_file() and (work_dir / f"iter_{iteration + 1}.pth").is_file()
+    assert [record["iter"] for record in logged_losses(work_dir)] == [iteration + 1]

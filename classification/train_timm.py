@@ -54,7 +54,7 @@ from timm.utils import (
 
 import cls_common
 from cls_common import UsageError
-from models.checkpoint import read_checkpoint
+from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.run_folder import hold_workers_lock
 from plots import plot_training_curves
 
@@ -391,6 +391,11 @@ def resume(args, model, optimizer, scaler, model_ema, class_names):
     if saved_names is not None and list(saved_names) != class_names:
         raise UsageError(f"{args.resume} was trained on the classes {list(saved_names)[:5]}..., "
                          f"but {args.data_dir} now has {class_names[:5]}...: the dataset changed")
+    try:
+        fit_state_dict(checkpoint["state_dict"], model, source=args.resume)
+    except CheckpointError as err:
+        raise UsageError(f"--resume {args.resume} does not hold the weights of --model {args.model} with these "
+                         f"options: resume with the --model and model options of the run that saved it ({err})") from err
     model.load_state_dict(checkpoint["state_dict"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and scaler.state_dict_key in checkpoint:

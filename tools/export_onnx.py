@@ -62,7 +62,7 @@ def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
     head = extract_state_dict(raw, use_ema).get("head.weight")
     # a fine-tuned classifier has its own class count: the head is built to fit, and nothing is re-initialised
     model = timm.create_model(name, num_classes=0 if head is None else head.shape[0])
-    models.load_checkpoint(model, raw, use_ema=use_ema)
+    models.load_checkpoint(model, raw, use_ema=use_ema, name=checkpoint)
     return model.eval(), raw.get("class_names")
 
 
@@ -140,7 +140,10 @@ def main(argv=None):
     if args.out is not None and args.out.is_dir():  # found before the export, not after it
         parser.error(f"--out {args.out} is a folder; give the file to write, e.g. --out {args.out / args.model}.onnx")
 
-    model, class_names = build_model(args.model, args.checkpoint, args.use_ema)
+    try:
+        model, class_names = build_model(args.model, args.checkpoint, args.use_ema)
+    except models.CheckpointError as err:  # a missing, broken or mismatched file: one line naming it
+        raise SystemExit(f"error: {err}") from err
     out = (args.out or REPO / "work_dirs" / "onnx" / f"{args.model}.onnx").resolve()
     metadata = {"model_name": args.model}
     if class_names:

@@ -205,13 +205,13 @@ def quiet_construction():
         yield
 
 
-def load_openmmlab_weights(model: torch.nn.Module, checkpoint: str, cfg, datasets_registry) -> dict:
+def load_openmmlab_weights(model: torch.nn.Module, checkpoint: Optional[str], cfg, datasets_registry) -> dict:
     """Load ``checkpoint`` exactly into ``model``; returns the dataset meta (classes, palette).
 
     The class names come from the checkpoint's meta (mmengine Runner files) or, for released files
-    without it, from the config's dataset (COCO or ADE20K).
+    without it, from the config's dataset (COCO or ADE20K).  Without ``checkpoint`` the weights stay random.
     """
-    contents = load_checkpoint(model, checkpoint).checkpoint
+    contents = load_checkpoint(model, checkpoint).checkpoint if checkpoint else {}
     meta = dict(datasets_registry.get(cfg.test_dataloader.dataset.type).METAINFO)
     meta.update((contents.get("meta") or {}).get("dataset_meta") or {})
     return meta
@@ -220,9 +220,7 @@ def load_openmmlab_weights(model: torch.nn.Module, checkpoint: str, cfg, dataset
 class _OpenMMLabPredictor:
     """Shared by ``Detector`` and ``Segmenter``: the inferencer, its weights, names and clusters."""
 
-    random_weights = False  # --checkpoint is required
-
-    def __init__(self, inferencer, checkpoint: str, cfg, datasets_registry, device: str, clusters: bool):
+    def __init__(self, inferencer, checkpoint: Optional[str], cfg, datasets_registry, device: str, clusters: bool):
         self.inferencer = inferencer
         self.inferencer.show_progress = False  # tools/predict.py shows one bar for the whole run
         self.model = inferencer.model
@@ -232,8 +230,9 @@ class _OpenMMLabPredictor:
         self.colours = drawing.class_colours(len(self.class_names), meta.get("palette"))
         for_device(self.model, device)
         self.checkpoint = checkpoint
+        self.random_weights = checkpoint is None  # tools/predict.py requires one; tools/explore.py not
         self.clusters = clusters
-        self.title = Path(cfg.filename).stem
+        self.title = Path(cfg.filename).stem + weights_note(self.random_weights)
 
     def header(self) -> dict:
         return dict(model=self.title, checkpoint=self.checkpoint)

@@ -2,10 +2,17 @@
 site, a mirror folder or a file:// mirror), official training checkpoints, OpenMMLab Runner
 checkpoints, and the exact-or-named-reinit policy."""
 import argparse
+import codecs
+import fcntl
 import logging
 import os
+import struct
 import subprocess
 import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +22,9 @@ from timm.models import adapt_input_conv
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import models
-from models.checkpoint import CheckpointError, RELEASE_BASE_URL, load_checkpoint, read_checkpoint, release_url
+from models.checkpoint import (
+    CheckpointError, RELEASE_BASE_URL, cache_path, load_checkpoint, read_checkpoint, release_url, verify_checkpoint
+)
 from models.paca_vit import RELEASED_IMAGENET, create_downstream
 
 NAME = "pacavit_tiny_p2cconv_100_0"
@@ -54,8 +63,8 @@ def test_pretrained_downloads_caches_and_loads(release_server, tmp_path, wrap):
     torch.save(ckpt, release_server / RELEASED_IMAGENET[NAME])
     model = timm.create_model(NAME, pretrained=True)
     _same_weights(model, ckpt[wrap] if wrap else ckpt)
-    cached = tmp_path / "cache" / RELEASED_IMAGENET[NAME]
-    assert cached.is_file()
+    cached = cache_path(release_url(RELEASED_IMAGENET[NAME]))
+    assert cached.startswith(str(tmp_path / "cache")) and os.path.isfile(cached)
     # Second time: served from the cache even with the server gone.
     (release_server / RELEASED_IMAGENET[NAME]).unlink()
     _same_weights(timm.create_model(NAME, pretrained=True), ckpt[wrap] if wrap else ckpt)
@@ -114,7 +123,7 @@ def test_html_page_instead_of_checkpoint(release_server, tmp_path):
     (release_server / RELEASED_IMAGENET[NAME]).write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
     with pytest.raises(CheckpointError, match="HTML"):
         timm.create_model(NAME, pretrained=True)
-    assert not list((tmp_path / "cache").glob("*.pth")), "a bad download must not stay in the cache"
+    assert not list((tmp_path / "cache").glob("**/*.pth")), "a bad download must not stay in the cache"
 
 
 def test_missing_url_is_a_clear_error(release_server):
@@ -408,3 +417,327 @@ def test_in_chans_adapts_the_stem_of_an_rgb_checkpoint(tmp_path, in_chans):
     torch.testing.assert_close(state[stem], adapt_input_conv(in_chans, ckpt["state_dict"][stem]))
     _same_weights(model, {**ckpt["state_dict"], stem: state[stem]})
     assert model.eval()(torch.randn(1, in_chans, 64, 64)).shape == (1, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: checksums of the zip records, checked before anything is unpickled
+
+
+def _flip_bytes_in_largest_record(path, count=8):
+    """Damage ``count`` bytes in the middle of a checkpoint's largest tensor, leaving the zip
+    structure intact: torch.load still reads such a file, with wrong weights."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)  # local header: name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        start = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        f.seek(start)
+        damaged = bytes(b ^ 0xFF for b in f.read(count))
+        f.seek(start)
+        f.write(damaged)
+
+
+def test_flipped_bytes_are_refused_naming_the_file(tmp_path):
+    path = tmp_path / "flipped.pth"
+    torch.save(_official_checkpoint(NAME), path)
+    _flip_bytes_in_largest_record(path)
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    for load in (lambda: read_checkpoint(path), lambda: load_checkpoint(timm.create_model(NAME), path),
+                 lambda: verify_checkpoint(path)):
+        with pytest.raises(CheckpointError, match=rf"{path} is corrupt .*Bad CRC-32"):
+            load()
+
+
+def test_checkpoints_saved_without_checksums_still_load(tmp_path):
+    path = tmp_path / "no_crc.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(_official_checkpoint(NAME), path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    _same_weights(timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                  _official_checkpoint(NAME)["state_dict"])
+
+
+def test_a_broken_cached_file_is_removed_and_fetched_again(release_site, caplog):
+    ckpt = _official_checkpoint(NAME)
+    torch.save(ckpt, release_site.root / RELEASED_IMAGENET[NAME])
+    url = release_url(RELEASED_IMAGENET[NAME])
+    read_checkpoint(url)
+    cached = cache_path(url)
+    _flip_bytes_in_largest_record(cached)
+    with caplog.at_level(logging.WARNING):
+        _same_weights(timm.create_model(NAME, pretrained=True), ckpt["state_dict"])
+    assert f"{cached} (cached from {url}) is corrupt" in caplog.text and "downloading it again" in caplog.text
+    assert release_site.requests == [f"/{RELEASED_IMAGENET[NAME]}"] * 2
+
+
+def test_a_corrupt_file_on_the_server_is_not_cached(release_site, tmp_path):
+    torch.save(_official_checkpoint(NAME), release_site.root / "served.pth")
+    _flip_bytes_in_largest_record(release_site.root / "served.pth")
+    with pytest.raises(CheckpointError, match=rf"{release_url('served.pth')} is corrupt"):
+        read_checkpoint(release_url("served.pth"))
+    assert not _cached_files(tmp_path)
+
+
+def _training_checkpoint(path, epoch, seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    torch.save({"epoch": epoch, "state_dict": layer.state_dict(), "optimizer": optimizer.state_dict()}, path)
+
+
+def test_resume_point_skips_a_flipped_last_checkpoint(tmp_path):
+    from models.run_folder import resume_point
+
+    _training_checkpoint(tmp_path / "checkpoint-1.pth.tar", 1)
+    _training_checkpoint(tmp_path / "last.pth.tar", 2)
+    _flip_bytes_in_largest_record(tmp_path / "last.pth.tar")
+    said = []
+    assert resume_point("classification", tmp_path, report=said.append) == tmp_path / "checkpoint-1.pth.tar"
+    assert any(f"{tmp_path / 'last.pth.tar'} is corrupt" in line for line in said), said
+
+
+def test_validate_refuses_a_flipped_checkpoint(tmp_path, repo_root, monkeypatch):
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(_official_checkpoint(NAME), path)
+    _flip_bytes_in_largest_record(path)
+    monkeypatch.syspath_prepend(str(repo_root / "classification"))
+    import validate
+
+    args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=False, data_dir="DATA", split="val")
+    with pytest.raises(CheckpointError, match=rf"{path} is corrupt"):
+        validate.build_model(args, num_classes=1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: keyed by the whole URL, one per machine, checked before they enter the cache
+
+
+def test_same_file_name_under_different_urls_stays_apart(serve_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PACAVIT_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    sites = [serve_folder(tmp_path / name) for name in ("site1", "site2")]
+    urls, expected = [], []
+    for seed, (site, run) in enumerate([(sites[0], "runA"), (sites[0], "runB"), (sites[1], "runA")]):
+        (tmp_path / f"site{sites.index(site) + 1}" / run).mkdir(parents=True, exist_ok=True)
+        ckpt = _official_checkpoint(NAME, seed=seed)
+        torch.save(ckpt, tmp_path / f"site{sites.index(site) + 1}" / run / "model_best.pth.tar")
+        urls.append(f"{site.url}/{run}/model_best.pth.tar")
+        expected.append(ckpt["state_dict"])
+    for _ in range(2):  # the second time from the cache
+        for url, state in zip(urls, expected):
+            model = timm.create_model(NAME)
+            load_checkpoint(model, url)
+            _same_weights(model, state)
+    assert sites[0].requests == ["/runA/model_best.pth.tar", "/runB/model_best.pth.tar"]
+    assert sites[1].requests == ["/runA/model_best.pth.tar"]
+    assert len({cache_path(url) for url in urls}) == 3
+    assert all(os.path.basename(cache_path(url)) == "model_best.pth.tar" for url in urls)
+
+
+def _serve_slowly(handler, pieces=20):
+    """Send the file in pieces with pauses, so that simultaneous downloads overlap."""
+    data = (Path(handler.directory) / handler.path.lstrip("/")).read_bytes()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    step = len(data) // pieces + 1
+    for start in range(0, len(data), step):
+        handler.wfile.write(data[start:start + step])
+        handler.wfile.flush()
+        time.sleep(0.02)
+
+
+_RACING_DOWNLOADER = """
+import os, sys, time
+import torch
+from models.checkpoint import read_checkpoint
+folder, urls = sys.argv[1], sys.argv[2:]
+for round_, url in enumerate(urls):
+    open(os.path.join(folder, f"ready-{round_}-{os.getpid()}"), "w").close()
+    while not os.path.exists(os.path.join(folder, f"go-{round_}")):
+        time.sleep(0.005)
+    print(round_, float(read_checkpoint(url)["state_dict"]["head.bias"][0]), flush=True)
+"""
+
+
+def test_simultaneous_downloads_fetch_once_and_all_succeed(release_site, tmp_path, repo_root):
+    rounds, processes = 4, 4
+    urls, expected = [], []
+    for round_ in range(rounds):
+        ckpt = _official_checkpoint(NAME, seed=round_)
+        name = f"round{round_}/{RELEASED_IMAGENET[NAME]}"
+        (release_site.root / name).parent.mkdir()
+        torch.save(ckpt, release_site.root / name)
+        release_site.answers[f"/{name}"] = _serve_slowly
+        urls.append(release_url(name))
+        expected.append(float(ckpt["state_dict"]["head.bias"][0]))
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, "-c", _RACING_DOWNLOADER, str(sync), *urls], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    try:
+        for round_ in range(rounds):
+            deadline = time.monotonic() + 120
+            while len(list(sync.glob(f"ready-{round_}-*"))) < processes and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (sync / f"go-{round_}").touch()
+        results = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (out, err) in zip(workers, results):
+        assert worker.returncode == 0, err[-3000:]
+        assert [float(value) for value in out.split()[1::2]] == expected
+    for round_ in range(rounds):
+        assert release_site.requests.count(f"/round{round_}/{RELEASED_IMAGENET[NAME]}") == 1
+
+
+def test_a_process_waits_for_another_ones_download(release_site, caplog):
+    torch.save(_official_checkpoint(NAME), release_site.root / "shared.pth")
+    url = release_url("shared.pth")
+    os.makedirs(os.path.dirname(cache_path(url)))
+    with open(cache_path(url) + ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is downloading
+        reader = threading.Thread(target=read_checkpoint, args=(url,))
+        with caplog.at_level(logging.WARNING):
+            reader.start()
+            deadline = time.monotonic() + 30
+            while "waiting for it" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert f"another process is downloading {url}; waiting for it" in caplog.text
+            assert not release_site.requests
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        reader.join(30)
+    assert not reader.is_alive() and release_site.requests == ["/shared.pth"]
+
+
+def _stall_before_answering(handler):
+    handler.server.release.wait(60)
+
+
+def _stall_mid_file(handler):
+    data = (Path(handler.directory) / handler.path.lstrip("/")).read_bytes()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data[: len(data) // 2])
+    handler.wfile.flush()
+    handler.server.release.wait(60)
+
+
+def _cut_short(handler):
+    data = (Path(handler.directory) / handler.path.lstrip("/")).read_bytes()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data[: len(data) // 2])
+    handler.close_connection = True
+
+
+def _cached_files(tmp_path):
+    return [p.name for p in (tmp_path / "cache").glob("**/*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("stall", [_stall_before_answering, _stall_mid_file], ids=["before", "mid-file"])
+def test_a_stalled_server_times_out(release_site, tmp_path, monkeypatch, stall):
+    monkeypatch.setenv("PACAVIT_DOWNLOAD_TIMEOUT", "0.5")
+    torch.save(_official_checkpoint(NAME), release_site.root / "stalled.pth")
+    release_site.answers["/stalled.pth"] = stall
+    errors = []
+
+    def download():
+        try:
+            read_checkpoint(release_url("stalled.pth"))
+        except CheckpointError as e:
+            errors.append(str(e))
+
+    reader = threading.Thread(target=download, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "the download hangs"
+    message = errors[0]
+    assert f"{release_url('stalled.pth')} did not answer for 0.5 s" in message and "PACAVIT_DOWNLOAD_TIMEOUT" in message
+    assert not _cached_files(tmp_path)
+
+
+def test_a_bad_timeout_setting_is_named(release_site, monkeypatch):
+    monkeypatch.setenv("PACAVIT_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(CheckpointError, match="PACAVIT_DOWNLOAD_TIMEOUT='soon' is not a number of seconds"):
+        read_checkpoint(release_url("x.pth"))
+
+
+def test_a_download_cut_short_is_never_cached(release_site, tmp_path):
+    ckpt = _official_checkpoint(NAME)
+    torch.save(ckpt, release_site.root / "cut.pth")
+    size = (release_site.root / "cut.pth").stat().st_size
+    release_site.answers["/cut.pth"] = _cut_short
+    with pytest.raises(CheckpointError, match=rf"download of {release_url('cut.pth')} ended after {size // 2} of {size} bytes"):
+        read_checkpoint(release_url("cut.pth"))
+    assert not _cached_files(tmp_path)
+    del release_site.answers["/cut.pth"]  # the server recovers: the next try downloads anew
+    model = timm.create_model(NAME)
+    load_checkpoint(model, release_url("cut.pth"))
+    _same_weights(model, ckpt["state_dict"])
+    assert release_site.requests == ["/cut.pth"] * 2
+
+
+ERROR_BODIES = {
+    "text": (b"Rate limit exceeded, try again later\n", "a text file beginning 'Rate limit exceeded"),
+    "json": (b'{"message": "Not Found", "status": 404}', "a JSON document beginning '{\"message\""),
+    "html": (b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "an HTML/XML page beginning '<!DOCTYPE html>'"),
+}
+
+
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+@pytest.mark.parametrize("kind", list(ERROR_BODIES))
+def test_an_error_body_with_status_200_is_refused(release_site, tmp_path, kind, bom):
+    body, described = ERROR_BODIES[kind]
+    (release_site.root / RELEASED_IMAGENET[NAME]).write_bytes(codecs.BOM_UTF8 * bom + body)
+    with pytest.raises(CheckpointError) as error:
+        timm.create_model(NAME, pretrained=True)
+    message = str(error.value)
+    assert message.startswith(f"{release_url(RELEASED_IMAGENET[NAME])} is {described}"), message
+    assert "not a PyTorch checkpoint" in message and "weights_only" not in message
+    assert not _cached_files(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint of another model: one line naming the file
+
+
+def test_export_onnx_names_the_file_of_another_architecture(tmp_path, capsys):
+    path = tmp_path / "small.pth"
+    torch.save(_official_checkpoint("pacavit_small_p2cconv_100_0"), path)
+    sys.path.insert(0, str(Path(models.__file__).parents[1] / "tools"))
+    import export_onnx
+
+    with pytest.raises(SystemExit) as stop:
+        export_onnx.main([NAME, "--checkpoint", str(path), "--out", str(tmp_path / "x.onnx")])
+    assert str(stop.value).startswith(f"error: {path} does not fit PaCaViT") and "\n" not in str(stop.value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_resume_with_another_model_is_one_clear_line(tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(repo_root / "classification"))
+    import cls_common
+    import train_timm
+
+    torch.manual_seed(0)
+    saved = timm.create_model(NAME, num_classes=3)
+    optimizer = torch.optim.SGD(saved.parameters(), lr=0.1)
+    path = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 0, "state_dict": saved.state_dict(), "optimizer": optimizer.state_dict(),
+                "class_names": ["a", "b", "c"]}, path)
+    other = timm.create_model("pacavit_small_p2cconv_100_0", num_classes=3)
+    args = argparse.Namespace(resume=str(path), model="pacavit_small_p2cconv_100_0", data_dir="DATA")
+    resume = lambda: train_timm.resume(args, other, torch.optim.SGD(other.parameters(), lr=0.1),  # noqa: E731
+                                       None, None, ["a", "b", "c"])
+    with pytest.raises(SystemExit) as stop:
+        cls_common.run_main(resume)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: --resume {path} does not hold the weights of --model pacavit_small_p2cconv_100_0"), err

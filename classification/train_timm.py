@@ -18,12 +18,13 @@ Checkpoints also hold ``class_names``, the class folder names in label order.
 """
 import argparse
 import csv
+import errno
 import logging
 import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import numpy as np
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=flag, default=False,
                    help="torch.compile the model (measured no faster on a 2-core CPU; meant for GPUs)")
     g.add_argument("--dist-bn", default="", choices=("", "broadcast", "reduce"),
-                   help="sync BatchNorm statistics across processes after each epoch")
+                   help="BatchNorm statistics evaluated and saved after each epoch: rank 0's ('' or "
+                        "broadcast, what DDP keeps) or the mean over processes (reduce)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--checkpoint-hist", type=int, default=3, help="best epoch checkpoints to keep")
@@ -257,7 +259,9 @@ def set_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a resumed process may see fewer GPUs than the one that saved (another CUDA_VISIBLE_DEVICES)
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def all_rng_states(args) -> list:
@@ -432,6 +436,37 @@ def drop_summary_rows_from(path, epoch):
         writer.writerows(rows)
 
 
+def out_of_space(path) -> bool:
+    """Whether more data written to ``path`` is refused for lack of space.  torch's C++ writer
+    reports a full disk only as 'iostream error' or 'unexpected pos', without the errno."""
+    try:
+        with open(path, "ab") as f:
+            f.write(bytes(1 << 16))  # more than a block's slack
+            f.flush()
+    except OSError as err:
+        return err.errno == errno.ENOSPC
+    return False
+
+
+@contextmanager
+def full_disk_reported(saver, epoch):
+    """Around an epoch's writes (summary row, checkpoint): a full disk stops training with a
+    UsageError naming the folder; the checkpoint being written is removed, the saved ones stay."""
+    partial = os.path.join(saver.checkpoint_dir, "tmp" + saver.extension)  # timm's saver writes here, then renames
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        disk_full = getattr(err, "errno", None) == errno.ENOSPC or (os.path.lexists(partial) and out_of_space(partial))
+        if os.path.lexists(partial):
+            os.remove(partial)
+        if not disk_full:
+            raise
+        last = os.path.join(saver.checkpoint_dir, "last" + saver.extension)
+        kept = f"the last intact checkpoint {last} is kept" if os.path.isfile(last) else "no checkpoint was saved before"
+        raise UsageError(f"No space left on device in {saver.checkpoint_dir} while saving epoch {epoch + 1}; {kept}. "
+                         f"Free space there (or give --output on another disk), then launch again") from None
+
+
 def evaluate_epoch(model, model_ema, loader, run):
     metrics = cls_common.evaluate(model, loader, run["device"], run["autocast"], run["channels_last"])
     if model_ema is not None:
@@ -527,16 +562,20 @@ def main(argv=None):
         seed_loader_for_epoch(loader_train, args.seed, epoch, args.rank)
         epoch_start = time.time()
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run)
-        if args.distributed and args.dist_bn:
+        if args.distributed:
+            # once per epoch, the BatchNorm statistics that DDP would broadcast from rank 0 in every
+            # forward: evaluation bypasses DDP, whose per-forward collective hangs when the ranks'
+            # evaluation shards differ by a batch
             distribute_bn(model, args.world_size, args.dist_bn == "reduce")
-        eval_metrics = evaluate_epoch(model, model_ema, loader_eval, run)
+        eval_metrics = evaluate_epoch(unwrap_model(model), model_ema, loader_eval, run)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(epoch + 1, eval_metrics["top1"])
         checkpoint_contents.rng_states = all_rng_states(args)
         if primary:
             train_metrics["epoch_time"] = round(time.time() - epoch_start, 2)
-            update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=lr)
-            best, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics["top1"])
+            with full_disk_reported(saver, epoch):
+                update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=lr)
+                best, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics["top1"])
             _logger.info(f"epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
                          f"val top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
                          f"(best {best:.2f} at epoch {best_epoch + 1}) in {train_metrics['epoch_time']:.1f}s")

@@ -708,10 +708,10 @@ def test_an_error_body_with_status_200_is_refused(release_site, tmp_path, kind, 
 # A checkpoint of another model: one line naming the file
 
 
-def test_export_onnx_names_the_file_of_another_architecture(tmp_path, capsys):
+def test_export_onnx_names_the_file_of_another_architecture(tmp_path, repo_root, monkeypatch):
     path = tmp_path / "small.pth"
     torch.save(_official_checkpoint("pacavit_small_p2cconv_100_0"), path)
-    sys.path.insert(0, str(Path(models.__file__).parents[1] / "tools"))
+    monkeypatch.syspath_prepend(str(repo_root / "tools"))
     import export_onnx
 
     with pytest.raises(SystemExit) as stop:

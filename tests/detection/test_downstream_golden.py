@@ -23,11 +23,10 @@ from models.layers import fused
 from models.paca_vit import create_downstream
 from tests.conftest import GOLDEN, REPO
 
-CONFIG = REPO / "detection/configs/paca_vit/mask_rcnn_1x/mask_rcnn_pacavit_tiny_p2cconv_100_0_mstrain_480_800_1x_coco.py"
+CONFIG = (REPO / "detection/configs/paca_vit/mask_rcnn_1x"
+          / "mask_rcnn_pacavit_tiny_p2cconv_100_0_mstrain_480_800_1x_coco.py")
 FLOWER = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", "flower.jpg")
 TEST_SCALE = (576, 432)  # the golden README's Resize scale for the detector
-
-
 SMALL = dict(depths=(1, 1, 1, 1))  # every code path of the zoo rows, fewer blocks
 
 
@@ -93,7 +92,8 @@ def unmatched(ours: dict, official: dict) -> list:
         (iou > 0.98)
         & ((official["scores"][:, None] - ours["scores"][None]).abs() <= 2e-3)
         & (official["labels"][:, None] == ours["labels"][None])
-        & ((official["mask_area"][:, None] - ours["mask_area"][None]).abs() <= 0.02 * official["mask_area"][:, None] + 20)
+        & ((official["mask_area"][:, None] - ours["mask_area"][None]).abs()
+           <= 0.02 * official["mask_area"][:, None] + 20)
     )
     return (~same.any(dim=1)).nonzero().flatten().tolist()
 

@@ -2,7 +2,7 @@
 # when the environment is complete).
 PYTHON := .venv/bin/python
 
-.PHONY: install demo test test-slow test-all
+.PHONY: install demo test test-slow test-all explore
 
 install:
 	./install.sh
@@ -19,3 +19,7 @@ test-slow: install
 	$(PYTHON) -m pytest -m slow
 
 test-all: test test-slow
+
+# the cluster explorer page on http://127.0.0.1:7860 (python tools/explore.py --help for its options)
+explore: install
+	$(PYTHON) tools/explore.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the PaCa-ViT environment: torch, timm and the OpenMMLab stack (mmcv with compiled ops),
-# all pinned in requirements.txt. Idempotent: a rerun checks the installed versions and skips what is there.
+# all pinned in requirements.txt, then the explorer page's extras (requirements-explorer.txt).
+# Idempotent: a rerun checks the installed versions and skips what is there.
 #
 #   ./install.sh                   virtualenv in <repo>/.venv (or $PACAVIT_VENV)
 #   ./install.sh --conda NAME      conda environment NAME from environment.yaml (also: ./install.sh NAME)
@@ -68,8 +69,9 @@ while (($#)); do
 done
 
 # --------------------------------------------------------------------------- pins
+# the name==version lines of a requirements file (default: requirements.txt)
 pins() {
-    sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$REQUIREMENTS"
+    sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "${1:-$REQUIREMENTS}"
 }
 
 pin_of() {
@@ -186,6 +188,11 @@ step "timm, OpenMMLab, test tools, ecosystem extras (PEFT, ONNX) and their locke
     "pip could not install a pin of requirements.txt; its message above names the package"
 # shellcheck disable=SC2046
 ensure $(pins | grep -viE "^($OWN_STEP_PACKAGES)==")
+
+step "explorer page extras: Gradio and the browser-test driver Playwright (requirements-explorer.txt)" \
+    "pip could not install a pin of requirements-explorer.txt; its message above names the package"
+# shellcheck disable=SC2046
+ensure $(pins "$REPO/requirements-explorer.txt")
 
 if ((WITH_XFORMERS)); then
     step "$(pin_of xformers)" "xformers wheels exist only for some torch/CUDA pairs: pick a matching pin in requirements.txt"
@@ -401,6 +408,7 @@ rows = [
     ("mmdet", mmdet.__version__),
     ("mmseg", mmseg.__version__),
     ("peft", peft.__version__),
+    ("explorer", f"gradio {metadata.version('gradio')}, playwright {metadata.version('playwright')}"),
     ("onnx", f"{onnx.__version__}, onnxscript {onnxscript.__version__}, onnxruntime {onnxruntime.__version__}"),
     ("xformers", xformers),
 ]

@@ -3,6 +3,9 @@
 The browser test (``test_explore_browser.py``) checks the same page through Chromium.
 """
 import socket
+import subprocess
+import sys
+from importlib import metadata
 from types import SimpleNamespace
 
 import numpy as np
@@ -165,3 +168,16 @@ def test_command_line_reports_a_busy_port(caplog):
         port = busy.getsockname()[1]
         assert explore.main(["--port", str(port), "--device", "cpu"]) == 2
     assert f"cannot serve on 127.0.0.1:{port}" in caplog.text and "pass another --port" in caplog.text
+
+
+def test_explorer_extras_are_pinned_apart_installed_and_never_imported_by_the_models():
+    def pins(name):
+        lines = (line.split("#")[0].strip() for line in (REPO / name).read_text().splitlines())
+        return dict(line.split("==") for line in lines if line)
+
+    extras, main = pins("requirements-explorer.txt"), pins("requirements.txt")
+    assert {"gradio", "playwright"} <= extras.keys() and not extras.keys() & main.keys()
+    assert all(metadata.version(name) == version for name, version in extras.items())
+    loaded = subprocess.run([sys.executable, "-c", "import sys, models; print(' '.join(sys.modules))"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not [name for name in loaded if name.split(".")[0] in ("gradio", "playwright")]

@@ -32,6 +32,7 @@ _logger = logging.getLogger("explore")
 
 DEFAULT_MODEL = "pacavit_tiny_p2cconv_100_0"
 MAX_FILE_SIZE = "200mb"
+PICTURE_HEIGHT = ce.DISPLAY_SIDE + 40  # the whole picture and the component's label above it
 # system fonts: the default theme would make the browser fetch its fonts from the internet
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 WEIGHTS_HELP = "empty: random weights (seed below) · pretrained: the released file · a file path · a URL"
@@ -135,16 +136,17 @@ def build_page(explorer: ce.Explorer) -> gr.Blocks:
         status = gr.Markdown(elem_id="status")
         key = gr.State(None)
         with gr.Row():
-            prediction = gr.Image(label="prediction", interactive=False, elem_id="prediction")
+            prediction = gr.Image(label="prediction", interactive=False, height=PICTURE_HEIGHT, elem_id="prediction")
             with gr.Column():
                 stage = gr.Dropdown([], label="stage / block", elem_id="stage")
                 hard = gr.Image(label="hard assignment: each patch's argmax cluster (click a patch)",
-                                interactive=False, elem_id="hard")
+                                interactive=False, height=PICTURE_HEIGHT, elem_id="hard")
         attention = gr.Image(label="clicked patch: its attention spread over the image | the regions of its most "
-                                   "attended clusters", interactive=False, elem_id="attention")
+                                   "attended clusters", interactive=False, height=PICTURE_HEIGHT, elem_id="attention")
         attention_line = gr.Markdown(elem_id="attention-line")
         with gr.Row():
-            bars = gr.Label(num_top_classes=ce.ATTENDED_SHOWN, label="most attended clusters (mean over heads)")
+            bars = gr.Label(num_top_classes=ce.ATTENDED_SHOWN, show_heading=False,
+                            label="most attended clusters (mean over heads)")
             soft = gr.Gallery(label=f"the {ce.SOFT_SHOWN} largest soft clusters", columns=4, elem_id="soft")
 
         explain_inputs = [task, model, weights, seed, upload, sample]

@@ -56,7 +56,7 @@ def test_upload_click_and_screenshot(explorer_url, tmp_path):
     not_an_image.write_text("not an image")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
         page.goto(explorer_url)
 
         # a file that is not an image: a message in the page, and the page keeps working
@@ -73,8 +73,8 @@ def test_upload_click_and_screenshot(explorer_url, tmp_path):
 
         hard = page.locator("#hard img").first
         box = hard.bounding_box()
-        hard.click(position={"x": box["width"] * 0.12, "y": box["height"] * 0.2})
-        expect(page.locator("#attention-line")).to_contain_text("patch (row 2, col 1) of 14x14", timeout=30_000)
+        hard.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.32})  # on the flower
+        expect(page.locator("#attention-line")).to_contain_text("patch (row 4, col 4) of 14x14", timeout=30_000)
         expect(page.locator("#attention img").first).not_to_have_attribute("src", before)
         assert "Error" not in page.locator("#status").inner_text()
 

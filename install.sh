@@ -15,7 +15,13 @@
 #   PACAVIT_WHEEL_CACHE                  where a mmcv wheel built here is kept (default <repo>/.cache/wheels)
 #   PACAVIT_PYTHON                       interpreter that creates the virtualenv (default python3)
 #   FORCE_CUDA=1                         build mmcv's CUDA ops even where no GPU is visible (needs nvcc)
-#   MAX_JOBS                             parallel compile jobs for mmcv (default: number of cores)
+#   TORCH_CUDA_ARCH_LIST                 GPU architectures of mmcv's CUDA ops, e.g. '8.0;9.0' (default: the
+#                                        visible GPUs', else all of torch's)
+#   MAX_JOBS                             parallel compile jobs for mmcv (default: cores, at most GiB free / 2)
+#   PACAVIT_DEVICE=cpu                   a CPU-only install on a node whose GPUs torch cannot use
+#
+# On a node with NVIDIA GPUs it stops (naming the fix) when torch cannot use them, and builds mmcv's
+# CUDA ops only with an nvcc of torch's CUDA major version; tools/gpu_check.py does these checks.
 set -Eeuo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -184,6 +190,10 @@ ENSURE_EXTRA_ARGS=(${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"})
 ensure "$TORCH_PIN" "$TORCHVISION_PIN"
 ENSURE_EXTRA_ARGS=("$TORCH_PIN" "$TORCHVISION_PIN")
 
+step "torch can use this node's GPUs (if any)" \
+    "the line above names the fix; PACAVIT_DEVICE=cpu ./install.sh installs for the CPU on purpose"
+"$PY" "$REPO/tools/gpu_check.py" device >/dev/null
+
 step "timm, OpenMMLab, test tools, ecosystem extras (PEFT, ONNX) and their locked dependencies (requirements.txt)" \
     "pip could not install a pin of requirements.txt; its message above names the package"
 # shellcheck disable=SC2046
@@ -225,9 +235,9 @@ else
 fi
 
 # --------------------------------------------------------------------------- mmcv with compiled ops
-# CUDA ops need nvcc and a torch that sees a GPU; FORCE_CUDA=1 asks for them on a GPU-less build node.
-if [[ "${FORCE_CUDA:-0}" == 1 ]] || { command -v nvcc >/dev/null \
-    && "$PY" -c 'import sys, torch; sys.exit(not (torch.version.cuda and torch.cuda.is_available()))'; }; then
+# CUDA ops wherever torch sees a GPU (a CPU-only mmcv would fail at the first NMS on it); FORCE_CUDA=1
+# asks for them on a GPU-less build node.
+if [[ "${FORCE_CUDA:-0}" == 1 ]] || "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     MMCV_CUDA=1
 else
     MMCV_CUDA=0
@@ -247,6 +257,8 @@ _, kept = nms(boxes, torch.tensor([0.9, 0.8]), iou_threshold=0.5)
 assert kept.shape[0] == 1, "mmcv.ops.nms gave a wrong result"
 if sys.argv[2] == "1" and get_compiling_cuda_version() == "not available":
     raise SystemExit("this mmcv has CPU ops only, CUDA ops are wanted")
+if sys.argv[2] == "1" and torch.cuda.is_available():  # a wheel built for other GPUs: "no kernel image"
+    nms(boxes.cuda(), torch.tensor([0.9, 0.8], device="cuda"), iou_threshold=0.5)
 EOF
 }
 
@@ -310,10 +322,10 @@ EOF
     # CUDA_VISIBLE_DEVICES is emptied for a CPU build: setup.py would otherwise compile CUDA ops for any visible GPU.
     (
         cd "$build_dir/${MMCV_PIN/==/-}"
-        MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+        MAX_JOBS="${MAX_JOBS:-$MMCV_BUILD_JOBS}"
         PATH="$(dirname "$PY"):$PATH"  # the ninja installed next to python
         export MMCV_WITH_OPS=1 FORCE_CUDA="$MMCV_CUDA" MAX_JOBS PATH
-        [[ $MMCV_CUDA == 1 ]] || export CUDA_VISIBLE_DEVICES=""
+        if [[ $MMCV_CUDA == 1 ]]; then export TORCH_CUDA_ARCH_LIST="$MMCV_CUDA_ARCHS"; else export CUDA_VISIBLE_DEVICES=""; fi
         "$PY" -m pip wheel --verbose --no-build-isolation --no-deps --wheel-dir "$wheel_dir" . 2>&1
     ) | while IFS= read -r line; do
         printf '%s\n' "$line" >>"$log"
@@ -332,14 +344,11 @@ step "$MMCV_PIN with compiled $([[ $MMCV_CUDA == 1 ]] && echo CUDA+CPU || echo C
 if mmcv_works >/dev/null 2>&1; then
     echo "    already installed, ops work"
 else
-    # a wheel built here is only valid for the torch and CUDA it was compiled against: one folder per pair
-    variant="$("$PY" - "$MMCV_CUDA" <<'EOF'
-import sys
-import torch
-release = torch.__version__.split("+")[0]
-print(f"torch{release}-" + ("cu" + torch.version.cuda.replace(".", "") if sys.argv[1] == "1" else "cpu"))
-EOF
-)"
+    # a wheel built here is only valid for the torch, CUDA and GPU architectures it was compiled for:
+    # one folder per combination, named after them
+    HINT="the line above says what to set or install"
+    mmcv_plan="$("$PY" "$REPO/tools/gpu_check.py" mmcv-wheel "$MMCV_CUDA")"
+    read -r variant MMCV_CUDA_ARCHS MMCV_BUILD_JOBS <<<"$mmcv_plan"
     built_dir="$WHEEL_CACHE/$variant"
     if install_mmcv_wheel_from "$built_dir"; then
         echo "    installed the wheel built before in $built_dir"
@@ -347,6 +356,11 @@ EOF
         echo "    installed a prebuilt wheel from PIP_FIND_LINKS ($PIP_FIND_LINKS)"
     else
         echo "    no working $MMCV_PIN wheel in $built_dir or PIP_FIND_LINKS: building it from source"
+        if [[ $MMCV_CUDA == 1 ]]; then
+            HINT="the line above says which CUDA toolkit to put on PATH"
+            "$PY" "$REPO/tools/gpu_check.py" nvcc
+            echo "    CUDA ops for the GPU architectures $MMCV_CUDA_ARCHS (TORCH_CUDA_ARCH_LIST)"
+        fi
         build_mmcv_wheel "$built_dir"
         HINT="the wheel built in $built_dir does not install or its ops fail; read the error above"
         PIP_FIND_LINKS="$built_dir" pip_install --no-index --only-binary mmcv --no-deps --force-reinstall "$MMCV_PIN"
@@ -415,5 +429,8 @@ rows = [
 for name, value in rows:
     print(f"    {name:<12} {value}")
 EOF
+
+HINT="the line above names the fix"
+"$PY" "$REPO/tools/gpu_check.py" device --mmcv-ops >/dev/null
 
 echo "install.sh: environment ready: $ENV_NAME"

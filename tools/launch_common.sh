@@ -162,12 +162,17 @@ paca_cuda_devices() {
 # PACA_DEVICE (cuda|cpu); on CUDA also CUDA_VISIBLE_DEVICES.  Without CUDA it falls back to
 # CPU processes (gloo backend) instead of failing; PACAVIT_DEVICE=cpu hides the GPUs from the
 # processes, so nothing of the run (NCCL, SyncBN, mmengine's device choice) lands on them.
+# Where the driver shows GPUs that torch cannot use it stops instead (tools/gpu_check.py names
+# the fix); a third argument, mmcv-ops, also stops a CUDA run whose mmcv has CPU ops only.
 paca_select_devices() {
-    local gpus="$1" nb_gpus="$2" py
+    local gpus="$1" nb_gpus="$2" py usable=cpu
     [[ "$nb_gpus" =~ ^[0-9]+$ && "$nb_gpus" -ge 1 ]] || paca_die "Nb_gpus must be a positive integer, got '$nb_gpus'"
     paca_check_nodes
     py="$(paca_python)"
-    if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]] && "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]]; then
+        usable="$("$py" "$PACAVIT_ROOT/tools/gpu_check.py" device ${3:+--mmcv-ops})" || exit 2
+    fi
+    if [[ "$usable" == cuda ]]; then
         CUDA_VISIBLE_DEVICES="$(paca_cuda_devices "$gpus" "$nb_gpus")" || exit 2
         export CUDA_VISIBLE_DEVICES
         PACA_DEVICE=cuda
@@ -333,7 +338,7 @@ paca_openmmlab_train() {
     if [[ -n "$PACA_RESUME_FROM" ]]; then
         resume_args=(--resume "$PACA_RESUME_FROM")
     fi
-    paca_select_devices "$gpus" "$nb_gpus"
+    paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
     if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" \
         "${resume_args[@]}" "${PACA_ARGS[@]}"; then
         paca_training_failed openmmlab "$work_dir" "rerun with Remove_old=0 to resume it"
@@ -355,6 +360,6 @@ paca_openmmlab_test() {
     _paca_task_config "$1" "$task"
     shift 5
     paca_take_flags "$@"
-    paca_select_devices "$gpus" "$nb_gpus"
+    paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
     paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}"
 }

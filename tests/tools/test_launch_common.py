@@ -21,6 +21,8 @@ def _visible():
 
 torch.cuda.is_available = lambda: _visible() > 0
 torch.cuda.device_count = _visible
+torch.cuda.get_device_capability = lambda device=None: (9, 0)  # H100s, as nvidia-smi lists (tools/gpu_check.py)
+torch.cuda.get_device_name = lambda device=None: "NVIDIA H100 80GB HBM3"
 '''
 
 

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.checkpoint import read_checkpoint
 from models.run_folder import resume_point
-from tests.run_folder_checks import check_num_workers_zero, refused_while_running, write_broken_checkpoint, zoo_configs
+from tests.run_folder_checks import (
+    TwoNodes,
+    check_num_workers_zero,
+    check_sigterm_stop,
+    refused_while_running,
+    write_broken_checkpoint,
+    zoo_configs,
+)
 
 from .conftest import DETECTION, TINY_CONFIG
 
@@ -73,3 +81,35 @@ def test_one_launcher_per_run_folder_and_no_resume_loop(launcher_env, tmp_path):
     assert f"{work_dir / 'epoch_1.pth'} is not a readable PyTorch checkpoint" in result.stderr
     assert f"rm {work_dir / 'epoch_1.pth'} {work_dir / 'last_checkpoint'}" in result.stderr
     assert "rerun with Remove_old=0" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_stop_on_sigterm_and_resume_to_the_end(launcher_env, tmp_path):
+    """Two launchers of one run (NNODES=2) on this host: node 0 alone removes the old run, SIGTERM
+    saves a checkpoint and each launcher says so, and the relaunched nodes resume from it and finish."""
+    work_dir = Path(launcher_env["PACAVIT_WORK_DIRS"]) / "detection" / "nodes" / f"{NAME}_t1"
+    work_dir.mkdir(parents=True)
+    (work_dir / "old.log").write_text("an unfinished earlier run")
+    no_val = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+
+    def launch(remove_old, epochs):
+        return ["./train_mmdet.sh", TINY_CONFIG, remove_old, "nodes", "t1", 0, 1, 0, "--yes",
+                "--cfg-options", f"train_cfg.max_epochs={epochs}", *no_val]
+
+    nodes = TwoNodes(launch(1, 1000), launcher_env, tmp_path, cwd=DETECTION, name="preempted")
+    nodes.wait_for_output("Epoch(train)")
+    nodes.sigterm()
+    assert nodes.wait() == [143, 143]
+    for rank in (0, 1):
+        check_sigterm_stop(nodes.output(rank), "rerun with Remove_old=0 to resume it")
+    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
+    saved = resume_point("openmmlab", work_dir)
+    assert saved.name.startswith("iter_")
+    # the interrupted epoch starts again: the run ends after one more
+    epochs = read_checkpoint(str(saved))["meta"]["epoch"] + 1
+
+    nodes = TwoNodes(launch(0, epochs), launcher_env, tmp_path, cwd=DETECTION, name="resumed")
+    assert nodes.wait() == [0, 0], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]
+    assert f"finished: {work_dir}" in nodes.output(0)
+    assert f"node 1 done; node 0 marks {work_dir} finished" in nodes.output(1)
+    assert (work_dir / "FINISHED").is_file() and (work_dir / f"epoch_{epochs}.pth").is_file()

@@ -14,7 +14,7 @@ import torch
 
 import models  # noqa: F401  (registers the pacavit_* names with timm)
 
-from tests.run_folder_checks import wait_until_free
+from tests.run_folder_checks import TwoNodes, wait_until_free
 
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
@@ -196,3 +196,15 @@ def test_compiled_training_keeps_plain_parameter_names(cls_env):
     _, done_dir = experiment_dirs(cls_env, "compiled", "t1")
     state = torch.load(done_dir / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
     assert set(state) == set(timm.create_model(MODEL, num_classes=3).state_dict())
+
+
+def test_two_nodes_train_one_run_to_the_end(cls_env, tmp_path):
+    """Two launchers of one run (NNODES=2, one process each) on this host, one shared work dir:
+    node 0 alone takes the folder and moves it to TrainingFinished/ at the end."""
+    run_dir, done_dir = experiment_dirs(cls_env, "nodes", "t1")
+    nodes = TwoNodes(train_cmd("nodes", "t1", "--epochs", 1), cls_env, tmp_path)
+    assert nodes.wait() == [0, 0], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]
+    assert f"training finished: {done_dir}" in nodes.output(0) and "training finished" not in nodes.output(1)
+    assert not run_dir.exists() and (done_dir / "last.pth.tar").is_file()
+    assert "2 process(es)" in (done_dir / "train.log").read_text()
+    assert [row["epoch"] for row in read_summary(done_dir)] == ["0"]

@@ -469,9 +469,16 @@ def _backbone_subset(state_dict: Dict[str, torch.Tensor], own: Mapping, dropped:
     return {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
 
 
-def _is_bare_backbone_for(state_dict: Mapping, own: Mapping) -> bool:
-    """A classification / backbone checkpoint given to a model with a ``backbone`` (a detector)?"""
-    return any(k.startswith("backbone.") for k in own) and not any(k.startswith("backbone.") for k in state_dict)
+def refuse_bare_backbone(checkpoint: Mapping, source: str, model_name: str) -> None:
+    """A detector / segmentor (``model_name``) cannot start from a classification or bare backbone
+    checkpoint (no ``backbone.*`` tensors): raise one ``CheckpointError`` that says so.  Cheap
+    enough to run on the config's model name before the model is built."""
+    if not any(k.startswith("backbone.") for k in extract_state_dict(checkpoint)):
+        raise CheckpointError(
+            f"{source} holds the weights of a bare backbone or classifier (no backbone.* tensors), not of a "
+            f"whole {model_name}: evaluate a checkpoint of the detector / segmentor itself; an ImageNet "
+            f"classifier initialises the backbone when training (model.backbone.init_cfg or pretrained)."
+        )
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -522,12 +529,8 @@ def fit_state_dict(
             reinit_log.append(f"{key} (not in the checkpoint)")
         else:
             missing.append(key)
-    if missing and not fitted and _is_bare_backbone_for(state_dict, own):
-        raise CheckpointError(
-            f"{source} holds the weights of a bare backbone or classifier (no backbone.* tensors), not of a "
-            f"whole {type(model).__name__}: evaluate a checkpoint of the detector / segmentor itself; an "
-            f"ImageNet classifier initialises the backbone when training (model.backbone.init_cfg or pretrained)."
-        )
+    if missing and not fitted and any(k.startswith("backbone.") for k in own):
+        refuse_bare_backbone(state_dict, source, type(model).__name__)
     if missing or unexpected or resized:
         def sample(keys: List[str]) -> str:
             return f"{len(keys)}" + (f" (e.g. {'; '.join(keys[:3])})" if keys else "")

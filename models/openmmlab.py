@@ -32,7 +32,7 @@ import torch
 
 from mmengine.hooks import Hook
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_checkpoint, refuse_bare_backbone
 from .run_folder import hold_workers_lock, resume_point
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -306,12 +306,13 @@ def _enable_visualization(cfg, show_dir: str) -> None:
     cfg.visualizer["save_dir"] = str(Path(show_dir).resolve())
 
 
-def load_model_checkpoint(model: torch.nn.Module, source):
-    """Load a detector / segmentor checkpoint (file, URL or dict) that must fit ``model`` exactly,
-    with its ``meta['dataset_meta']`` (class names, palette) when it has one; returns the LoadReport."""
+def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = None):
+    """Load a detector / segmentor checkpoint (file, URL or dict, called ``name`` in messages) that
+    must fit ``model`` exactly, with its ``meta['dataset_meta']`` (class names, palette) when it has
+    one; returns the LoadReport."""
     from .checkpoint import load_checkpoint
 
-    report = load_checkpoint(model, source)
+    report = load_checkpoint(model, source, name=name)
     meta = report.checkpoint.get("meta")
     if isinstance(meta, dict) and "dataset_meta" in meta:
         model.dataset_meta = meta["dataset_meta"]
@@ -332,12 +333,18 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
     if args.show_dir:
         _enable_visualization(cfg, args.show_dir)
     check_data_roots(cfg, ("test_dataloader",))
+    # A wrong or broken file is one line, before the Runner logs its environment and config.
+    try:
+        checkpoint = read_checkpoint(args.checkpoint)
+        refuse_bare_backbone(checkpoint, args.checkpoint, cfg.model.type)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from err
     _prepare_environment(cfg, cfg.launcher)
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     try:
-        load_model_checkpoint(model, args.checkpoint)
-    except CheckpointError as err:  # a wrong or broken file: one line, not a traceback
+        load_model_checkpoint(model, checkpoint, name=args.checkpoint)
+    except CheckpointError as err:
         raise SystemExit(f"error: {err}") from err
     runner._has_loaded = True  # tells runner.test() not to look for another checkpoint
     return runner.test()

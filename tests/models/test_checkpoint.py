@@ -6,6 +6,7 @@ import codecs
 import fcntl
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -438,12 +439,24 @@ def _flip_bytes_in_largest_record(path, count=8):
         f.write(damaged)
 
 
+def _small_checkpoint(seed: int = 0) -> dict:
+    """A checkpoint of a 64x64 linear layer: enough bytes to damage, quick to save and load."""
+    torch.manual_seed(seed)
+    return {"state_dict": torch.nn.Linear(64, 64).state_dict()}
+
+
+def _same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_flipped_bytes_are_refused_naming_the_file(tmp_path):
     path = tmp_path / "flipped.pth"
-    torch.save(_official_checkpoint(NAME), path)
+    torch.save(_small_checkpoint(), path)
     _flip_bytes_in_largest_record(path)
     torch.load(path, weights_only=True)  # torch itself does not notice
-    for load in (lambda: read_checkpoint(path), lambda: load_checkpoint(timm.create_model(NAME), path),
+    for load in (lambda: read_checkpoint(path), lambda: load_checkpoint(torch.nn.Linear(64, 64), path),
                  lambda: verify_checkpoint(path)):
         with pytest.raises(CheckpointError, match=rf"{path} is corrupt .*Bad CRC-32"):
             load()
@@ -453,28 +466,27 @@ def test_checkpoints_saved_without_checksums_still_load(tmp_path):
     path = tmp_path / "no_crc.pth"
     torch.serialization.set_crc32_options(False)
     try:
-        torch.save(_official_checkpoint(NAME), path)
+        torch.save(_small_checkpoint(), path)
     finally:
         torch.serialization.set_crc32_options(True)
-    _same_weights(timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
-                  _official_checkpoint(NAME)["state_dict"])
+    _same_tensors(read_checkpoint(path)["state_dict"], _small_checkpoint()["state_dict"])
 
 
 def test_a_broken_cached_file_is_removed_and_fetched_again(release_site, caplog):
-    ckpt = _official_checkpoint(NAME)
+    ckpt = _small_checkpoint()
     torch.save(ckpt, release_site.root / RELEASED_IMAGENET[NAME])
     url = release_url(RELEASED_IMAGENET[NAME])
     read_checkpoint(url)
     cached = cache_path(url)
     _flip_bytes_in_largest_record(cached)
     with caplog.at_level(logging.WARNING):
-        _same_weights(timm.create_model(NAME, pretrained=True), ckpt["state_dict"])
+        _same_tensors(read_checkpoint(url)["state_dict"], ckpt["state_dict"])
     assert f"{cached} (cached from {url}) is corrupt" in caplog.text and "downloading it again" in caplog.text
     assert release_site.requests == [f"/{RELEASED_IMAGENET[NAME]}"] * 2
 
 
 def test_a_corrupt_file_on_the_server_is_not_cached(release_site, tmp_path):
-    torch.save(_official_checkpoint(NAME), release_site.root / "served.pth")
+    torch.save(_small_checkpoint(), release_site.root / "served.pth")
     _flip_bytes_in_largest_record(release_site.root / "served.pth")
     with pytest.raises(CheckpointError, match=rf"{release_url('served.pth')} is corrupt"):
         read_checkpoint(release_url("served.pth"))
@@ -521,15 +533,13 @@ def test_same_file_name_under_different_urls_stays_apart(serve_folder, tmp_path,
     urls, expected = [], []
     for seed, (site, run) in enumerate([(sites[0], "runA"), (sites[0], "runB"), (sites[1], "runA")]):
         (tmp_path / f"site{sites.index(site) + 1}" / run).mkdir(parents=True, exist_ok=True)
-        ckpt = _official_checkpoint(NAME, seed=seed)
+        ckpt = _small_checkpoint(seed)
         torch.save(ckpt, tmp_path / f"site{sites.index(site) + 1}" / run / "model_best.pth.tar")
         urls.append(f"{site.url}/{run}/model_best.pth.tar")
         expected.append(ckpt["state_dict"])
     for _ in range(2):  # the second time from the cache
         for url, state in zip(urls, expected):
-            model = timm.create_model(NAME)
-            load_checkpoint(model, url)
-            _same_weights(model, state)
+            _same_tensors(read_checkpoint(url)["state_dict"], state)
     assert sites[0].requests == ["/runA/model_best.pth.tar", "/runB/model_best.pth.tar"]
     assert sites[1].requests == ["/runA/model_best.pth.tar"]
     assert len({cache_path(url) for url in urls}) == 3
@@ -558,21 +568,22 @@ for round_, url in enumerate(urls):
     open(os.path.join(folder, f"ready-{round_}-{os.getpid()}"), "w").close()
     while not os.path.exists(os.path.join(folder, f"go-{round_}")):
         time.sleep(0.005)
-    print(round_, float(read_checkpoint(url)["state_dict"]["head.bias"][0]), flush=True)
+    print(round_, float(read_checkpoint(url)["state_dict"]["bias"][0]), flush=True)
 """
 
 
+@pytest.mark.slow  # four Python processes that import torch: about a minute on two cores
 def test_simultaneous_downloads_fetch_once_and_all_succeed(release_site, tmp_path, repo_root):
     rounds, processes = 4, 4
     urls, expected = [], []
     for round_ in range(rounds):
-        ckpt = _official_checkpoint(NAME, seed=round_)
+        ckpt = _small_checkpoint(round_)
         name = f"round{round_}/{RELEASED_IMAGENET[NAME]}"
         (release_site.root / name).parent.mkdir()
         torch.save(ckpt, release_site.root / name)
         release_site.answers[f"/{name}"] = _serve_slowly
         urls.append(release_url(name))
-        expected.append(float(ckpt["state_dict"]["head.bias"][0]))
+        expected.append(float(ckpt["state_dict"]["bias"][0]))
     sync = tmp_path / "sync"
     sync.mkdir()
     env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
@@ -596,7 +607,7 @@ def test_simultaneous_downloads_fetch_once_and_all_succeed(release_site, tmp_pat
 
 
 def test_a_process_waits_for_another_ones_download(release_site, caplog):
-    torch.save(_official_checkpoint(NAME), release_site.root / "shared.pth")
+    torch.save(_small_checkpoint(), release_site.root / "shared.pth")
     url = release_url("shared.pth")
     os.makedirs(os.path.dirname(cache_path(url)))
     with open(cache_path(url) + ".lock", "a+b") as lock:
@@ -644,7 +655,7 @@ def _cached_files(tmp_path):
 @pytest.mark.parametrize("stall", [_stall_before_answering, _stall_mid_file], ids=["before", "mid-file"])
 def test_a_stalled_server_times_out(release_site, tmp_path, monkeypatch, stall):
     monkeypatch.setenv("PACAVIT_DOWNLOAD_TIMEOUT", "0.5")
-    torch.save(_official_checkpoint(NAME), release_site.root / "stalled.pth")
+    torch.save(_small_checkpoint(), release_site.root / "stalled.pth")
     release_site.answers["/stalled.pth"] = stall
     errors = []
 
@@ -670,7 +681,7 @@ def test_a_bad_timeout_setting_is_named(release_site, monkeypatch):
 
 
 def test_a_download_cut_short_is_never_cached(release_site, tmp_path):
-    ckpt = _official_checkpoint(NAME)
+    ckpt = _small_checkpoint()
     torch.save(ckpt, release_site.root / "cut.pth")
     size = (release_site.root / "cut.pth").stat().st_size
     release_site.answers["/cut.pth"] = _cut_short
@@ -678,9 +689,7 @@ def test_a_download_cut_short_is_never_cached(release_site, tmp_path):
         read_checkpoint(release_url("cut.pth"))
     assert not _cached_files(tmp_path)
     del release_site.answers["/cut.pth"]  # the server recovers: the next try downloads anew
-    model = timm.create_model(NAME)
-    load_checkpoint(model, release_url("cut.pth"))
-    _same_weights(model, ckpt["state_dict"])
+    _same_tensors(read_checkpoint(release_url("cut.pth"))["state_dict"], ckpt["state_dict"])
     assert release_site.requests == ["/cut.pth"] * 2
 
 
@@ -697,7 +706,7 @@ def test_an_error_body_with_status_200_is_refused(release_site, tmp_path, kind, 
     body, described = ERROR_BODIES[kind]
     (release_site.root / RELEASED_IMAGENET[NAME]).write_bytes(codecs.BOM_UTF8 * bom + body)
     with pytest.raises(CheckpointError) as error:
-        timm.create_model(NAME, pretrained=True)
+        read_checkpoint(release_url(RELEASED_IMAGENET[NAME]))
     message = str(error.value)
     assert message.startswith(f"{release_url(RELEASED_IMAGENET[NAME])} is {described}"), message
     assert "not a PyTorch checkpoint" in message and "weights_only" not in message
@@ -741,3 +750,51 @@ def test_resume_with_another_model_is_one_clear_line(tmp_path, repo_root, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
         f"error: --resume {path} does not hold the weights of --model pacavit_small_p2cconv_100_0"), err
+
+
+TINY_COCO_CONFIG = "configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py"
+
+
+@pytest.fixture
+def tiny_coco_env(tmp_path, repo_root, monkeypatch):
+    """A one-image COCO set and the environment of a CPU detection run in ``tmp_path``."""
+    subprocess.run([sys.executable, str(repo_root / "detection" / "make_tiny_coco.py"), "--out",
+                    str(tmp_path / "datasets" / "coco_tiny"), "--train", "1", "--val", "1"], check=True, capture_output=True)
+    env = dict(PACAVIT_DATASETS=str(tmp_path / "datasets"), PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"),
+               PACAVIT_DEVICE="cpu", OMP_NUM_THREADS="2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(repo_root / "detection"))  # the config's custom_imports
+    return dict(os.environ)
+
+
+def test_test_main_refuses_a_classification_checkpoint_before_building_the_runner(tiny_coco_env, repo_root, tmp_path):
+    from models.openmmlab import test_main
+
+    path = tmp_path / "imagenet.pth"
+    torch.save(_official_checkpoint(NAME), path)
+    with pytest.raises(SystemExit) as stop:
+        test_main("mmdet", "detection", [str(repo_root / "detection" / TINY_COCO_CONFIG), str(path)])
+    assert str(stop.value) == (
+        f"error: {path} holds the weights of a bare backbone or classifier (no backbone.* tensors), not of a "
+        f"whole MaskRCNN: evaluate a checkpoint of the detector / segmentor itself; an ImageNet classifier "
+        f"initialises the backbone when training (model.backbone.init_cfg or pretrained)."
+    )
+    assert not (tmp_path / "work_dirs").exists(), "stopped before the Runner made its work dir"
+
+
+@pytest.mark.slow
+def test_test_mmdet_sh_given_a_classification_checkpoint_says_so_in_one_line(tiny_coco_env, repo_root, tmp_path):
+    path = tmp_path / "imagenet.pth"
+    torch.save(_official_checkpoint(NAME), path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(["./test_mmdet.sh", TINY_COCO_CONFIG, str(path), "0", "1", str(port)],
+                            cwd=repo_root / "detection", env=tiny_coco_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    worker_lines = [line for line in result.stderr.splitlines()
+                    if line.strip().startswith("File ") and str(repo_root) in line and "site-packages" not in line]
+    assert not worker_lines, "a traceback through the project's code: " + "\n".join(worker_lines)
+    assert f"error: {path} holds the weights of a bare backbone or classifier" in result.stderr
+    assert "Config:" not in result.stdout + result.stderr, "the Runner was built (and logged its config) first"

@@ -34,6 +34,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -56,6 +57,7 @@ from timm.utils import (
 import cls_common
 from cls_common import UsageError
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
+from models.paca_vit import IMAGENET_DROP_PATH_RATE
 from models.run_folder import hold_workers_lock
 from plots import plot_training_curves
 
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm model name, e.g. pacavit_tiny_p2cconv_100_0")
     g.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate (default: a PaCa-ViT variant's official rate, else the model's)")
     g.add_argument("--model-ema", action=flag, default=False, help="keep an EMA of the weights")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
 
@@ -170,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("data_dir", "model", "output"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required")
+    if args.drop_path is None:
+        args.drop_path = IMAGENET_DROP_PATH_RATE.get(args.model)
     return args
 
 
@@ -187,17 +192,30 @@ def scale_learning_rate(args) -> None:
     _logger.info(f"global batch {global_batch}: lr {args.lr:.3g}, warmup_lr {args.warmup_lr:.3g}, min_lr {args.min_lr:.3g}")
 
 
+def build_model(args, num_classes):
+    """The model as training builds it (``--drop-path`` given or resolved by parse_args)."""
+    return cls_common.create_classifier(args.model, num_classes, drop_rate=args.drop,
+                                        **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}))
+
+
+def configure_cuda_backends(device) -> None:
+    """On CUDA: cuDNN autotuning, and TF32 matmuls and convolutions as the official training has."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def build_train_loader(args, dataset, data_config, device):
-    use_prefetcher = device.type == "cuda"  # normalise/erase on the GPU
+    use_prefetcher = device.type == "cuda"  # normalise on the GPU
     return create_loader(
         dataset,
         input_size=data_config["input_size"],
         batch_size=args.batch_size,
         is_training=True,
         no_aug=args.no_aug,
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
+        re_prob=0.0,  # random erasing comes after Mixup/CutMix: augment_batch
         scale=args.scale,
         ratio=args.ratio,
         hflip=args.hflip,
@@ -304,6 +322,23 @@ def build_mixup(args, num_classes):
     )
 
 
+def build_random_erasing(args, device):
+    if args.reprob <= 0 or args.no_aug:
+        return None
+    return RandomErasing(probability=args.reprob, mode=args.remode, max_count=args.recount, device=device)
+
+
+def augment_batch(images, target, mixup, random_erasing):
+    """Mixup/CutMix, then random erasing of the mixed batch: the official order (timm's
+    FastCollateMixup mixes in the loader's collate, its prefetcher erases afterwards), so erased
+    patches are noise, not blended into the partner image."""
+    if mixup is not None:
+        images, target = mixup(images, target)
+    if random_erasing is not None:
+        images = random_erasing(images)
+    return images, target
+
+
 def build_train_loss(args, mixup):
     if mixup is not None:  # mixup produces smoothed soft targets itself
         return SoftTargetCrossEntropy()
@@ -345,8 +380,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
     for step, (images, target) in enumerate(loader):
         need_update = (step + 1) % accum == 0 or step + 1 == len(loader)
         images, target = images.to(run["device"], non_blocking=True), target.to(run["device"], non_blocking=True)
-        if mixup is not None:
-            images, target = mixup(images, target)
+        images, target = augment_batch(images, target, mixup, run["random_erasing"])
         if run["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         # between updates, skip DDP's gradient all-reduce
@@ -486,9 +520,8 @@ def main(argv=None):
     if not primary:
         _logger.setLevel(logging.WARNING)
     random_seed(args.seed, args.rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    elif args.amp or args.channels_last:
+    configure_cuda_backends(device)
+    if device.type != "cuda" and (args.amp or args.channels_last):
         _logger.info("CPU run: mixed precision and channels_last are CUDA-only, training in fp32 NCHW")
 
     cls_common.require_split(args.data_dir, args.train_split)
@@ -497,8 +530,7 @@ def main(argv=None):
                                    class_map=class_map, seed=args.seed)
     num_classes = len(class_map)
     class_names = sorted(class_map, key=class_map.get)
-    model = cls_common.create_classifier(args.model, num_classes, drop_rate=args.drop,
-                                         **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}))
+    model = build_model(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -554,7 +586,8 @@ def main(argv=None):
         writer = _tensorboard_writer(args)
 
     run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),
-               channels_last=channels_last, mixup=mixup, scaler=scaler, scheduler=scheduler,
+               channels_last=channels_last, mixup=mixup, random_erasing=build_random_erasing(args, device),
+               scaler=scaler, scheduler=scheduler,
                model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs))
     if args.resume:
         restore_rng_states(args, saved_rng_states)

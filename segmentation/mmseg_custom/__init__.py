@@ -2,16 +2,18 @@
 
 Importing it registers the PaCa-ViT backbones (``pacavit_*_downstream``, in mmengine's root
 MODELS registry, where mmseg's registry finds them by parent lookup), the ``PaCaSegHead`` decode
-head and the ``PaCaEncoderDecoder`` segmentor, and allows the data types that mmengine writes
+head, the ``PaCaEncoderDecoder`` segmentor and the ``ClusterOutputOptimWrapperConstructor`` (lr
+multiplier for the backbone's cluster output layers), and allows the data types that mmengine writes
 into its own checkpoints under ``torch.load(weights_only=True)`` (see
 ``models.openmmlab.register_checkpoint_safe_globals``).
 """
 import models  # noqa: F401  (registers the backbones)
 from models.openmmlab import register_checkpoint_safe_globals
 
+from .optim_constructor import ClusterOutputOptimWrapperConstructor
 from .paca_head import PaCaSegHead
 from .segmentor import PaCaEncoderDecoder
 
 register_checkpoint_safe_globals()
 
-__all__ = ["PaCaSegHead", "PaCaEncoderDecoder"]
+__all__ = ["ClusterOutputOptimWrapperConstructor", "PaCaSegHead", "PaCaEncoderDecoder"]

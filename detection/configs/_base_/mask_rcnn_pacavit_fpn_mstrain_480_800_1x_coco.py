@@ -6,3 +6,5 @@ _base_ = [
     'schedules/adamw_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
+# The official launcher trains with --auto-scale-lr: lr x (GPUs x images per GPU) / 16.
+auto_scale_lr = dict(enable=True, base_batch_size=16)

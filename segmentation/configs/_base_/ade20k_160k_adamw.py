@@ -1,5 +1,6 @@
 # What every PaCa-ViT ADE20K config shares: mmseg's ADE20K data (512x512 crops), runtime and 160k
-# schedule, with AdamW (lr 6e-5, weight decay 0.01, none on norm layers), a 1500-iteration linear
+# schedule, with AdamW (lr 6e-5, weight decay 0.01 on every parameter, as the official UperNet
+# configs; the PaCa-head configs add their paramwise keys), a 1500-iteration linear
 # warm-up then poly decay, and 2 images per GPU (16 on 8 GPUs).
 _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
@@ -24,8 +25,7 @@ test_dataloader = val_dataloader
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.0)}))
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
     dict(type='PolyLR', eta_min=0.0, power=1.0, by_epoch=False, begin=1500, end=160000),

@@ -1,4 +1,4 @@
-# PaCa-ViT backbone + PaCa segmentation head on ADE20K.  The head and the backbone's clustering
+# PaCa-ViT backbone + PaCa segmentation head on ADE20K.  The head and the backbone's conv-clustering
 # output layers (new: 200 clusters instead of ImageNet's 100) learn at 10x the base lr.  Variant
 # configs in paca_vit/paca_head/ name the backbone.
 _base_ = 'ade20k_160k_adamw.py'
@@ -38,11 +38,15 @@ model = dict(
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
 
-# The clustering output layer is the last conv of on-site conv clustering ("p2cconv"); the mlp and
-# ConvMixer-teacher variants add their own key.
+# The official recipe: no decay on norm layers, lr x10 for the head and for the cluster output
+# layers of conv clustering only.  Its key 'clustering.4' matches no mlp or ConvMixer-teacher
+# parameter, so those rows train their output layers at 1x; cluster_output.kinds (conv, mlp,
+# linear, teacher) widens it.  The layers are found by module (mmseg_custom/optim_constructor.py).
 optim_wrapper = dict(
+    constructor='ClusterOutputOptimWrapperConstructor',
     paramwise_cfg=dict(
         custom_keys={
+            'norm': dict(decay_mult=0.0),
             'head': dict(lr_mult=10.0),
-            'clustering.clustering.4': dict(lr_mult=10.0),
-        }))
+        },
+        cluster_output=dict(lr_mult=10.0, kinds=['conv'])))

@@ -1,5 +1,5 @@
-# Mask R-CNN + FPN with a PaCa-ViT backbone.  Variant configs set the backbone type, its
-# drop_path_rate, and the FPN input channels when they differ.
+# Mask R-CNN + FPN with a PaCa-ViT backbone (drop path 0.1 for every variant, as the official
+# configs).  Variant configs set the backbone type and the FPN input channels when they differ.
 _base_ = 'mmdet::_base_/models/mask-rcnn_r50_fpn.py'
 
 # registers the pacavit_*_downstream backbones (detection/mmdet_custom)

@@ -4,6 +4,5 @@ _base_ = '../../_base_/mask_rcnn_pacavit_fpn_mstrain_480_800_1x_coco.py'
 
 model = dict(
     backbone=dict(
-        type='pacavit_convmixer_base_100_downstream',
-        drop_path_rate=0.3),
+        type='pacavit_convmixer_base_100_downstream'),
     neck=dict(in_channels=[96, 192, 384, 512]))

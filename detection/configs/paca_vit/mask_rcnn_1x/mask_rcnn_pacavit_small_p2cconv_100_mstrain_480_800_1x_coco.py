@@ -6,5 +6,4 @@ _base_ = '../../_base_/mask_rcnn_pacavit_fpn_mstrain_480_800_1x_coco.py'
 
 model = dict(
     backbone=dict(
-        type='pacavit_small_p2cconv_100_downstream',
-        drop_path_rate=0.2))
+        type='pacavit_small_p2cconv_100_downstream'))

@@ -5,7 +5,6 @@ _base_ = '../../_base_/pacahead_ade20k.py'
 model = dict(
     backbone=dict(
         type='pacavit_convmixer_base_100_downstream',
+        drop_path_rate=0.5,
         downstream_cluster_num=[200, 200, 200, 200]),
     decode_head=dict(in_channels=[96, 192, 384, 512]))
-# lr x10 for the teacher's clustering output layers too
-optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'paca_teacher.to_clusters': dict(lr_mult=10.0)}))

@@ -4,5 +4,3 @@ _base_ = '../../_base_/pacahead_ade20k.py'
 model = dict(
     backbone=dict(
         type='pacavit_small_p2cmlp_100_0_downstream'))
-# lr x10 for the mlp clustering output layer too
-optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'clustering.clustering.2': dict(lr_mult=10.0)}))

@@ -190,11 +190,15 @@ def verify_checkpoint(path: Source, origin: Optional[str] = None) -> None:
                         while data.read(CHUNK_BYTES):
                             pass
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-            raise CheckpointError(
-                f"{origin} is corrupt or truncated ({e}): its contents do not match the checksums stored in the "
-                f"file. If it was downloaded, delete it and download it again; if a run was writing it, that run "
-                f"was interrupted while saving: use an earlier checkpoint of the run."
-            ) from e
+            raise _unreadable(origin, e) from e
+
+
+def _unreadable(origin: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{origin} is not a readable PyTorch checkpoint (corrupt or truncated: {e}). If it was downloaded, "
+        f"delete it and download it again; if a run was writing it, that run was interrupted while "
+        f"saving: use an earlier checkpoint of the run."
+    )
 
 
 def download_timeout() -> float:
@@ -416,11 +420,7 @@ def read_checkpoint(source: Source, map_location="cpu") -> dict:
             f"torch.save(ckpt['state_dict'], 'weights.pth'). Details: {e}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: {e}). If it was downloaded, "
-            f"delete it and download it again; if a run was writing it, that run was interrupted while "
-            f"saving: use an earlier checkpoint of the run."
-        ) from e
+        raise _unreadable(path, e) from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     return checkpoint

@@ -458,7 +458,7 @@ def test_flipped_bytes_are_refused_naming_the_file(tmp_path):
     torch.load(path, weights_only=True)  # torch itself does not notice
     for load in (lambda: read_checkpoint(path), lambda: load_checkpoint(torch.nn.Linear(64, 64), path),
                  lambda: verify_checkpoint(path)):
-        with pytest.raises(CheckpointError, match=rf"{path} is corrupt .*Bad CRC-32"):
+        with pytest.raises(CheckpointError, match=rf"{path} is not a readable PyTorch checkpoint \(corrupt or truncated: Bad CRC-32"):
             load()
 
 
@@ -481,14 +481,14 @@ def test_a_broken_cached_file_is_removed_and_fetched_again(release_site, caplog)
     _flip_bytes_in_largest_record(cached)
     with caplog.at_level(logging.WARNING):
         _same_tensors(read_checkpoint(url)["state_dict"], ckpt["state_dict"])
-    assert f"{cached} (cached from {url}) is corrupt" in caplog.text and "downloading it again" in caplog.text
+    assert f"{cached} (cached from {url}) is not a readable PyTorch checkpoint" in caplog.text and "downloading it again" in caplog.text
     assert release_site.requests == [f"/{RELEASED_IMAGENET[NAME]}"] * 2
 
 
 def test_a_corrupt_file_on_the_server_is_not_cached(release_site, tmp_path):
     torch.save(_small_checkpoint(), release_site.root / "served.pth")
     _flip_bytes_in_largest_record(release_site.root / "served.pth")
-    with pytest.raises(CheckpointError, match=rf"{release_url('served.pth')} is corrupt"):
+    with pytest.raises(CheckpointError, match=rf"{release_url('served.pth')} is not a readable PyTorch checkpoint"):
         read_checkpoint(release_url("served.pth"))
     assert not _cached_files(tmp_path)
 
@@ -508,7 +508,7 @@ def test_resume_point_skips_a_flipped_last_checkpoint(tmp_path):
     _flip_bytes_in_largest_record(tmp_path / "last.pth.tar")
     said = []
     assert resume_point("classification", tmp_path, report=said.append) == tmp_path / "checkpoint-1.pth.tar"
-    assert any(f"{tmp_path / 'last.pth.tar'} is corrupt" in line for line in said), said
+    assert any(f"{tmp_path / 'last.pth.tar'} is not a readable PyTorch checkpoint" in line for line in said), said
 
 
 def test_validate_refuses_a_flipped_checkpoint(tmp_path, repo_root, monkeypatch):
@@ -519,7 +519,7 @@ def test_validate_refuses_a_flipped_checkpoint(tmp_path, repo_root, monkeypatch)
     import validate
 
     args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=False, data_dir="DATA", split="val")
-    with pytest.raises(CheckpointError, match=rf"{path} is corrupt"):
+    with pytest.raises(CheckpointError, match=rf"{path} is not a readable PyTorch checkpoint"):
         validate.build_model(args, num_classes=1000)
 
 

@@ -81,7 +81,8 @@ def build_predictor(key: ModelKey):
     """The predictor of ``tools/predict.py`` for ``key`` (its one model-and-weights builder)."""
     checkpoint = key.weights or None
     if key.task == "classify" and key.model.endswith(".py"):
-        raise ExploreError(f"{key.model} is a config, not a model name: choose the task '{config_task(key.model)}' for it")
+        wanted = config_task(key.model)
+        raise ExploreError(f"{key.model} is a config, not a model name: choose the task '{wanted}' for it")
     if key.task != "classify":
         wanted = config_task(key.model)
         if wanted != key.task:
@@ -176,7 +177,7 @@ class InputRecorder:
     def covered(self, hw: Tuple[int, int]) -> Tuple[int, int]:
         if self.padded is None:
             return hw
-        return (math.ceil(hw[0] * self.resized[0] / self.padded[0]), math.ceil(hw[1] * self.resized[1] / self.padded[1]))
+        return tuple(math.ceil(cells * size / padded) for cells, size, padded in zip(hw, self.resized, self.padded))
 
 
 def stage_label(view: ClusterView) -> str:

@@ -103,7 +103,8 @@ def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_p
     torch.save({"state_dict": {"stem.weight": torch.zeros(3)}}, unfit)
     message = status_of(weights=str(unfit))
     assert message.startswith(f"**Error:** {MODEL}, weights {unfit}:") and "classifier" in message
-    assert status_of("segment", DET_CONFIG) == f"**Error:** {DET_CONFIG} is a detection config: choose the task 'detect' for it"
+    assert status_of("segment", DET_CONFIG) == (f"**Error:** {DET_CONFIG} is a detection config: choose the task "
+                                                "'detect' for it")
     assert status_of("classify", SEG_CONFIG) == (f"**Error:** {SEG_CONFIG} is a config, not a model name: choose the "
                                                  "task 'segment' for it")
     assert "unknown model 'pacavit_tiny'" in status_of(model="pacavit_tiny")
@@ -181,3 +182,13 @@ def test_explorer_extras_are_pinned_apart_installed_and_never_imported_by_the_mo
     loaded = subprocess.run([sys.executable, "-c", "import sys, models; print(' '.join(sys.modules))"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
     assert not [name for name in loaded if name.split(".")[0] in ("gradio", "playwright")]
+
+
+@pytest.mark.slow
+def test_block_wise_model_shows_every_block_with_its_own_assignments(page):
+    outputs = page.on_explain("classify", "pacavit_small_p2cconv_100_blockwise", "", 0, None, "sklearn:flower.jpg")
+    model = page.explorer.models[ce.ModelKey("classify", "pacavit_small_p2cconv_100_blockwise", "", 0, "cpu")].model
+    blocks = [f"stage {s}, block {b}" for s in (1, 2, 3, 4) for b in range(len(getattr(model, f"stage{s}")))]
+    assert outputs[STAGE]["choices"] == blocks  # clusters in all four stages; no block repeats the one before
+    first, second = (page.on_stage(outputs[KEY], label)[1] for label in blocks[:2])
+    assert not np.array_equal(first, second)

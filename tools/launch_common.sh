@@ -262,7 +262,9 @@ paca_training_failed() {
         echo "$dir is kept, but a resume would stop the same way: fix the cause and launch again" >&2
         exit 1
     fi
-    cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" | tail -n 1 || true)"
+    # the workers' last exception, not torchrun's report of their failure
+    cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
+        grep -v '^torch\.distributed\.elastic\.' | tail -n 1 || true)"
     if [[ -n "$(paca_resume_point "$task" "$dir" 2>/dev/null)" ]]; then
         echo "training stopped before the end${cause:+ ($cause)}; $dir is kept: $resume_hint" >&2
     else

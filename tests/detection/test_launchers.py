@@ -113,3 +113,21 @@ def test_two_nodes_stop_on_sigterm_and_resume_to_the_end(launcher_env, tmp_path)
     assert f"finished: {work_dir}" in nodes.output(0)
     assert f"node 1 done; node 0 marks {work_dir} finished" in nodes.output(1)
     assert (work_dir / "FINISHED").is_file() and (work_dir / f"epoch_{epochs}.pth").is_file()
+
+
+@pytest.mark.slow
+def test_failures_a_resume_cannot_fix_end_with_their_cause_not_a_resume_hint(launcher_env):
+    work_dir = Path(launcher_env["PACAVIT_WORK_DIRS"]) / "detection" / "hints" / f"{NAME}_t1"
+    reported = run(launch("hints", "t1", 1, "--amp"), launcher_env)
+    assert reported.returncode == 1
+    # the worker's own error line comes last, below torchrun's failure report
+    assert reported.stderr.strip().splitlines()[-2:] == [
+        "training failed: error: --amp needs a CUDA device; drop --amp to train in float32 on CPU",
+        f"{work_dir} is kept, but a resume would stop the same way: fix the cause and launch again",
+    ]
+    crashed = run(launch("hints", "t1", 1, "--cfg-options", "model.backbone.no_such_option=1"), launcher_env)
+    assert crashed.returncode == 1
+    last = crashed.stderr.strip().splitlines()[-1]
+    assert last.startswith("training failed before its first checkpoint: TypeError: ") and "no_such_option" in last
+    for result in (reported, crashed):
+        assert "Remove_old=0" not in result.stderr and "resume it" not in result.stderr

@@ -496,9 +496,10 @@ def full_disk_reported(saver, epoch):
         if not disk_full:
             raise
         last = os.path.join(saver.checkpoint_dir, "last" + saver.extension)
-        kept = f"the last intact checkpoint {last} is kept" if os.path.isfile(last) else "no checkpoint was saved before"
+        kept = f"the last intact checkpoint {last} is kept" if os.path.isfile(last) else "none was saved before"
         raise UsageError(f"No space left on device in {saver.checkpoint_dir} while saving epoch {epoch + 1}; {kept}. "
-                         f"Free space there (or give --output on another disk), then launch again") from None
+                         f"Free space there (or train onto another disk: --output, or PACAVIT_WORK_DIRS for the "
+                         f"launchers), then launch again") from None
 
 
 def evaluate_epoch(model, model_ema, loader, run):

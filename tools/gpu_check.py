@@ -88,9 +88,9 @@ def unusable_gpus_problem() -> Optional[str]:
     for index in range(torch.cuda.device_count()):
         capability = torch.cuda.get_device_capability(index)
         if not runs_on(capability, archs):
-            return (f"GPU {index} ({torch.cuda.get_device_name(index)}) is sm_{capability[0]}{capability[1]}, but torch "
-                    f"{torch.__version__} has kernels only for {', '.join(torch.cuda.get_arch_list())} (every CUDA "
-                    f"call would fail with 'no kernel image'): {CUDA_WHEEL_FIX} {CPU_ON_PURPOSE}")
+            return (f"GPU {index} ({torch.cuda.get_device_name(index)}) is sm_{capability[0]}{capability[1]}, "
+                    f"but torch {torch.__version__} has kernels only for {', '.join(torch.cuda.get_arch_list())} "
+                    f"(every CUDA call would fail with 'no kernel image'): {CUDA_WHEEL_FIX} {CPU_ON_PURPOSE}")
     return None
 
 

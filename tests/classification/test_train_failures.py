@@ -52,7 +52,8 @@ def test_evaluation_bypasses_the_ddp_wrapper(tmp_path, monkeypatch):
     evaluated = []
     evaluate = cls_common.evaluate
     monkeypatch.setattr(train_timm, "init_distributed_device", init_one_process_group)
-    monkeypatch.setattr(cls_common, "evaluate", lambda model, *args: evaluated.append(type(model)) or evaluate(model, *args))
+    monkeypatch.setattr(cls_common, "evaluate",
+                        lambda model, *args: evaluated.append(type(model)) or evaluate(model, *args))
     train_timm.main(train_args(tmp_path, epochs=1))
     assert not dist.is_initialized(), "main() ends the process group it ran in"
     assert evaluated and torch.nn.parallel.DistributedDataParallel not in evaluated, evaluated

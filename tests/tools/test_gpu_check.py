@@ -32,7 +32,8 @@ def bin_dir(tmp_path, monkeypatch):
 
 
 def smi_with_gpus(bin_dir, driver="550.54.15"):
-    stub(bin_dir, "nvidia-smi", f'case "$1" in -L) printf "%s\\n" "{H100_LIST}";; *) echo {driver}; echo {driver};; esac')
+    stub(bin_dir, "nvidia-smi",
+         f'case "$1" in -L) printf "%s\\n" "{H100_LIST}";; *) echo {driver}; echo {driver};; esac')
 
 
 def gpus_usable_by_torch(monkeypatch, capability=(9, 0), count=2, archs=CU130_ARCHS):
@@ -112,8 +113,8 @@ def test_launcher_stops_before_torchrun_on_gpus_torch_cannot_use(tmp_path):
     for split in ("train", "val"):
         (tmp_path / "datasets" / "TINY" / split / "a").mkdir(parents=True)
     result = subprocess.run(
-        ["bash", str(REPO / "classification" / "train_timm.sh"), "configs/digits_demo.yml", "pacavit_tiny_p2cconv_100_0",
-         "TINY", "32", "0", "0", "gpu_check", "t", "0", "1", "0", "29999"],
+        ["bash", str(REPO / "classification" / "train_timm.sh"), "configs/digits_demo.yml",
+         "pacavit_tiny_p2cconv_100_0", "TINY", "32", "0", "0", "gpu_check", "t", "0", "1", "0", "29999"],
         env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2, result.stderr
     assert "error: 2 NVIDIA GPU(s) on this node" in result.stderr and "whl/cu128" in result.stderr

@@ -13,16 +13,21 @@ override them.  Without ``--lr`` the rate is ``lr_base * global_batch / lr_base_
 
 Resuming is exact: every checkpoint holds the random state of every process, and each epoch's
 sample order and data-loading workers are seeded from (seed, epoch, rank) alone, so a run
-interrupted after an epoch and resumed ends with the weights of the uninterrupted run.
+interrupted after an epoch and resumed ends with the weights of the uninterrupted run.  SIGTERM
+(a scheduler's preemption notice) stops training at the next logged step with a recovery
+checkpoint (``recovery-EPOCH-STEP.pth.tar``); resuming from it draws that epoch's first STEP
+batches again without training on them, so it is exact too.
 Checkpoints also hold ``class_names``, the class folder names in label order.
 """
 import argparse
 import csv
 import errno
+import glob
 import logging
 import math
 import os
 import random
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -300,12 +305,34 @@ class CheckpointContents:
     def __init__(self, model, model_ema, class_names):
         self.model, self.model_ema, self.class_names = model, model_ema, class_names
         self.rng_states = None  # set before each save
+        self.steps_done = 0  # steps of its epoch a recovery checkpoint has trained (0: a whole epoch)
 
     def get_checkpoint_state(self, ema=False, unwrap_fn=unwrap_model) -> dict:
         if ema:
             return {} if self.model_ema is None else {"state_dict_ema": get_state_dict(self.model_ema, unwrap_fn)}
+        steps = {"epoch_steps_done": self.steps_done} if self.steps_done else {}
         return {"state_dict": get_state_dict(self.model, unwrap_fn), "class_names": self.class_names,
-                "rng_states": self.rng_states}
+                "rng_states": self.rng_states, **steps}
+
+
+class StopOnSigterm:
+    """SIGTERM (what SLURM sends before preempting a job, and what torchrun passes on when it is
+    stopped) asks training to stop.  The ranks agree on it at each check (a max over a flag), so all
+    stop after the same step: a rank that stopped alone would leave the others waiting in their
+    next all-reduce."""
+
+    def __init__(self, device, distributed):
+        self.device, self.distributed, self.signalled = device, distributed, False
+        signal.signal(signal.SIGTERM, self._note_signal)
+
+    def _note_signal(self, signum, frame):
+        self.signalled = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([int(self.signalled)], device=self.device)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def build_mixup(args, num_classes):
@@ -366,18 +393,27 @@ class Progress:
         )
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
-    """One pass over the training data; returns {'loss': mean over all processes}."""
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_steps=0):
+    """One pass over the training data; returns {'loss': mean over all processes}, and
+    'stopped_after' (steps) when SIGTERM stopped it.  ``skip_steps``: the steps a recovery
+    checkpoint has trained already; their batches are drawn again (the same random augmentations)
+    and left out, then ``run['after_skip']`` puts the random state back where it was saved."""
     mixup, scaler, scheduler, model_ema = run["mixup"], run["scaler"], run["scheduler"], run["model_ema"]
     if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup.mixup_enabled = False
     model.train()
     accum = args.grad_accumulation_steps
     updates_per_epoch = math.ceil(len(loader) / accum)
-    num_updates = epoch * updates_per_epoch
+    num_updates = epoch * updates_per_epoch + skip_steps // accum
     losses = AverageMeter()
+    batches = iter(loader)
+    if skip_steps:
+        for _ in range(skip_steps):
+            next(batches)
+        run["after_skip"]()
+        scheduler.step_update(num_updates=num_updates)
     end = time.time()
-    for step, (images, target) in enumerate(loader):
+    for step, (images, target) in enumerate(batches, start=skip_steps):
         need_update = (step + 1) % accum == 0 or step + 1 == len(loader)
         images, target = images.to(run["device"], non_blocking=True), target.to(run["device"], non_blocking=True)
         images, target = augment_batch(images, target, mixup, run["random_erasing"])
@@ -410,6 +446,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
             if args.rank == 0:
                 run["progress"].log(epoch, step, float(losses.val), float(losses.avg),
                                     optimizer.param_groups[0]["lr"], images.size(0))
+            # checked where the log syncs anyway: a check is a collective and waits for the device
+            if need_update and step + 1 < len(loader) and run["stop"].agreed():
+                return {"stopped_after": step + 1}
     mean_loss = losses.avg.detach().float()
     if args.distributed:
         mean_loss = reduce_tensor(mean_loss, args.world_size)
@@ -419,7 +458,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run):
 def resume(args, model, optimizer, scaler, model_ema, class_names):
     """Restore weights, optimizer, AMP scaler and EMA from ``args.resume``.
 
-    Returns the next epoch and the saved random states (applied just before training goes on).
+    Returns the next epoch, the steps of it a recovery checkpoint has trained and the saved random
+    states (applied just before training goes on).
     """
     checkpoint = read_checkpoint(args.resume)
     missing = [key for key in ("epoch", "state_dict", "optimizer") if key not in checkpoint]
@@ -442,9 +482,11 @@ def resume(args, model, optimizer, scaler, model_ema, class_names):
         if "state_dict_ema" not in checkpoint:
             raise UsageError(f"--model-ema was given but {args.resume} holds no EMA weights")
         model_ema.module.load_state_dict(checkpoint["state_dict_ema"])
-    next_epoch = checkpoint["epoch"] + 1
-    _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}")
-    return next_epoch, checkpoint.get("rng_states")
+    steps_done = checkpoint.get("epoch_steps_done", 0)
+    next_epoch = checkpoint["epoch"] + (0 if steps_done else 1)
+    _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}"
+                 + (f" after its step {steps_done}" if steps_done else ""))
+    return next_epoch, steps_done, checkpoint.get("rng_states")
 
 
 def restore_rng_states(args, states) -> None:
@@ -502,6 +544,19 @@ def full_disk_reported(saver, epoch):
                          f"launchers), then launch again") from None
 
 
+def save_recovery_and_exit(args, saver, checkpoint_contents, epoch, steps_done):
+    """After SIGTERM: the state after ``steps_done`` steps of ``epoch`` in a recovery checkpoint
+    (every rank's random state included), then the end of this process."""
+    checkpoint_contents.rng_states = all_rng_states(args)
+    checkpoint_contents.steps_done = steps_done
+    if saver is None:  # not the primary process: it saves nothing
+        raise SystemExit(128 + signal.SIGTERM)
+    with full_disk_reported(saver, epoch):
+        saver.save_recovery(epoch, batch_idx=steps_done)
+    raise SystemExit(f"stopped by SIGTERM after step {steps_done} of epoch {epoch + 1}; "
+                     f"saved {saver.curr_recovery_file} to resume from")
+
+
 def evaluate_epoch(model, model_ema, loader, run):
     metrics = cls_common.evaluate(model, loader, run["device"], run["autocast"], run["channels_last"])
     if model_ema is not None:
@@ -545,9 +600,9 @@ def main(argv=None):
     use_amp = args.amp and device.type == "cuda"
     scaler = NativeScaler(device=device.type) if use_amp and args.amp_dtype == "float16" else None
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch, saved_rng_states = 0, None
+    start_epoch, skip_steps, saved_rng_states = 0, 0, None
     if args.resume:
-        start_epoch, saved_rng_states = resume(args, model, optimizer, scaler, model_ema, class_names)
+        start_epoch, skip_steps, saved_rng_states = resume(args, model, optimizer, scaler, model_ema, class_names)
     if args.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     if args.distributed:
@@ -589,13 +644,18 @@ def main(argv=None):
     run = dict(device=device, autocast=cls_common.autocast_for(device, use_amp, args.amp_dtype),
                channels_last=channels_last, mixup=mixup, random_erasing=build_random_erasing(args, device),
                scaler=scaler, scheduler=scheduler,
-               model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs))
-    if args.resume:
+               model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs),
+               stop=StopOnSigterm(device, args.distributed),
+               after_skip=lambda: restore_rng_states(args, saved_rng_states))
+    if args.resume and not skip_steps:
         restore_rng_states(args, saved_rng_states)
     for epoch in range(start_epoch, num_epochs):
         seed_loader_for_epoch(loader_train, args.seed, epoch, args.rank)
         epoch_start = time.time()
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run)
+        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run,
+                                        skip_steps if epoch == start_epoch else 0)
+        if "stopped_after" in train_metrics:
+            save_recovery_and_exit(args, saver, checkpoint_contents, epoch, train_metrics["stopped_after"])
         if args.distributed:
             # once per epoch, the BatchNorm statistics that DDP would broadcast from rank 0 in every
             # forward: evaluation bypasses DDP, whose per-forward collective hangs when the ranks'
@@ -610,6 +670,8 @@ def main(argv=None):
             with full_disk_reported(saver, epoch):
                 update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=lr)
                 best, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics["top1"])
+            for recovery in glob.glob(os.path.join(args.output, "recovery-*" + saver.extension)):
+                os.remove(recovery)  # older than this epoch's checkpoint now
             _logger.info(f"epoch {epoch + 1}/{num_epochs}: train loss {train_metrics['loss']:.4f}, "
                          f"val top1 {eval_metrics['top1']:.2f} top5 {eval_metrics['top5']:.2f} "
                          f"(best {best:.2f} at epoch {best_epoch + 1}) in {train_metrics['epoch_time']:.1f}s")

@@ -46,8 +46,10 @@ def _numbered(run_dir: Path, pattern: str) -> List[Path]:
 
 
 def classification_candidates(run_dir: Path) -> List[Path]:
-    """train_timm.py's checkpoints, newest first: last, then the kept epochs, then the best."""
-    return [p for p in [run_dir / "last.pth.tar", *_numbered(run_dir, r"checkpoint-(\d+)\.pth\.tar"),
+    """train_timm.py's checkpoints, newest first: the recovery checkpoint a SIGTERM saved (its
+    epoch's next checkpoint removes it), last, then the kept epochs, then the best."""
+    recovery = sorted(run_dir.glob("recovery-*.pth.tar"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return [p for p in [*recovery, run_dir / "last.pth.tar", *_numbered(run_dir, r"checkpoint-(\d+)\.pth\.tar"),
                         run_dir / "model_best.pth.tar"] if p.is_file()]
 
 

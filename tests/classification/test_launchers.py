@@ -14,7 +14,8 @@ import torch
 
 import models  # noqa: F401  (registers the pacavit_* names with timm)
 
-from tests.run_folder_checks import TwoNodes, wait_until_free
+from models.run_folder import resume_point
+from tests.run_folder_checks import TwoNodes, check_sigterm_stop, wait_until_free
 
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
 
@@ -74,39 +75,53 @@ def test_finished_experiment_is_never_retrained(finished_run, cls_env):
     assert (done_dir / "last.pth.tar").stat().st_mtime_ns == before
 
 
-def test_resume_after_interruption_continues_from_the_saved_epoch(cls_env):
+def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_env, tmp_path):
     epochs, steps_per_epoch = 3, 2  # 18 training images, batch 9
     run_dir, done_dir = experiment_dirs(cls_env, "resume", "t1")
     flags = ("--epochs", epochs, "--model-ema")
-    cmd = [str(c) for c in train_cmd("resume", "t1", *flags)]
-    job = subprocess.Popen(cmd, env=cls_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([str(c) for c in train_cmd("resume", "t1", *flags)], env=cls_env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not (run_dir / "last.pth.tar").exists() and job.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert job.poll() is None, "training ended before it could be interrupted"
     finally:
-        # as a scheduler preempting the job: SIGTERM to the launcher's group, torchrun stops its workers
+        # as a scheduler preempting the job: SIGTERM to the launcher's group, torchrun passes it on
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(timeout=120)
     wait_until_free(run_dir)
+    assert job.returncode == 143
+    check_sigterm_stop(log.read_text(), "continue it with Resume=1 (Remove_old=0)")
+    # epoch 1 was saved; the worker stopped after the first step of epoch 2 (the next check)
+    recovery = run_dir / "recovery-1-1.pth.tar"
+    assert resume_point("classification", run_dir, report=pytest.fail) == recovery
+    saved = torch.load(recovery, weights_only=True)
+    assert (saved["epoch"], saved["epoch_steps_done"]) == (1, 1)
     assert not done_dir.exists()
-    saved_epoch = torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"]
-    assert saved_epoch < epochs - 1
 
     refused = run(train_cmd("resume", "t1", *flags), cls_env)
     assert refused.returncode != 0 and "Resume=1" in refused.stderr
 
     resumed = run(train_cmd("resume", "t1", *flags, resume=1), cls_env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"continuing at epoch {saved_epoch + 2}" in (done_dir / "train.log").read_text()
+    assert "continuing at epoch 2 after its step 1" in (done_dir / "train.log").read_text()
     assert [int(row["epoch"]) for row in read_summary(done_dir)] == list(range(epochs))
+    assert not list(done_dir.glob("recovery-*"))
     final = torch.load(done_dir / "last.pth.tar", weights_only=True)
-    assert final["epoch"] == epochs - 1 and "state_dict_ema" in final
-    # the optimizer state came back: AdamW's step count covers every update of every epoch
+    assert final["epoch"] == epochs - 1 and "epoch_steps_done" not in final
+    # the optimizer state came back: AdamW's step count covers every update of every epoch once
     steps = {int(state["step"]) for state in final["optimizer"]["state"].values()}
     assert steps == {epochs * steps_per_epoch}
+    # and the weights are those of the uninterrupted run
+    straight = run(train_cmd("straight", "t1", *flags), cls_env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = torch.load(experiment_dirs(cls_env, "straight", "t1")[1] / "last.pth.tar", weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in expected[key].items():
+            assert torch.equal(final[key][name], tensor), f"{key}.{name}"
 
 
 def test_remove_old_needs_yes_and_never_prompts(cls_env):

@@ -3,7 +3,7 @@ import http.server
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
@@ -81,3 +81,22 @@ def release_site(tmp_path, monkeypatch, serve_folder):
 def release_server(release_site):
     """The folder that :func:`release_site` serves as the release prefix on 127.0.0.1."""
     return release_site.root
+
+
+@pytest.fixture
+def train_config_of(monkeypatch, tmp_path):
+    """train_config_of(config, default_scope, task, *args): the config that ``train_main`` hands
+    to mmengine's Runner for these arguments (the Runner is not built, the dataset not checked)."""
+    import mmengine.runner
+
+    from models import openmmlab
+
+    def run(config, default_scope, task, *args):
+        handed = []
+        monkeypatch.setattr(openmmlab, "check_data_roots", lambda cfg, loaders: None)
+        monkeypatch.setattr(mmengine.runner.Runner, "from_cfg",
+                            classmethod(lambda cls, cfg: handed.append(cfg) or mock.Mock(name="runner")))
+        openmmlab.train_main(default_scope, task, [str(config), "--work-dir", str(tmp_path / "work_dir"), *args])
+        return handed[0]
+
+    return run

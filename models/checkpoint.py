@@ -263,16 +263,11 @@ def _fetch(url: str, dst: str):
                         received += len(chunk)
                         bar.update(len(chunk))
         if expected is not None and received != expected:
-            raise http.client.IncompleteRead(b"", expected - received)
+            raise _cut_short(url, received, expected)
         verify_checkpoint(partial, origin=url)
         os.replace(partial, dst)
-    except CheckpointError:
-        raise
-    except http.client.IncompleteRead:
-        raise CheckpointError(
-            f"the download of {url} ended after {received} of {expected} bytes (the connection was cut); "
-            f"nothing was cached: run again to download it anew."
-        ) from None
+    except http.client.IncompleteRead:  # raised by some Python versions instead of a short read
+        raise _cut_short(url, received, expected) from None
     except (TimeoutError, urllib.error.URLError) as e:
         if isinstance(getattr(e, "reason", e), TimeoutError):
             raise CheckpointError(
@@ -285,6 +280,13 @@ def _fetch(url: str, dst: str):
     finally:
         if os.path.exists(partial):  # a failed or rejected download must not be reused
             os.remove(partial)
+
+
+def _cut_short(url: str, received: int, expected: int) -> CheckpointError:
+    return CheckpointError(
+        f"the download of {url} ended after {received} of {expected} bytes (the connection was cut); "
+        f"nothing was cached: run again to download it anew."
+    )
 
 
 def _network_error(url: str, e: Exception) -> CheckpointError:

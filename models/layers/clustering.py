@@ -20,6 +20,7 @@ class _SequentialClustering(nn.Module):
     """A clustering module whose ``clustering`` Sequential ends in the cluster output layer."""
 
     kind: str  # the name in CLUSTERING_LAYERS
+    __jit_unused_properties__ = ["output_layer"]  # a Python-side accessor; TorchScript compiles forward only
 
     @property
     def output_layer(self) -> nn.Module:

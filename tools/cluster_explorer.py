@@ -52,14 +52,21 @@ def model_choices(task: str) -> List[str]:
     return sorted(str(p.relative_to(REPO)) for p in folder.rglob("*.py") if "_base_" not in p.parts)
 
 
+def config_path(config: str) -> Path:
+    """A config as given (absolute, or relative to the working folder), else relative to the repository."""
+    path = Path(config)
+    if path.is_file():
+        return path.resolve()
+    if not path.is_absolute() and (REPO / path).is_file():
+        return REPO / path
+    raise ExploreError(f"config file not found: {config} (give a path relative to the repository, or absolute)")
+
+
 def config_task(config: str) -> str:
     """'detect' or 'segment': what the config's model does (mmseg models have a ``decode_head``)."""
     from mmengine.config import Config
 
-    path = Path(config) if Path(config).is_absolute() else REPO / config
-    if not path.is_file():
-        raise ExploreError(f"config file not found: {config} (give a path relative to the repository or absolute)")
-    model = Config.fromfile(str(path), import_custom_modules=False).get("model") or {}
+    model = Config.fromfile(str(config_path(config)), import_custom_modules=False).get("model") or {}
     return "segment" if "decode_head" in model else "detect"
 
 
@@ -78,7 +85,8 @@ class ModelKey:
 
 
 def build_predictor(key: ModelKey):
-    """The predictor of ``tools/predict.py`` for ``key`` (its one model-and-weights builder)."""
+    """The predictor of ``tools/predict.py`` for ``key``: its model-and-weights builder, called on the
+    last line, is the only one the explorer uses."""
     checkpoint = key.weights or None
     if key.task == "classify" and key.model.endswith(".py"):
         wanted = config_task(key.model)
@@ -91,8 +99,8 @@ def build_predictor(key: ModelKey):
         if checkpoint == "pretrained":  # the released COCO / ADE20K file of the config
             checkpoint = release_url(f"{Path(key.model).stem}.pth")
     torch.manual_seed(key.seed)
-    model = key.model if Path(key.model).is_absolute() else str(REPO / key.model)
-    args = argparse.Namespace(task=key.task, model=key.model, config=model, checkpoint=checkpoint, device=key.device,
+    config = None if key.task == "classify" else str(config_path(key.model))
+    args = argparse.Namespace(task=key.task, model=key.model, config=config, checkpoint=checkpoint, device=key.device,
                               clusters=False, score_thr=0.3, cfg_options={})
     return predict.build_predictor(args)
 
@@ -221,7 +229,7 @@ class Explorer:
         picture = tasks.Picture(source, image_stem(name), rgb)
         recorder = InputRecorder(predictor.model.data_preprocessor) if key.task != "classify" else None
         try:
-            with torch.no_grad(), capture_maps(predictor.model) as records:
+            with capture_maps(predictor.model) as records:  # the predictor runs without gradients
                 result = predictor.predict([picture])[0]
         finally:
             if recorder:

@@ -24,23 +24,21 @@ STARTUP_S = 180
 @pytest.fixture
 def explorer_url(tmp_path):
     """The URL of ``tools/explore.py --port 0`` (a free port), stopped after the test."""
-    log = (tmp_path / "explore.log").open("w+")
-    server = subprocess.Popen([sys.executable, str(REPO / "tools" / "explore.py"), "--port", "0", "--device", "cpu"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    log = tmp_path / "explore.log"
+    with log.open("w") as output:
+        server = subprocess.Popen([sys.executable, str(REPO / "tools" / "explore.py"), "--port", "0", "--device", "cpu"],
+                                  cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_S
-        line = ""
-        while time.monotonic() < deadline and server.poll() is None:
-            line = server.stdout.readline()
-            if "http://127.0.0.1:" in line:
-                break
-        log.seek(0)
-        assert "http://127.0.0.1:" in line, f"explore.py printed no URL; its log:\n{log.read()}"
-        yield re.search(r"http://127\.0\.0\.1:\d+/?", line).group(0)
+        url = None
+        while url is None and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.2)
+            url = re.search(r"http://127\.0\.0\.1:\d+/?", log.read_text())
+        assert url, f"explore.py printed no URL; its output:\n{log.read_text()}"
+        yield url.group(0)
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
 
 
 def image_source(page, element_id: str) -> str:

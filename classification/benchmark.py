@@ -10,19 +10,39 @@ many FLOPs per second each model achieves relative to it.
 
     python benchmark.py --model pacavit_tiny_p2cconv_100_0 --img-size 224 --compare --img-sizes 224,448,896
 
+How it measures: every model (and every variant of it: compiled, plain ops, precision) lives in a
+process of its own, which builds only that model, so that what one model allocated or ran cannot
+speed up or slow down another.  The rounds go round those processes in turn (round 1 of every
+model, then round 2, ...), each round warming up with the same untimed iterations first; a row
+reports the median over the rounds, their spread ((max - min) / median) and the process's peak
+memory, which holds that one model only.  The host (CPU model and instruction sets, threads,
+library versions) is printed and written with every row.
+
+``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
+the run's PaCa models from a checkout of https://github.com/iVMCL/PaCaViT (its models/paca_vit.py,
+which needs mmcv, mmengine and einops); nothing of it is part of this repository.
+
 Synthetic inputs; GFLOPs count one multiply-add as one FLOP at batch 1 (fvcore, attention included).
 Defaults: on CUDA batch 128, 100 timed iterations after 10 warm-up ones (as the seed's
 benchmark.sh); on CPU batch 8, 5 iterations after 2, so a CPU run ends in a minute or two.
 """
 import argparse
 import csv
+import ctypes
+import ctypes.util
+import importlib
+import importlib.util
+import json
 import logging
 import os
 import platform
 import re
 import resource
+import statistics
+import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime
 
 import torch
@@ -31,18 +51,24 @@ import timm
 import cls_common
 from models import fuse_for_cpu_inference
 from models.flops import count_flops, count_params
+from models.layers.fused import cpu_fusion_support
 from models.paca_vit import create_downstream
 from plots import plot_efficiency, plot_latency_vs_pixels
 
 _logger = logging.getLogger("pacavit")
 PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
+# fp32; autocast-bf16 / autocast-fp16: torch.autocast; bf16: the model and its input in bfloat16
+PRECISIONS = ("fp32", "autocast-bf16", "autocast-fp16", "bf16")
 FIELDS = (
-    "date", "model", "img_size", "num_classes", "device", "batch_size", "amp", "channels_last", "compile",
-    "fused_kernels", "params_M", "gflops", "infer_img_per_s", "infer_ms_per_batch", "infer_peak_mem_MB",
-    "train_img_per_s", "train_ms_per_batch", "train_peak_mem_MB", "infer_gflops_per_s", "train_gflops_per_s",
-    "infer_efficiency", "train_efficiency", "torch", "timm",
+    "date", "model", "official", "img_size", "num_classes", "device", "batch_size", "precision", "channels_last",
+    "compile", "fused_kernels", "plain_ops", "params_M", "gflops", "rounds",
+    "infer_img_per_s", "infer_spread_pct", "infer_ms_per_batch", "infer_peak_mem_MB",
+    "train_img_per_s", "train_spread_pct", "train_ms_per_batch", "train_peak_mem_MB",
+    "infer_gflops_per_s", "train_gflops_per_s", "infer_efficiency", "train_efficiency",
+    "host", "isa", "threads", "python", "torch", "timm",
 )
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_PREFIX = "@@benchmark-result "  # a worker's answer on its stdout; anything else passes through
 
 
 def parse_args(argv=None):
@@ -56,9 +82,14 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 100 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 / 2)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="interleaved rounds over all models; each model's fastest round is reported")
+                   help="rounds interleaved over the models' processes; rows report the median and spread")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--amp", action=flag, default=False, help="mixed-precision autocast (CUDA only)")
+    p.add_argument("--precisions", default="fp32",
+                   help=f"comma-separated, each measured for every model: {', '.join(PRECISIONS)}; "
+                        "bfloat16 ones on a CPU only where it has bfloat16 kernels")
+    p.add_argument("--low-precision-models", default="",
+                   help="comma-separated: only these models get the precisions other than fp32 (default: all)")
+    p.add_argument("--amp", action=flag, default=False, help="CUDA: same as --precisions autocast-<--amp-dtype>")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--channels-last", action=flag, default=False)
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
@@ -67,9 +98,13 @@ def parse_args(argv=None):
     p.add_argument("--fused-kernels", choices=("on", "off", "both"), default="on",
                    help="models.fuse_for_cpu_inference, PaCa's oneDNN fused CPU inference layers "
                         "(models/layers/fused.py); 'both' also measures each PaCa model without it, in the same run")
-    p.add_argument("--train", action=flag, default=True, help="also time fwd+bwd+AdamW steps")
+    p.add_argument("--train", action=flag, default=True,
+                   help="also time fwd+bwd+AdamW steps (fp32, and autocast on CUDA)")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers for --compare")
+    p.add_argument("--official", default=os.environ.get("PACAVIT_OFFICIAL", ""),
+                   help="checkout of github.com/iVMCL/PaCaViT: also measure its models of the run's PaCa models "
+                        "(default: $PACAVIT_OFFICIAL)")
     p.add_argument("--reference", default="convnext_tiny",
                    help="efficiency = (img/s x GFLOPs) relative to this model when it is measured in the same run")
     p.add_argument("--img-sizes", default="", help="e.g. 224,448,896: backbone latency vs resolution (batch 1)")
@@ -77,6 +112,7 @@ def parse_args(argv=None):
                    help="models for --img-sizes (default: all measured models), e.g. pacavit_tiny_p2cconv_100_0,convnext_tiny")
     p.add_argument("--results-csv", default="", help="default: work_dirs/classification/all_benchmark_results.csv")
     p.add_argument("--plot", default="", help="latency PNG (default: next to the CSV)")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one model's process
     args = p.parse_args(argv)
     on_cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (128 if on_cuda else 8)
@@ -89,9 +125,52 @@ def parse_args(argv=None):
     modes = args.compile_modes or ("compiled" if args.compile else "eager")
     args.compile_settings = {"eager": (False,), "compiled": (True,), "both": (False, True)}[modes]
     args.fused_settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused_kernels]
+    args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    if args.amp:
+        args.precisions = [f"autocast-{'bf16' if args.amp_dtype == 'bfloat16' else 'fp16'}"]
+    unknown = [s for s in args.precisions if s not in PRECISIONS]
+    if unknown:
+        raise cls_common.UsageError(f"--precisions {','.join(unknown)}: choose from {', '.join(PRECISIONS)}")
     return args
 
 
+# -- the host ----------------------------------------------------------------------------------------
+def cpu_flags() -> set:
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
+        return set(match.group(1).split()) if match else set()
+    return set()
+
+
+def host_info(device: torch.device) -> dict:
+    """What a throughput figure depends on besides the model: written with every row."""
+    flags = cpu_flags()
+    model_name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        model_name = match.group(1).strip() if match else model_name
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "avx512_bf16"),
+                                   ("amx_bf16", "AMX")) if flag in flags]
+    # what the libraries use, which the environment can limit below what the CPU has
+    isa.append(f"ATen {torch.backends.cpu.get_cpu_capability()}")
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        isa.append(f"oneDNN max {os.environ['ONEDNN_MAX_CPU_ISA']}")
+    info = {"host": model_name, "isa": " ".join(isa), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    if device.type == "cuda":
+        info["host"] += f" + {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, " \
+                        f"cuDNN {torch.backends.cudnn.version()})"
+    return info
+
+
+def cpu_bfloat16_supported() -> bool:
+    """Whether this CPU runs bfloat16 kernels (AVX-512 BF16 / AMX, or oneDNN's AVX-512 emulation)."""
+    return torch.bfloat16 in cpu_fusion_support()
+
+
+# -- measuring, inside a model's process -------------------------------------------------------------
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,8 +186,8 @@ def reset_peak_memory(device):
 
 
 def peak_memory_mb(device) -> float:
-    """CUDA: peak allocated since the last reset.  CPU: peak resident size of the process since the
-    last reset on Linux (it includes the other models' weights), since it started elsewhere."""
+    """CUDA: peak allocated since the last reset.  CPU: peak resident size of this process (which
+    holds one model) since the last reset on Linux, since it started elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if os.path.exists("/proc/self/status"):
@@ -116,6 +195,14 @@ def peak_memory_mb(device) -> float:
             return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
+
+
+def release_free_memory():
+    """Hand freed heap pages back to the OS (glibc), so that every round starts from the same state
+    and the idle processes of the other models hold little memory."""
+    libc = ctypes.util.find_library("c")
+    if platform.system() == "Linux" and libc:
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def time_per_iteration(step, device, warmup, iters) -> float:
@@ -136,26 +223,49 @@ def prepare(model, args, device, compiled=False):
     return (torch.compile(model) if compiled else model), memory_format
 
 
+def load_official(checkout: str, name: str):
+    """The constructor ``name`` of the official implementation in ``checkout`` (its
+    models/paca_vit.py), imported as package ``paca_official`` beside this repository's ``models``."""
+    package_dir = os.path.join(os.path.abspath(checkout), "models")
+    if "paca_official" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "paca_official", os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["paca_official"] = package
+        with warnings.catch_warnings():
+            # it registers the same names with timm as this repository; we call its functions directly
+            warnings.filterwarnings("ignore", message="Overwriting .* in registry")
+            spec.loader.exec_module(package)
+    return getattr(importlib.import_module("paca_official.paca_vit"), name)
+
+
 class ClassifierBench:
     """One model's inference and training steps on synthetic data, timed on demand."""
 
-    def __init__(self, name, args, device, compiled=False, fused=True):
-        model = cls_common.create_classifier(name, args.num_classes)
-        self.fused = fused
-        self.row = {"model": name, "compile": compiled, "fused_kernels": fused,
-                    "params_M": round(count_params(model) / 1e6, 3),
+    def __init__(self, spec: dict, args, device):
+        name, precision = spec["model"], spec["precision"]
+        if spec["official"]:
+            model = load_official(args.official, name)(num_classes=args.num_classes)
+        else:
+            model = cls_common.create_classifier(name, args.num_classes)
+        self.row = {"params_M": round(count_params(model) / 1e6, 3),
                     "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
-        self.label = name + (" (compiled)" if compiled else "") + ("" if fused else " (plain ops)")
-        self.model, memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device, compiled)
+        if spec["fused"]:
+            model = fuse_for_cpu_inference(model)
+        self.model, memory_format = prepare(model, args, device, spec["compile"])
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.model.to(self.dtype)
         self.args, self.device = args, device
-        self.autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
+        if precision.startswith("autocast-"):
+            dtype = torch.bfloat16 if precision == "autocast-bf16" else torch.float16
+            self.autocast = lambda: torch.autocast(device.type, dtype=dtype)
+        else:
+            self.autocast = cls_common.autocast_for(device, False)
         shape = (args.batch_size, 3, args.img_size, args.img_size)
-        self.images = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+        self.images = torch.randn(shape, device=device, dtype=self.dtype).contiguous(memory_format=memory_format)
         self.target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         # bfloat16 has float32's range: only float16 needs loss scaling
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=args.amp and args.amp_dtype == "float16" and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "autocast-fp16" and device.type == "cuda")
 
     def infer(self):
         with torch.inference_mode(), self.autocast():
@@ -169,35 +279,158 @@ class ClassifierBench:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def measure(self, phase: str):
-        """Time one phase ('infer' or 'train'); keep the fastest round and the peak memory."""
+    def measure(self, phase: str) -> dict:
+        """One round of one phase ('infer' or 'train'): seconds per batch and peak memory."""
         self.model.train(phase == "train")
+        # a fresh optimizer each round: its state is made in the warm-up, as in every other round
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if phase == "train" else None
+        release_free_memory()
         reset_peak_memory(self.device)
         step = self.infer if phase == "infer" else self.train_step
         seconds = time_per_iteration(step, self.device, self.args.warmup, self.args.iters)
-        if seconds * 1e3 < self.row.get(f"{phase}_ms_per_batch", float("inf")):
-            self.row.update({f"{phase}_img_per_s": round(self.args.batch_size / seconds, 2),
-                             f"{phase}_ms_per_batch": round(seconds * 1e3, 2)})
-        self.row[f"{phase}_peak_mem_MB"] = max(self.row.get(f"{phase}_peak_mem_MB", 0), round(peak_memory_mb(self.device), 1))
+        peak = peak_memory_mb(self.device)
+        self.optimizer = None
+        return {"seconds": seconds, "peak_mem_MB": round(peak, 1)}
 
 
-def benchmark_classifiers(names, args, device) -> list:
-    """Measure all models in ``args.rounds`` interleaved rounds and keep each one's fastest round,
-    so that drift of the machine (other load, allocator state) does not favour one model."""
-    benches = [ClassifierBench(name, args, device, compiled, fused)
-               for name in names for compiled in args.compile_settings
-               # the fused kernels are PaCa's: other models are measured once
-               for fused in (args.fused_settings if name.startswith("pacavit_") else args.fused_settings[:1])]
-    measured = FIELDS[FIELDS.index("params_M"):FIELDS.index("train_peak_mem_MB") + 1]
-    for round_index in range(args.rounds):
-        for bench in benches:
-            # training never uses the fused kernels: with both settings it is timed once, fused
-            train = args.train and (bench.fused or len(args.fused_settings) == 1)
-            for phase in ("infer", "train") if train else ("infer",):
-                bench.measure(phase)
-            _logger.info(f"round {round_index + 1}/{args.rounds} {bench.label}: "
-                         + ", ".join(f"{k} {bench.row[k]}" for k in measured if k in bench.row))
-    return [bench.row for bench in benches]
+def _answer(message: dict):
+    print(RESULT_PREFIX + json.dumps(message), flush=True)
+
+
+def worker_main(args, spec: dict):
+    """A model's process: build it, say so, then measure one phase per line read from stdin."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train_timm.py trains
+    if spec.get("curve"):
+        _answer({"curve": latency_curve(spec["model"], spec["curve"], args, device)})
+        return
+    bench = ClassifierBench(spec, args, device)
+    _answer(bench.row)
+    for line in sys.stdin:
+        _answer(bench.measure(line.strip()))
+
+
+class Worker:
+    """The parent's handle on one model's process."""
+
+    def __init__(self, spec: dict, argv: list):
+        self.spec = spec
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", json.dumps(spec)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, line: str = "") -> dict:
+        if line:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        for out in self.process.stdout:
+            if out.startswith(RESULT_PREFIX):
+                return json.loads(out[len(RESULT_PREFIX):])
+            sys.stdout.write(out)
+        code = self.process.wait()
+        raise cls_common.UsageError(f"measuring {label(self.spec)} failed (exit code {code}); its error is above")
+
+    def close(self):
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def label(spec: dict) -> str:
+    precision = spec.get("precision", "fp32")
+    return (("official " if spec.get("official") else "") + spec["model"]
+            + (" (compiled)" if spec.get("compile") else "") + (" (plain ops)" if spec.get("plain_ops") else "")
+            + ("" if precision == "fp32" else f" [{precision}]"))
+
+
+def official_models(checkout: str, names: list) -> list:
+    """Those of ``names`` that the official checkout defines (read, not imported, here)."""
+    source = os.path.join(checkout, "models", "paca_vit.py")
+    if not os.path.isfile(source):
+        raise cls_common.UsageError(f"--official {checkout}: no models/paca_vit.py there; give a checkout of "
+                                    "https://github.com/iVMCL/PaCaViT")
+    with open(source) as f:
+        defined = set(re.findall(r"^def (pacavit_\w+)\(", f.read(), re.M))
+    missing = [n for n in names if n.startswith("pacavit_") and n not in defined]
+    if missing:
+        _logger.info(f"note: the official checkout has no {', '.join(missing)}: no official row for it")
+    return [n for n in names if n in defined]
+
+
+def run_specs(names, args, device) -> list:
+    """One spec per measured row: model x compile x fused setting x precision (official ones too)."""
+    bf16_ok = device.type != "cpu" or cpu_bfloat16_supported()
+    precisions = [p for p in args.precisions if bf16_ok or p == "fp32"]
+    if precisions != args.precisions:
+        _logger.info(f"note: this CPU has no bfloat16 kernels: skipping {', '.join(sorted(set(args.precisions) - set(precisions)))}")
+    official = []
+    if args.official:
+        official = official_models(args.official, names)
+    else:
+        _logger.info("note: no official rows (give --official PATH or $PACAVIT_OFFICIAL: a checkout of "
+                     "https://github.com/iVMCL/PaCaViT)")
+    low_precision = [m for m in args.low_precision_models.split(",") if m] or names
+    specs = []
+    for precision in precisions:
+        for name in names + [f"official:{n}" for n in official]:
+            is_official = name.startswith("official:")
+            name = name.split(":", 1)[-1]
+            if precision != "fp32" and name not in low_precision:
+                continue
+            # the fused kernels are this repository's PaCa models' on the CPU: others are measured once
+            ours_on_cpu = name.startswith("pacavit_") and not is_official and device.type == "cpu"
+            for compiled in args.compile_settings:
+                for fused in (args.fused_settings if ours_on_cpu else (False,)):
+                    specs.append({"model": name, "official": is_official, "compile": compiled, "precision": precision,
+                                  "fused": fused, "plain_ops": ours_on_cpu and not fused})
+    return specs
+
+
+def trains(spec, args, device) -> bool:
+    """Training is timed in fp32 (and under autocast on CUDA), once per model: it never runs the
+    fused kernels, so a plain-ops twin would time the same thing.  The official models are there
+    for the inference comparison: their training is not timed."""
+    precision_ok = spec["precision"] == "fp32" or (device.type == "cuda" and spec["precision"] != "bf16")
+    return args.train and precision_ok and not spec["plain_ops"] and not spec["official"]
+
+
+def benchmark_classifiers(names, args, device, argv) -> list:
+    """Measure every spec in its own process, ``args.rounds`` rounds interleaved over the processes."""
+    specs = run_specs(names, args, device)
+    workers = []
+    try:
+        for spec in specs:
+            workers.append(Worker(spec, argv))
+            spec["row"] = workers[-1].ask()  # built: params and GFLOPs
+        times = {id(spec): {"infer": [], "train": []} for spec in specs}
+        for round_index in range(args.rounds):
+            for spec, worker in zip(specs, workers):
+                for phase in ("infer", "train") if trains(spec, args, device) else ("infer",):
+                    result = worker.ask(phase)
+                    times[id(spec)][phase].append(result["seconds"])
+                    spec["row"][f"{phase}_peak_mem_MB"] = max(spec["row"].get(f"{phase}_peak_mem_MB", 0),
+                                                             result["peak_mem_MB"])
+                    _logger.info(f"round {round_index + 1}/{args.rounds} {label(spec)} {phase}: "
+                                 f"{args.batch_size / result['seconds']:.2f} img/s, peak {result['peak_mem_MB']} MB")
+    finally:
+        for worker in workers:
+            worker.close()
+    rows = []
+    for spec in specs:
+        row = {"model": spec["model"], "official": spec["official"], "compile": spec["compile"],
+               "plain_ops": spec["plain_ops"], "precision": spec["precision"], "rounds": args.rounds, **spec["row"]}
+        # the kernels run where the transform was applied (only ours, on the CPU) and the dtype allows
+        dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
+        row["fused_kernels"] = spec["fused"] and dtype in cpu_fusion_support()
+        for phase, seconds in times[id(spec)].items():
+            if seconds:
+                median = statistics.median(seconds)
+                row.update({f"{phase}_img_per_s": round(args.batch_size / median, 2),
+                            f"{phase}_ms_per_batch": round(median * 1e3, 2),
+                            f"{phase}_spread_pct": round((max(seconds) - min(seconds)) / median * 100, 1)})
+        rows.append(row)
+    return rows
 
 
 def create_backbone(name, img_size):
@@ -210,16 +443,16 @@ def create_backbone(name, img_size):
 
 
 def latency_curve(name, sizes, args, device) -> list:
-    """(img_size, ms per image) at batch 1 for each size."""
+    """(img_size, ms per image) at batch 1 for each size, fp32."""
     points = []
     for size in sizes:
         model = create_backbone(name, size).eval()
-        model, memory_format = prepare(fuse_for_cpu_inference(model) if args.fused_settings[0] else model, args, device)
+        fused = args.fused_settings[0] and name.startswith("pacavit_")
+        model, memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device)
         image = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
-        autocast = cls_common.autocast_for(device, args.amp, args.amp_dtype)
 
         def infer():
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode():
                 model(image)
 
         ms = time_per_iteration(infer, device, args.warmup, args.iters) * 1e3
@@ -249,57 +482,67 @@ def append_rows(path, rows):
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        return worker_main(args, json.loads(args.worker))
     device = torch.device(args.device)
-    if args.amp and device.type != "cuda":
-        _logger.info("note: --amp is CUDA-only; measuring fp32 on CPU")
     names = [args.model] + ([p for p in args.peers.split(",") if p] if args.compare else [])
     for name in names:
         cls_common.check_model_name(name)
+    host = host_info(device)
     common = {"date": datetime.now().isoformat(timespec="seconds"), "img_size": args.img_size,
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
-              "amp": args.amp_dtype if args.amp and device.type == "cuda" else False,
-              "channels_last": args.channels_last,
-              "torch": torch.__version__, "timm": timm.__version__}
+              "channels_last": args.channels_last, **host}
+    _logger.info(f"host: {host['host']}; ISA: {host['isa']}; {host['threads']} threads; "
+                 f"python {host['python']}, torch {host['torch']}, timm {host['timm']}")
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
-                 f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}")
-    rows = [{**common, **row} for row in benchmark_classifiers(names, args, device)]
+                 f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model")
+    rows = [{**common, **row} for row in benchmark_classifiers(names, args, device, _worker_argv(argv, args))]
     add_efficiency(rows, args.reference)
     append_rows(args.results_csv, rows)
-    _print_table(rows)
+    _print_table(rows, host)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
     if any("infer_efficiency" in row for row in rows):
-        title = f"img/s x GFLOPs relative to {args.reference}, {common['device']}, batch {args.batch_size}"
-        if common["amp"]:
-            title += f", {common['amp']} autocast"
+        title = f"img/s x GFLOPs relative to {args.reference}, batch {args.batch_size}\n{_host_line(host)}"
         _logger.info(f"efficiency plot: {plot_efficiency(rows, args.efficiency_plot, title)}")
 
     if args.img_sizes:
         sizes = [int(s) for s in args.img_sizes.split(",")]
         curve_models = [m for m in args.curve_models.split(",") if m] or names
-        curves = {name: latency_curve(name, sizes, args, device) for name in curve_models}
+        curves = {}
+        for name in curve_models:  # each in its own process too
+            worker = Worker({"model": name, "curve": sizes}, _worker_argv(argv, args))
+            curves[name] = [tuple(point) for point in worker.ask()["curve"]]
+            worker.close()
         for name, points in curves.items():
             (small, first), (large, last) = points[0], points[-1]
             _logger.info(f"{name}: latency x{last / first:.2f} from {small}^2 to {large}^2 "
                          f"(pixels x{(large / small) ** 2:.0f})")
-        title = f"backbone latency vs resolution, batch 1, {common['device']}"
+        title = f"backbone latency vs resolution, batch 1, fp32\n{_host_line(host)}"
         _logger.info(f"latency plot: {plot_latency_vs_pixels(curves, args.plot, title)}")
 
 
+def _worker_argv(argv, args) -> list:
+    """The run's options for a model's process, with the device and threads settled here."""
+    return [*argv, "--device", args.device, "--threads", str(torch.get_num_threads())]
+
+
 def add_efficiency(rows, reference):
-    """Work rate (img/s x GFLOPs per image) of each model, and its ratio to the reference model's:
-    how well a model turns its FLOPs into throughput on this machine."""
+    """Work rate (img/s x GFLOPs per image) of each model, and its ratio to the reference model's
+    (this repository's, same compile setting and precision): how well a model turns its FLOPs into
+    throughput on this machine."""
     for row in rows:
         for phase in ("infer", "train"):
             if f"{phase}_img_per_s" in row:
                 row[f"{phase}_gflops_per_s"] = round(row[f"{phase}_img_per_s"] * row["gflops"], 2)
     for row in rows:
-        # a compiled model is compared with the compiled reference, an eager one with the eager one
-        ref = next((r for r in rows if r["model"] == reference and r["compile"] == row["compile"]), None)
+        ref = next((r for r in rows if r["model"] == reference and not r.get("official")
+                    and r["compile"] == row["compile"] and r.get("precision") == row.get("precision")), None)
         for phase in ("infer", "train"):
-            if ref is not None and f"{phase}_gflops_per_s" in row:
+            if ref is not None and f"{phase}_gflops_per_s" in row and f"{phase}_gflops_per_s" in ref:
                 row[f"{phase}_efficiency"] = round(row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"], 3)
 
 
@@ -309,10 +552,16 @@ def _device_name(device) -> str:
     return f"cpu x{torch.get_num_threads()} threads"
 
 
-def _print_table(rows):
-    columns = ("model", "compile", "fused_kernels", "params_M", "gflops", "infer_img_per_s", "train_img_per_s",
-               "infer_efficiency", "train_efficiency", "train_peak_mem_MB")
+def _host_line(host) -> str:
+    return f"{host['host']} ({host['isa']}), {host['threads']} threads, torch {host['torch']}"
+
+
+def _print_table(rows, host):
+    columns = ("model", "official", "precision", "compile", "fused_kernels", "plain_ops", "gflops", "infer_img_per_s",
+               "infer_spread_pct", "train_img_per_s", "train_spread_pct", "infer_efficiency", "train_efficiency",
+               "infer_peak_mem_MB", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print(f"host: {_host_line(host)}")
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)
 

@@ -73,8 +73,9 @@ def plot_latency_vs_pixels(curves: Dict[str, Sequence[tuple]], png: str, title: 
 def plot_efficiency(rows: Sequence[dict], png: str, title: str) -> str:
     """Horizontal bars of each model's inference and training efficiency (1 = the reference)."""
     rows = [row for row in rows if "infer_efficiency" in row]
-    labels = [row["model"] + (" (compiled)" if row.get("compile") else "")
-              + (" (plain ops)" if row.get("fused_kernels") is False else "") for row in rows]
+    labels = [("official " if str(row.get("official")) == "True" else "") + row["model"]
+              + (" (compiled)" if row.get("compile") else "") + (" (plain ops)" if str(row.get("plain_ops")) == "True" else "")
+              + (f" [{row['precision']}]" if row.get("precision", "fp32") != "fp32" else "") for row in rows]
     phases = [phase for phase in ("infer", "train") if any(f"{phase}_efficiency" in row for row in rows)]
     height = 0.8 / len(phases)
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(rows) * len(phases)))

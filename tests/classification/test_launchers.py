@@ -181,22 +181,29 @@ def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env
 
 def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_path):
     csv_path = tmp_path / "speed.csv"
-    quick = ["-b", 1, "--iters", 1, "--warmup", 0, "--rounds", 1, "--img-sizes", "32,64", "--results-csv", csv_path]
+    quick = ["-b", 1, "--iters", 1, "--warmup", 0, "--rounds", 1, "--img-sizes", "32,64", "--results-csv", csv_path,
+             "--low-precision-models", f"{MODEL},convnext_tiny"]
     result = run([CLS_DIR / "speed_report.sh", 0, *quick], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as f:
         all_rows = list(csv.DictReader(f))
     paca = [MODEL, "pacavit_small_p2cconv_100_0", "pacavit_base_p2cconv_100_0"]
-    expected_rows = [(name, fused) for name in paca for fused in ("True", "False")] + [("convnext_tiny", "True")]
-    assert [(row["model"], row["fused_kernels"]) for row in all_rows] == expected_rows
-    rows = {row["model"]: row for row in all_rows if row["fused_kernels"] == "True"}
+    # one process per row: PaCa with its fused kernels and with the plain ops; convnext never claims them
+    expected_rows = [(name, "fp32", fused) for name in paca for fused in ("True", "False")]
+    expected_rows.append(("convnext_tiny", "fp32", "False"))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # bf16 rows where the CPU has the kernels
+        expected_rows += [(name, precision, fused) for precision in ("autocast-bf16", "bf16")
+                          for name, fused in ((MODEL, "True"), (MODEL, "False"), ("convnext_tiny", "False"))]
+    assert [(row["model"], row["precision"], row["fused_kernels"]) for row in all_rows] == expected_rows
+    assert all(row["host"] and row["isa"] and row["rounds"] == "1" for row in all_rows)
+    rows = {row["model"]: row for row in all_rows if row["plain_ops"] == "False" and row["precision"] == "fp32"}
     assert float(rows["convnext_tiny"]["infer_efficiency"]) == 1.0
     for row in rows.values():
         # efficiency = this model's GFLOP/s over convnext_tiny's, for inference and training
         for phase in ("infer", "train"):
             expected = float(row[f"{phase}_gflops_per_s"]) / float(rows["convnext_tiny"][f"{phase}_gflops_per_s"])
             assert float(row[f"{phase}_efficiency"]) == pytest.approx(expected, abs=2e-3)
-    plain_ops = [row for row in all_rows if row["fused_kernels"] == "False"]
+    plain_ops = [row for row in all_rows if row["plain_ops"] == "True"]
     # training never uses the fused kernels, so it is timed once per model
     assert all(float(row["infer_efficiency"]) > 0 and row["train_img_per_s"] == "" for row in plain_ops)
     for curve_model in (MODEL, "pvt_v2_b1", "convnext_tiny"):

@@ -1,0 +1,116 @@
+"""benchmark.py: one process per model, median and spread over interleaved rounds, the host with
+every row, fused kernels claimed only where they run, bf16 rows where the CPU has the kernels, and
+the official implementation measured from a checkout the user gives."""
+import csv
+import io
+import textwrap
+
+import pytest
+import torch
+
+import benchmark
+
+TINY = "pacavit_tiny_p2cconv_100_0"
+QUICK = ["--img-size", 32, "-b", 1, "--iters", 1, "--warmup", 0, "--threads", 1, "--no-train"]
+
+
+def run_benchmark(tmp_path, *args) -> list:
+    csv_path = tmp_path / "results.csv"
+    benchmark.main([*QUICK, "--results-csv", csv_path, *args])
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fake_official_checkout(root):
+    """A checkout laid out as github.com/iVMCL/PaCaViT: a ``models`` package (the same name as this
+    repository's) whose paca_vit.py registers PaCa-ViT names with timm and imports a sibling module."""
+    (root / "models" / "layers").mkdir(parents=True)
+    (root / "models" / "__init__.py").write_text("from .paca_vit import OfficialNet\n")
+    (root / "models" / "layers" / "__init__.py").write_text("WIDTH = 64\n")
+    (root / "models" / "paca_vit.py").write_text(textwrap.dedent("""
+        from torch import nn
+        from timm.models._registry import register_model
+        from .layers import WIDTH
+
+        class OfficialNet(nn.Sequential):
+            def __init__(self, num_classes=1000):
+                super().__init__(nn.Conv2d(3, WIDTH, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDTH, num_classes))
+
+        @register_model
+        def pacavit_tiny_p2cconv_100_0(pretrained=False, **kwargs):
+            return OfficialNet(kwargs.pop("num_classes", 1000))
+    """))
+    return root
+
+
+def test_each_model_in_its_own_process_median_spread_peak_memory_and_host(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(benchmark, "cpu_bfloat16_supported", lambda: True)
+    caplog.set_level("INFO", logger="pacavit")
+    rows = run_benchmark(tmp_path, "--model", TINY, "--compare", "--peers", "convnext_base", "--rounds", 3,
+                         "--fused-kernels", "both", "--precisions", "fp32,autocast-bf16", "--low-precision-models", TINY)
+    got = [(r["model"], r["precision"], r["fused_kernels"], r["plain_ops"]) for r in rows]
+    assert got == [(TINY, "fp32", "True", "False"), (TINY, "fp32", "False", "True"),
+                   ("convnext_base", "fp32", "False", "False"),  # not PaCa: never claims the kernels
+                   (TINY, "autocast-bf16", "True", "False"), (TINY, "autocast-bf16", "False", "True")]
+    for row in rows:
+        assert row["rounds"] == "3" and float(row["infer_spread_pct"]) >= 0 and float(row["infer_img_per_s"]) > 0
+        assert row["host"] and "AVX" in row["isa"] and row["threads"] == "1" and row["torch"] == torch.__version__
+    # each process holds its model only: convnext_base's 89M parameters show, PaCa-Tiny's 12M do not
+    paca, convnext = float(rows[0]["infer_peak_mem_MB"]), float(rows[2]["infer_peak_mem_MB"])
+    assert convnext > paca + 200, (paca, convnext)
+    assert rows[3]["infer_efficiency"] == ""  # no reference measured in bf16: no ratio
+    assert sum("round 3/3" in m for m in caplog.messages) == len(rows)
+    assert any(m.startswith("host: ") and "threads" in m for m in caplog.messages)
+    assert any("no official rows" in m for m in caplog.messages)  # one line, no checkout given
+
+
+def test_without_bfloat16_kernels_the_bf16_rows_are_skipped_with_a_note(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(benchmark, "cpu_bfloat16_supported", lambda: False)
+    caplog.set_level("INFO", logger="pacavit")
+    rows = run_benchmark(tmp_path, "--model", TINY, "--precisions", "fp32,autocast-bf16,bf16")
+    assert [(r["precision"], r["fused_kernels"]) for r in rows] == [("fp32", "True")]
+    assert any("no bfloat16 kernels: skipping autocast-bf16, bf16" in m for m in caplog.messages)
+
+
+def test_official_models_are_measured_from_a_checkout_beside_ours(tmp_path):
+    checkout = fake_official_checkout(tmp_path / "PaCaViT")
+    rows = run_benchmark(tmp_path, "--model", TINY, "--official", checkout, "--compare", "--peers", "convnext_tiny")
+    assert [(r["model"], r["official"]) for r in rows] == [(TINY, "False"), ("convnext_tiny", "False"),
+                                                          (TINY, "True")]
+    ours, _, official = rows
+    # the checkout's model was measured (64 conv channels), under its own package beside ours
+    assert float(official["params_M"]) == pytest.approx((3 * 9 * 64 + 64 + 64 * 1000 + 1000) / 1e6, abs=1e-3)
+    assert float(ours["params_M"]) == pytest.approx(12.2, abs=0.05)
+    assert official["fused_kernels"] == "False" and float(official["infer_efficiency"]) > 0
+
+
+def test_an_official_path_without_the_implementation_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.cls_common.run_main(lambda: benchmark.main([*QUICK, "--model", TINY, "--official", tmp_path]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no models/paca_vit.py" in err and "iVMCL/PaCaViT" in err
+
+
+def test_on_cuda_no_row_claims_the_fused_kernels():
+    args = benchmark.parse_args(["--model", TINY, "--device", "cuda", "--fused-kernels", "both"])
+    specs = benchmark.run_specs([TINY, "convnext_tiny"], args, torch.device("cuda"))
+    assert [(s["model"], s["fused"], s["plain_ops"]) for s in specs] == [(TINY, False, False),
+                                                                         ("convnext_tiny", False, False)]
+
+
+def test_a_cuda_worker_benchmarks_cudnn_as_training_does(monkeypatch, capsys):
+    seen = {}
+
+    class FakeBench:
+        def __init__(self, spec, args, device):
+            seen["cudnn.benchmark"], seen["device"] = torch.backends.cudnn.benchmark, device
+            self.row = {"params_M": 1.0}
+
+    monkeypatch.setattr(benchmark, "ClassifierBench", FakeBench)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    args = benchmark.parse_args(["--model", TINY, "--device", "cuda"])
+    benchmark.worker_main(args, {"model": TINY, "official": False})
+    assert seen == {"cudnn.benchmark": True, "device": torch.device("cuda")}
+    assert capsys.readouterr().out == benchmark.RESULT_PREFIX + '{"params_M": 1.0}\n'

@@ -3,8 +3,10 @@
 The browser test (``test_explore_browser.py``) checks the same page through Chromium.
 """
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from importlib import metadata
 from types import SimpleNamespace
 
@@ -85,7 +87,7 @@ def test_click_answers_from_the_captured_maps_without_running_the_model(page, ch
     assert page.explorer.forward_passes == runs
 
 
-def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_path, monkeypatch):
+def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_path):
     def status_of(task="classify", model=MODEL, weights="", upload=None, sample="sklearn:china.jpg"):
         outputs = page.on_explain(task, model, weights, 3, upload, sample)
         assert all(o == explore.gr.skip() for o in outputs[1:]), "the other outputs stay as they were"
@@ -95,10 +97,14 @@ def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_p
     text.write_text("not an image")
     assert status_of(upload=str(text)).startswith("**Error:** notes.jpg is not an image PIL can read")
     assert status_of(sample=None) == "**Error:** upload an image or pick a bundled photo"
-    with monkeypatch.context() as patch:
-        patch.setattr(ce, "MAX_PIXELS", 200_000)
-        assert status_of() == ("**Error:** china.jpg is 640x427 pixels (0 MP); the explorer takes up to 0 MP: "
-                               "downscale it first")
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = tmp_path / "huge.png"  # a 10000x5000 PNG without its pixels: the size is refused before decoding
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 5_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", b""))
+    assert status_of(upload=str(huge)) == ("**Error:** huge.png is 10000x5000 pixels (50 MP); the explorer takes up to "
+                                           "40 MP: downscale it first")
     unfit = tmp_path / "other.pth"
     torch.save({"state_dict": {"stem.weight": torch.zeros(3)}}, unfit)
     message = status_of(weights=str(unfit))
@@ -192,3 +198,9 @@ def test_block_wise_model_shows_every_block_with_its_own_assignments(page):
     assert outputs[STAGE]["choices"] == blocks  # clusters in all four stages; no block repeats the one before
     first, second = (page.on_stage(outputs[KEY], label)[1] for label in blocks[:2])
     assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_defaults_to_cuda_when_torch_sees_a_gpu(monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert explore.parse_args([]).device == ("cuda" if cuda else "cpu")

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 
 import timm
 import torch
@@ -20,6 +21,7 @@ from timm.utils import init_distributed_device, setup_default_logging
 import cls_common
 from cls_common import UsageError
 from models import fuse_for_cpu_inference
+from models.layers.fused import cpu_fusion_support
 from models.checkpoint import load_checkpoint
 
 _logger = logging.getLogger("pacavit")
@@ -41,8 +43,10 @@ def parse_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--use-ema", action=flag, default=False, help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--device", default=cls_common.default_device())
-    p.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
-    p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--amp", action=flag, default=False,
+                   help="mixed precision: on CUDA; on a CPU bfloat16, where it has bfloat16 kernels (avx512_bf16, amx_bf16)")
+    p.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="default: float16 on CUDA, bfloat16 on a CPU")
     p.add_argument("--channels-last", action=flag, default=False, help="NHWC layout (CUDA only)")
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
     p.add_argument("--pin-mem", action=flag, default=False)
@@ -67,6 +71,16 @@ def build_model(args, num_classes):
     return model
 
 
+def amp_context(args, device):
+    """The autocast context factory that ``--amp`` asks for on ``device`` (a no-op without it)."""
+    if not (args.amp and device.type == "cpu"):
+        return cls_common.autocast_for(device, args.amp, args.amp_dtype or "float16")
+    if (args.amp_dtype or "bfloat16") != "bfloat16" or torch.bfloat16 not in cpu_fusion_support():
+        raise UsageError("--amp on a CPU runs bfloat16, which needs a CPU with bfloat16 kernels (lscpu: avx512_bf16 "
+                         "or amx_bf16) and --amp-dtype bfloat16; leave --amp out to evaluate in float32")
+    return partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_default_logging()
@@ -74,6 +88,7 @@ def main(argv=None):
     if args.rank != 0:
         _logger.setLevel(logging.WARNING)
     cls_common.check_model_name(args.model)
+    autocast = amp_context(args, device)
     num_classes = len(cls_common.class_map_for(args.data_dir, args.split))
     model = fuse_for_cpu_inference(build_model(args, num_classes))  # oneDNN layers where this CPU has them
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
@@ -84,7 +99,7 @@ def main(argv=None):
     loader = cls_common.build_eval_loader(args.data_dir, args.split, data_config, args.batch_size,
                                           args.workers, pin_memory=args.pin_mem)
     start = time.time()
-    metrics = cls_common.evaluate(model, loader, device, cls_common.autocast_for(device, args.amp, args.amp_dtype),
+    metrics = cls_common.evaluate(model, loader, device, autocast,
                                   channels_last, log_every=20)
     seconds = time.time() - start
     if args.rank == 0:

@@ -33,6 +33,7 @@ if str(TOOLS) not in sys.path:
 import predict_tasks as tasks  # noqa: E402  (puts the repository and classification/ on sys.path)
 from cls_common import UsageError  # noqa: E402
 from models import CheckpointError  # noqa: E402
+from models.layers.fused import cpu_fusion_support  # noqa: E402
 from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, output_folders, read_image  # noqa: E402
 
 _logger = logging.getLogger("predict")
@@ -82,7 +83,10 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 # -- the run ------------------------------------------------------------------------------------
 def build_predictor(args: argparse.Namespace):
     if args.task == "classify":
-        return tasks.Classifier(args.model, args.checkpoint, args.device, args.clusters)
+        if args.bf16 and torch.device(args.device).type == "cpu" and torch.bfloat16 not in cpu_fusion_support():
+            raise UsageError("--bf16: this CPU has no bfloat16 kernels (lscpu: avx512_bf16 or amx_bf16); "
+                             "leave --bf16 out to predict in float32")
+        return tasks.Classifier(args.model, args.checkpoint, args.device, args.clusters, args.bf16)
     if args.task == "detect":
         return tasks.Detector(args.config, args.checkpoint, args.device, args.clusters, args.score_thr,
                               args.cfg_options)
@@ -216,6 +220,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     classify.add_argument("--checkpoint", help="a file, a URL, or 'pretrained' (the released ImageNet weights); "
                                                "without it the weights are random (seed --seed)")
     classify.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    classify.add_argument("--bf16", action="store_true",
+                          help="bfloat16 autocast: on CUDA, or on a CPU with bfloat16 kernels (avx512_bf16, amx_bf16)")
 
     for name, what in (("detect", "boxes, classes, scores and instance masks"), ("segment", "a class per pixel")):
         sub = commands.add_parser(name, parents=[common], help=what)

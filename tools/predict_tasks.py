@@ -122,7 +122,8 @@ class Classifier:
 
     task = "classify"
 
-    def __init__(self, model_name: str, checkpoint: Optional[str], device: str, clusters: bool = False):
+    def __init__(self, model_name: str, checkpoint: Optional[str], device: str, clusters: bool = False,
+                 bf16: bool = False):
         cls_common.check_model_name(model_name)
         if checkpoint == "pretrained":
             released = timm.get_pretrained_cfg(model_name)
@@ -140,6 +141,7 @@ class Classifier:
         self.model = for_device(self.model, device)
         self.device = device
         self.clusters = clusters
+        self.bf16 = bf16  # bfloat16 autocast
         self.title = model_name + weights_note(self.random_weights)
         self.data_config = resolve_data_config({}, model=self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
@@ -163,7 +165,8 @@ class Classifier:
     @torch.inference_mode()
     def predict(self, pictures: List[Picture]) -> List[Result]:
         x = torch.stack([self.transform(Image.fromarray(p.rgb)) for p in pictures]).to(self.device)
-        with captured(self.model, self.clusters) as maps:
+        with captured(self.model, self.clusters) as maps, \
+                torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
             probabilities = self.model(x).float().softmax(dim=-1).cpu()
         scores, labels = probabilities.topk(min(TOP_K, probabilities.shape[1]), dim=1)
         clusters = last_clusters(maps)

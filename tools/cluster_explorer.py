@@ -231,6 +231,8 @@ class Explorer:
         try:
             with capture_maps(predictor.model) as records:  # the predictor runs without gradients
                 result = predictor.predict([picture])[0]
+        except ValueError as e:  # a model without PaCa blocks, an image the pipeline refuses
+            raise ExploreError(f"{key.describe()}: {e}") from e
         finally:
             if recorder:
                 recorder.handle.remove()

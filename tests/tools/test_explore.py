@@ -114,6 +114,8 @@ def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_p
     assert status_of("classify", SEG_CONFIG) == (f"**Error:** {SEG_CONFIG} is a config, not a model name: choose the "
                                                  "task 'segment' for it")
     assert "unknown model 'pacavit_tiny'" in status_of(model="pacavit_tiny")
+    assert status_of(model="resnet10t") == ("**Error:** resnet10t, random weights (seed 3): ResNet has no PaCa "
+                                            "attention blocks or PaCa head to capture")
     assert "config file not found" in status_of("detect", "detection/configs/none.py")
     assert page.on_click("no such key", "stage 1, block 0", SimpleNamespace(index=[0, 0]))[0].startswith(
         "**Error:** this image's maps are no longer cached")

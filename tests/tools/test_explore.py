@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zlib
 from importlib import metadata
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -157,9 +158,16 @@ def test_detect_random_weights_boxes_and_clusters(page, tmp_path):
 
 
 @pytest.mark.slow
-def test_segment_head_clusters_are_the_classes(page):
-    outputs = page.on_explain("segment", SEG_CONFIG, "", 0, None, "sklearn:flower.jpg")
-    assert "random weights (seed 0)" in outputs[STATUS]
+def test_segment_pretrained_through_the_mirror_head_clusters_are_the_classes(page, release_server):
+    from mmseg.registry import MODELS
+
+    import predict_tasks
+
+    cfg = predict_tasks.openmmlab_config(str(REPO / SEG_CONFIG), "mmseg", {"model.backbone.init_cfg": None})
+    torch.manual_seed(0)
+    torch.save(MODELS.build(cfg.model).state_dict(), release_server / (Path(SEG_CONFIG).stem + ".pth"))
+    outputs = page.on_explain("segment", SEG_CONFIG, "pretrained", 0, None, "sklearn:flower.jpg")
+    assert outputs[STATUS].startswith(f"**flower.jpg · {SEG_CONFIG}, weights pretrained** · model ran in")
     head = "segmentation head (one cluster per class)"
     assert head in outputs[STAGE]["choices"] and outputs[STAGE]["value"] == "stage 3, block 0"
     _, hard, soft, picture, bars, line = page.on_stage(outputs[KEY], head)

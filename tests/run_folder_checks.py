@@ -199,13 +199,14 @@ class TwoNodes:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.logs = [tmp_path / f"{name}_node{rank}.log" for rank in (0, 1)]
-        self.jobs = []
+        started = {}
         # node 1 first: it must not touch the run folder node 0 owns, whenever it starts
         for rank in (1, 0):
             node_env = dict(env, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             with open(self.logs[rank], "w") as out:
-                self.jobs.insert(0, subprocess.Popen([str(c) for c in cmd], env=node_env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                started[rank] = subprocess.Popen([str(c) for c in cmd], env=node_env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.jobs = [started[0], started[1]]
 
     def output(self, rank: int) -> str:
         return self.logs[rank].read_text()
@@ -222,7 +223,8 @@ class TwoNodes:
         """Wait until node ``rank``'s output shows ``pattern`` (training logs come from node 0 only)."""
         deadline = time.time() + timeout
         while pattern not in self.output(rank):
-            assert all(job.poll() is None for job in self.jobs), f"a node ended before '{pattern}':\n{self.output(0)[-3000:]}"
+            ended = [job.poll() is not None for job in self.jobs]
+            assert not any(ended), f"a node ended before '{pattern}':\n{self.output(0)[-3000:]}"
             assert time.time() < deadline, f"timed out waiting for '{pattern}':\n{self.output(0)[-3000:]}"
             time.sleep(0.2)
 

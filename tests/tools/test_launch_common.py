@@ -32,9 +32,10 @@ def gpu_env(tmp_path):
     ``nvidia-smi`` that lists the GPUs."""
     (tmp_path / "sitecustomize.py").write_text(FAKE_CUDA)
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)\"; done\n")
+    smi.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done\n')
     smi.chmod(0o755)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}", PATH=f"{tmp_path}:{os.environ['PATH']}", PYTHON=sys.executable)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}", PATH=f"{tmp_path}:{os.environ['PATH']}",
+               PYTHON=sys.executable)
     for name in ("CUDA_VISIBLE_DEVICES", "PACAVIT_DEVICE", "NNODES", "NODE_RANK", "MASTER_ADDR"):
         env.pop(name, None)
     return env

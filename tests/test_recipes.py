@@ -5,6 +5,7 @@ and segmentation zoo config as train_main hands it to mmengine's Runner on a CUD
 READMEs' recipe tables are what tools/recipes.py reads from the same code."""
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -14,6 +15,7 @@ from timm.layers import DropPath, calculate_drop_path_rates
 
 import models
 from tests.conftest import GOLDEN, REPO
+from tests.tools.test_launch_common import gpu_env  # noqa: F401  (fixture: a simulated 8-GPU node)
 
 for task in ("detection", "segmentation"):  # mmdet_custom / mmseg_custom, as the configs import them
     if str(REPO / task) not in sys.path:
@@ -213,3 +215,39 @@ def test_readme_recipe_tables_are_up_to_date(task):
     text = {"classification": recipes.classification_table, "detection": lambda: recipes.openmmlab_table("detection"),
             "segmentation": lambda: recipes.openmmlab_table("segmentation")}[task]()
     assert recipes.block(text) in recipes.README[task].read_text(), "run: python tools/recipes.py --write"
+
+
+def test_seed_command_through_the_launcher_on_a_gpu_node(gpu_env, tmp_path):
+    """``train_timm.sh configs/imagenet_vit_adamw.yml MODEL IMNET 224 ...`` on a simulated 8-GPU node:
+    the train_timm.py command it starts (recorded in place of torchrun) resolves to the official
+    recipe and launcher flags (--channels-last, --pin-mem; AMP from the YAML)."""
+    import train_timm
+
+    record = tmp_path / "torchrun_argv.json"
+    python = tmp_path / "python-recording-torchrun"
+    python.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m torch.distributed.run" ]; then\n'
+        f'  exec "{sys.executable}" -c "import json, sys; json.dump(sys.argv[1:], open(\'{record}\', \'w\'))" "$@"\n'
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    for split in ("train", "val"):
+        (tmp_path / "datasets" / "IMNET" / split).mkdir(parents=True)
+    env = dict(gpu_env, PYTHON=str(python), PACAVIT_DATASETS=str(tmp_path / "datasets"),
+               PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"))
+    model = "pacavit_base_p2cconv_100_0"
+    result = subprocess.run(
+        ["bash", str(REPO / "classification" / "train_timm.sh"), "configs/imagenet_vit_adamw.yml", model, "IMNET",
+         "224", "0", "0", "cvpr23", "try1", "0,1,2,3,4,5,6,7", "8", "8", "23900"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    argv = json.loads(record.read_text())
+    script = next(i for i, arg in enumerate(argv) if arg.endswith("train_timm.py"))
+    assert "--nproc_per_node=8" in argv[:script]
+    args = vars(train_timm.parse_args(argv[script + 1:]))
+    assert (args["device"], args["channels_last"], args["pin_mem"], args["amp"]) == ("cuda", True, True, True)
+    assert args["drop_path"] == OFFICIAL["imagenet"][model]["drop_path"]
+    official = {key: official_yaml_value(text) for key, text in OFFICIAL["imagenet_common"]["yaml"].items()}
+    assert {key: args[key] for key in ("batch_size", "epochs", "lr_base", "mixup", "reprob")} == {
+        key: official[key] for key in ("batch_size", "epochs", "lr_base", "mixup", "reprob")}

@@ -241,9 +241,10 @@ class TwoNodes:
                 pass
 
 
-def check_sigterm_stop(output: str, hint: str) -> None:
-    """A launcher stopped by SIGTERM ends with its own line (and the resume hint), without the
-    traceback torchrun prints for the signal."""
+def check_sigterm_stop(output: str, checkpoint: Path, hint: str) -> None:
+    """A launcher stopped by SIGTERM ends with its own line, naming the checkpoint to resume from
+    and how, without the traceback torchrun prints for the signal."""
     assert "SignalException" not in output and "Traceback" not in output, output[-3000:]
     last = output.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM: ") and hint in last, output[-3000:]
+    assert last.startswith("stopped by SIGTERM: "), output[-3000:]
+    assert last.endswith(f"is kept, with {checkpoint.name} to resume from: {hint}"), last

@@ -250,9 +250,14 @@ paca_torchrun() {
 # signal, a crash after a checkpoint); a reported `error:` (bad option, dataset, full disk)
 # would stop a resumed run the same way, so it is repeated instead, below torchrun's report.
 paca_training_failed() {
-    local task="$1" dir="$2" resume_hint="$3" error cause
+    local task="$1" dir="$2" resume_hint="$3" error cause point
+    point="$(paca_resume_point "$task" "$dir" 2>/dev/null || true)"
     if [[ -n "$PACA_STOPPED_BY" ]]; then
-        echo "stopped by $PACA_STOPPED_BY: $dir is kept with the checkpoint saved at the stop: $resume_hint" >&2
+        if [[ -n "$point" ]]; then
+            echo "stopped by $PACA_STOPPED_BY: $dir is kept, with $(basename "$point") to resume from: $resume_hint" >&2
+        else
+            echo "stopped by $PACA_STOPPED_BY before the run's first checkpoint: launch it again" >&2
+        fi
         [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
         exit 143
     fi
@@ -265,7 +270,7 @@ paca_training_failed() {
     # the workers' last exception, not torchrun's report of their failure
     cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
         grep -v '^torch\.distributed\.elastic\.' | tail -n 1 || true)"
-    if [[ -n "$(paca_resume_point "$task" "$dir" 2>/dev/null)" ]]; then
+    if [[ -n "$point" ]]; then
         echo "training stopped before the end${cause:+ ($cause)}; $dir is kept: $resume_hint" >&2
     else
         echo "training failed before its first checkpoint${cause:+: $cause}; fix the cause above and launch again" >&2

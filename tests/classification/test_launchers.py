@@ -94,9 +94,9 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
         job.wait(timeout=120)
     wait_until_free(run_dir)
     assert job.returncode == 143
-    check_sigterm_stop(log.read_text(), "continue it with Resume=1 (Remove_old=0)")
     # epoch 1 was saved; the worker stopped after the first step of epoch 2 (the next check)
     recovery = run_dir / "recovery-1-1.pth.tar"
+    check_sigterm_stop(log.read_text(), recovery, "continue it with Resume=1 (Remove_old=0)")
     assert resume_point("classification", run_dir, report=pytest.fail) == recovery
     saved = torch.load(recovery, weights_only=True)
     assert (saved["epoch"], saved["epoch_steps_done"]) == (1, 1)

@@ -100,11 +100,11 @@ def test_two_nodes_stop_on_sigterm_and_resume_to_the_end(launcher_env, tmp_path)
     nodes.wait_for_output("Epoch(train)")
     nodes.sigterm()
     assert nodes.wait() == [143, 143]
-    for rank in (0, 1):
-        check_sigterm_stop(nodes.output(rank), "rerun with Remove_old=0 to resume it")
-    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
     saved = resume_point("openmmlab", work_dir)
     assert saved.name.startswith("iter_")
+    for rank in (0, 1):
+        check_sigterm_stop(nodes.output(rank), saved, "rerun with Remove_old=0 to resume it")
+    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
     # the interrupted epoch starts again: the run ends after one more
     epochs = read_checkpoint(str(saved))["meta"]["epoch"] + 1
 

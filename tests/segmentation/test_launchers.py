@@ -185,12 +185,12 @@ def test_two_nodes_stop_on_sigterm_and_resume_to_the_end(env, tmp_path):
     nodes.wait_for_output("Iter(train) [")
     nodes.sigterm()
     assert nodes.wait() == [143, 143]
-    for rank in (0, 1):
-        check_sigterm_stop(nodes.output(rank), "rerun with Remove_old=0 to resume it")
-    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
     saved = resume_point("openmmlab", work_dir)
     iteration = int(saved.stem.split("_")[1])
     assert saved == work_dir / f"iter_{iteration}.pth" and iteration >= 1
+    for rank in (0, 1):
+        check_sigterm_stop(nodes.output(rank), saved, "rerun with Remove_old=0 to resume it")
+    assert not (work_dir / "old.log").exists() and not (work_dir / "FINISHED").exists()
 
     nodes = TwoNodes(launch("0", iteration + 1), env, tmp_path, cwd=REPO, name="resumed")
     assert nodes.wait() == [0, 0], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]

@@ -79,11 +79,14 @@ class PaCaAttention(nn.Module):
         if self.use_xformers and x.is_cuda:
             out = self._xformers_attention(q, k, v, dropout_p)
         else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p
-            ).transpose(1, 2)
+            out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p).transpose(1, 2)
         out = self.proj_drop(self.proj(out.reshape(B, N, C)))
         return out, assignments
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Scaled dot-product attention of (B, heads, N, d) queries over (B, heads, M, d) keys / values
+        (``fuse_for_cpu_inference`` swaps in a faster way for bfloat16 on the CPU)."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
     @torch.jit.unused
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ changes:
 - ``ChannelMajorLinear`` / ``ChannelMajorConv2d``: the clustering output projection computed as
   ``W @ x^T``, so that the (B, M, N) logits come out contiguous for the softmax over the patches
   (a transposing copy costs more than the GEMM).
+- ``BFloat16MatmulAttention``: in bfloat16, the patch-to-cluster attention as two batched
+  matmuls instead of PyTorch's fused CPU attention kernel (see the class).
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches (see the class).  This gain does not depend on the instruction set.
 
@@ -282,6 +284,18 @@ def _watched(module: nn.Module) -> bool:
     return bool(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+class BFloat16MatmulAttention(PaCaAttention):
+    """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs as two batched
+    matmuls around a softmax: with M = 100 keys of 32 channels per head these GEMMs run about 1.8x
+    faster than PyTorch's fused CPU attention kernel in bfloat16 (which wins in float32)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+            return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return super().attend(q, k, v, dropout_p)
+
+
 class BatchChunkedStage(PaCaStage):
     """A ``PaCaStage`` that, at inference, runs its blocks on groups of images in turn.
 
@@ -331,6 +345,8 @@ def _fuse_attention(attn: PaCaAttention):
     for name in ("q", "k", "v", "proj"):
         if type(getattr(attn, name)) is nn.Linear:
             setattr(attn, name, FusedLinear(getattr(attn, name)))
+    # it only adds a method: the module keeps its identity, parameters and hooks
+    attn.__class__ = BFloat16MatmulAttention
 
 
 def _fuse_mlp(mlp: ConvMlp):

@@ -323,3 +323,31 @@ def test_training_under_autocast_uses_plain_ops_and_gets_gradients(probe):
     with autocast_bf16():
         assert onednn_ops(lambda: fused_model(x).float().sum().backward()) == set()
     assert all(p.grad is not None for p in fused_model.parameters())
+
+
+def attention_ops(fn) -> set:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or e.key in ("aten::matmul",)}
+
+
+def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(probe):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    attn = fused_model.stage1[0].attn
+    assert isinstance(attn, fused.BFloat16MatmulAttention) and isinstance(attn, models.paca_vit.PaCaAttention)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 49, 32), torch.randn(2, 2, 10, 32), torch.randn(2, 2, 10, 32)
+    with torch.inference_mode():
+        expected = nn.functional.scaled_dot_product_attention(q, k, v)
+        assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))
+        with autocast_bf16():
+            assert "aten::scaled_dot_product_attention" not in attention_ops(lambda: attn.attend(q, k, v, 0.0))
+            out = attn.attend(q, k, v, 0.0)
+        bf16_out = attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
+    assert out.dtype == bf16_out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(bf16_out.float(), expected, rtol=3e-2, atol=3e-2)
+    probe({torch.float32})  # a CPU without bfloat16 kernels: the fused SDPA kernel, as the plain model
+    with torch.inference_mode(), autocast_bf16():
+        assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))

@@ -225,7 +225,6 @@ paca_torchrun() {
     shift 2
     local py rc
     py="$(paca_python)"
-    paca_check_nodes
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
     trap 'rm -f -- "$PACA_TORCHRUN_LOG"' EXIT

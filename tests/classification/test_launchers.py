@@ -230,3 +230,13 @@ def test_two_nodes_train_one_run_to_the_end(cls_env, tmp_path):
     assert not run_dir.exists() and (done_dir / "last.pth.tar").is_file()
     assert "2 process(es)" in (done_dir / "train.log").read_text()
     assert [row["epoch"] for row in read_summary(done_dir)] == ["0"]
+
+
+def test_a_failure_a_resume_cannot_fix_ends_with_its_error_not_a_resume_hint(cls_env, tmp_path):
+    missing = tmp_path / "no_such_checkpoint.pth.tar"
+    result = run(train_cmd("hints", "t1", "--resume", missing), cls_env)
+    assert result.returncode == 1
+    failed, kept = result.stderr.strip().splitlines()[-2:]
+    assert failed.startswith("training failed: error: ") and str(missing) in failed
+    assert kept.endswith("is kept, but a resume would stop the same way: fix the cause and launch again")
+    assert "Resume=1" not in result.stderr

@@ -196,25 +196,41 @@ paca_select_devices() {
     export PACA_DEVICE
 }
 
-# The processes' stderr on its way to the terminal: copied to FILE (for paca_training_failed)
-# and without the traceback torchrun prints when a signal stops it (the launcher says what
-# happened instead).  It ignores SIGTERM/SIGINT so that it outlives the processes it reports on.
+# The processes' stderr on its way to the terminal, line by line, without the traceback torchrun
+# prints when a signal stops it (the launcher says what happened instead); its error and exception
+# lines are copied to FILE for paca_training_failed.  It ignores SIGTERM/SIGINT so that it outlives
+# the processes it reports on.
 _paca_stderr_filter() {
-    { set +x; } 2>/dev/null  # the launcher traces the torchrun command, not this filter
+    { set +ex; } 2>/dev/null  # the launcher traces the torchrun command, not this filter
     trap '' TERM INT
-    exec awk -v copy="$1" '
-        function flush_block() { if (block != "") { printf "%s", block > "/dev/stderr"; printf "%s", block >> copy }; block = "" }
-        /^Traceback \(most recent call last\):/ { flush_block(); in_block = 1 }
-        in_block {
-            block = block $0 "\n"
-            if ($0 !~ /^[ \t]/ && $0 !~ /^Traceback/) {
-                if ($0 ~ /SignalException/) block = ""
-                flush_block(); in_block = 0
-            }
-            next
-        }
-        { print > "/dev/stderr"; print >> copy; fflush() }
-        END { flush_block() }'
+    local copy="$1" line traceback=()
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        if [[ "$line" == "Traceback (most recent call last):" ]]; then
+            _paca_emit "$copy" "${traceback[@]}"
+            traceback=("$line")
+        elif (( ${#traceback[@]} )); then
+            traceback+=("$line")
+            if [[ "$line" != [[:space:]]* ]]; then  # the exception line ends the traceback
+                [[ "$line" == *SignalException* ]] || _paca_emit "$copy" "${traceback[@]}"
+                traceback=()
+            fi
+        else
+            _paca_emit "$copy" "$line"
+        fi
+    done
+    _paca_emit "$copy" "${traceback[@]}"
+}
+
+_paca_emit() {  # _paca_emit FILE LINE...: print the lines, copy the error and exception ones
+    local copy="$1" line
+    local error='(^|: )error: ' exception='^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)'
+    shift
+    for line in "$@"; do
+        printf '%s\n' "$line" >&2
+        if [[ "$line" =~ $error || "$line" =~ $exception ]]; then
+            printf '%s\n' "$line" >>"$copy"
+        fi
+    done
 }
 
 # torchrun over a script: paca_torchrun PORT script.py args...  Its stderr is kept in

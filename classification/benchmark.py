@@ -316,7 +316,8 @@ class Worker:
 
     def __init__(self, spec: dict, argv: list):
         self.spec = spec
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the libraries' deprecation notes would repeat once per process: the parent's own show once
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
         command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", json.dumps(spec)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -564,6 +565,17 @@ def _print_table(rows, host):
     print(f"host: {_host_line(host)}")
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)
+    print(f"\nas a README table ({_host_line(host)}, batch {rows[0]['batch_size']} at {rows[0]['img_size']}, "
+          f"median of {rows[0]['rounds']} rounds, +- spread):\n")
+    print("| model | precision | GFLOPs | inference img/s | training img/s | inference efficiency | "
+          "training efficiency | peak MB (inference) |\n|:---|:---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        name = ("official " if r["official"] else "") + f"`{r['model']}`" + (" (plain ops)" if r["plain_ops"] else "") \
+            + (" (compiled)" if r["compile"] else "")
+        speeds = [f"{r[f'{phase}_img_per_s']} +-{r[f'{phase}_spread_pct']}%" if f"{phase}_img_per_s" in r else ""
+                  for phase in ("infer", "train")]
+        print(f"| {name} | {r['precision']} | {r['gflops']} | {speeds[0]} | {speeds[1]} | {r.get('infer_efficiency', '')} "
+              f"| {r.get('train_efficiency', '')} | {r.get('infer_peak_mem_MB', '')} |")
 
 
 if __name__ == "__main__":

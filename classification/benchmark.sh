@@ -7,12 +7,14 @@
 # e.g. ./benchmark.sh pacavit_tiny_p2cconv_100_0 224 1000 0
 #      ./benchmark.sh pacavit_tiny_p2cconv_100_0 224 1000 0 --compare --img-sizes 224,448,896
 # On CUDA it adds --amp (bfloat16) --channels-last (batch 128, 100 iterations); without CUDA it measures
-# fp32 on the CPU with small defaults (batch 8, 5 iterations; change with -b / --iters).
+# fp32 on the CPU with small defaults (batch 8, 5 iterations; change with -b / --iters; add
+# --precisions fp32,autocast-bf16,bf16 on a CPU with bfloat16 kernels).  Every model runs in a
+# process of its own; --official PATH adds the official implementation's models.
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 if (( $# < 4 )); then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 MODEL=$1 IMG_SIZE=$2 NUM_CLASSES=$3 GPU=$4

@@ -7,20 +7,21 @@
 # give the median and spread over the rounds and name the host (CPU model, ISA, threads, versions).
 # With $PACAVIT_OFFICIAL pointing at a checkout of https://github.com/iVMCL/PaCaViT, the official
 # PaCa models are measured beside these (inference); without it their rows are skipped.
-# CPU: batch 8 at 224, 4 rounds.  fp32: PaCa-Tiny/Small/Base, with the fused kernels and with the
+# CPU: batch 8 at 224, 3 rounds.  fp32: PaCa-Tiny/Small/Base, with the fused kernels and with the
 #      plain PyTorch ops, against convnext_tiny, inference and training.  Where the CPU has bfloat16
 #      kernels (AVX-512 BF16 or AMX): PaCa-Tiny/Small and convnext_tiny inference under bf16
-#      autocast and as bf16 models too.  About 8 minutes on 2 quiet Zen 5 cores.
+#      autocast and as bf16 models too.  About 5 minutes on 2 quiet Zen 5 cores (9 with the
+#      official rows).
 # CUDA: bf16 autocast, channels_last, batch 128, PaCa-Tiny/Small/Base against convnext_tiny/small/
 #       base and swin_tiny, each model eager and torch.compile'd.
 # Both then time the backbones of PaCa-Tiny, pvt_v2_b1 and convnext_tiny at batch 1 from 224 to 896.
 # Appends the rows to work_dirs/classification/all_benchmark_results.csv and draws efficiency.png
 # and latency_vs_resolution.png next to it.  [others] go to benchmark.py (e.g. --rounds 2).
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 if (( $# < 1 )); then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 GPU=$1
@@ -34,7 +35,7 @@ if [[ "$PACA_DEVICE" == "cuda" ]]; then
          --compile-modes both --rounds 2)
 else
     # the bf16 rows where the CPU has bfloat16 kernels (benchmark.py skips them with a note elsewhere)
-    RUN=(--peers "$SMALL,pacavit_base_p2cconv_100_0,convnext_tiny" --iters 3 --warmup 1 --rounds 4
+    RUN=(--peers "$SMALL,pacavit_base_p2cconv_100_0,convnext_tiny" --iters 3 --warmup 1 --rounds 3
          --fused-kernels both --precisions fp32,autocast-bf16,bf16 --low-precision-models "$TINY,$SMALL,convnext_tiny")
 fi
 exec "$(dirname "$0")/benchmark.sh" "$TINY" 224 1000 "$GPU" --compare "${RUN[@]}" --img-sizes 224,448,896 --curve-models "$TINY,pvt_v2_b1,convnext_tiny" "$@"

@@ -48,12 +48,12 @@ from datetime import datetime
 import torch
 import timm
 
-import cls_common
+from classification import cls_common
 from models import fuse_for_cpu_inference
 from models.flops import count_flops, count_params
 from models.layers.fused import cpu_fusion_support
 from models.paca_vit import create_downstream
-from plots import plot_efficiency, plot_latency_vs_pixels
+from classification.plots import plot_efficiency, plot_latency_vs_pixels
 
 _logger = logging.getLogger("pacavit")
 PEERS = ("pvt_v2_b1", "pvt_v2_b2", "swin_tiny_patch4_window7_224", "convnext_tiny")
@@ -89,7 +89,7 @@ def parse_args(argv=None):
                         "bfloat16 ones on a CPU only where it has bfloat16 kernels")
     p.add_argument("--low-precision-models", default="",
                    help="comma-separated: only these models get the precisions other than fp32 (default: all)")
-    p.add_argument("--amp", action=flag, default=False, help="CUDA: same as --precisions autocast-<--amp-dtype>")
+    p.add_argument("--amp", action=flag, default=False, help="same as --precisions autocast-<--amp-dtype> (bf16 / fp16)")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--channels-last", action=flag, default=False)
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
@@ -363,6 +363,9 @@ def run_specs(names, args, device) -> list:
     """One spec per measured row: model x compile x fused setting x precision (official ones too)."""
     bf16_ok = device.type != "cpu" or cpu_bfloat16_supported()
     precisions = [p for p in args.precisions if bf16_ok or p == "fp32"]
+    if not precisions:
+        raise cls_common.UsageError(f"this CPU has no bfloat16 kernels (lscpu: avx512_bf16, amx_bf16) for "
+                                    f"{', '.join(args.precisions)}; measure --precisions fp32")
     if precisions != args.precisions:
         _logger.info(f"note: this CPU has no bfloat16 kernels: skipping {', '.join(sorted(set(args.precisions) - set(precisions)))}")
     official = []

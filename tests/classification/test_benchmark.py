@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-import benchmark
+from classification import benchmark
 
 TINY = "pacavit_tiny_p2cconv_100_0"
 QUICK = ["--img-size", 32, "-b", 1, "--iters", 1, "--warmup", 0, "--threads", 1, "--no-train"]
@@ -114,3 +114,10 @@ def test_a_cuda_worker_benchmarks_cudnn_as_training_does(monkeypatch, capsys):
     benchmark.worker_main(args, {"model": TINY, "official": False})
     assert seen == {"cudnn.benchmark": True, "device": torch.device("cuda")}
     assert capsys.readouterr().out == benchmark.RESULT_PREFIX + '{"params_M": 1.0}\n'
+
+
+def test_only_bfloat16_asked_on_a_cpu_without_it_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(benchmark, "cpu_bfloat16_supported", lambda: False)
+    args = benchmark.parse_args(["--model", TINY, "--device", "cpu", "--amp"])
+    with pytest.raises(benchmark.cls_common.UsageError, match="no bfloat16 kernels.*--precisions fp32"):
+        benchmark.run_specs([TINY], args, torch.device("cpu"))

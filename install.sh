@@ -21,7 +21,7 @@
 #   PACAVIT_DEVICE=cpu                   a CPU-only install on a node whose GPUs torch cannot use
 #
 # On a node with NVIDIA GPUs it stops (naming the fix) when torch cannot use them, and builds mmcv's
-# CUDA ops only with an nvcc of torch's CUDA major version; tools/gpu_check.py does these checks.
+# CUDA ops only with an nvcc of torch's CUDA major version; runtime/gpu_check.py does these checks.
 set -Eeuo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -192,7 +192,7 @@ ENSURE_EXTRA_ARGS=("$TORCH_PIN" "$TORCHVISION_PIN")
 
 step "torch can use this node's GPUs (if any)" \
     "the line above names the fix; PACAVIT_DEVICE=cpu ./install.sh installs for the CPU on purpose"
-"$PY" "$REPO/tools/gpu_check.py" device >/dev/null
+"$PY" "$REPO/runtime/gpu_check.py" device >/dev/null
 
 step "timm, OpenMMLab, test tools, ecosystem extras (PEFT, ONNX) and their locked dependencies (requirements.txt)" \
     "pip could not install a pin of requirements.txt; its message above names the package"
@@ -347,7 +347,7 @@ else
     # a wheel built here is only valid for the torch, CUDA and GPU architectures it was compiled for:
     # one folder per combination, named after them
     HINT="the line above says what to set or install"
-    mmcv_plan="$("$PY" "$REPO/tools/gpu_check.py" mmcv-wheel "$MMCV_CUDA")"
+    mmcv_plan="$("$PY" "$REPO/runtime/gpu_check.py" mmcv-wheel "$MMCV_CUDA")"
     read -r variant MMCV_CUDA_ARCHS MMCV_BUILD_JOBS <<<"$mmcv_plan"
     built_dir="$WHEEL_CACHE/$variant"
     if install_mmcv_wheel_from "$built_dir"; then
@@ -358,7 +358,7 @@ else
         echo "    no working $MMCV_PIN wheel in $built_dir or PIP_FIND_LINKS: building it from source"
         if [[ $MMCV_CUDA == 1 ]]; then
             HINT="the line above says which CUDA toolkit to put on PATH"
-            "$PY" "$REPO/tools/gpu_check.py" nvcc
+            "$PY" "$REPO/runtime/gpu_check.py" nvcc
             echo "    CUDA ops for the GPU architectures $MMCV_CUDA_ARCHS (TORCH_CUDA_ARCH_LIST)"
         fi
         build_mmcv_wheel "$built_dir"
@@ -367,6 +367,18 @@ else
     fi
     HINT="mmcv installed but its compiled ops fail (error above): remove $built_dir to force a rebuild"
     mmcv_works
+fi
+
+# --------------------------------------------------------------------------- this repository
+# Installed in place (editable): scripts, tools and tests import models, runtime, tools, classification and the
+# mmdet/mmseg plug-ins by name from any folder, and edits to the tree take effect without reinstalling.
+step "this repository as the editable package pacavit (pyproject.toml)" \
+    "pip could not install the repository itself; its message above names the cause"
+if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("models", "runtime", "tools", "classification", "mmdet_custom", "mmseg_custom")))' 2>/dev/null \
+   || [[ "$("$PY" -c 'import runtime, os; print(os.path.dirname(os.path.dirname(os.path.realpath(runtime.__file__))))' 2>/dev/null)" != "$(realpath "$REPO")" ]]; then
+    pip_install --no-deps --no-build-isolation -e "$REPO"
+else
+    echo "    already installed: $REPO"
 fi
 
 # --------------------------------------------------------------------------- report
@@ -431,6 +443,6 @@ for name, value in rows:
 EOF
 
 HINT="the line above names the fix"
-"$PY" "$REPO/tools/gpu_check.py" device --mmcv-ops >/dev/null
+"$PY" "$REPO/runtime/gpu_check.py" device --mmcv-ops >/dev/null
 
 echo "install.sh: environment ready: $ENV_NAME"

@@ -1,8 +1,7 @@
 """Pieces shared by train_timm.py, validate.py and benchmark.py: data, models, evaluation, errors.
 
-The scripts run with ``classification/`` as ``sys.path[0]`` (Python puts a script's folder
-there), so ``import models`` finds the ``classification/models -> ../models`` link from any
-working directory and registers the PaCa-ViT models with timm.
+The scripts import it as ``classification.cls_common`` (the repository is installed in place by
+install.sh); ``import models`` registers the PaCa-ViT models with timm.
 """
 import difflib
 import logging
@@ -13,14 +12,13 @@ from functools import partial
 from typing import List
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
-
-import timm
 from timm.data import ImageDataset, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Subset
 
 import models  # noqa: F401  (registers the PaCa-ViT models with timm)
 from models.checkpoint import CheckpointError

@@ -12,7 +12,7 @@
 # data-loading processes per training process.
 set -euo pipefail
 CLS_DIR="$(cd "$(dirname "$0")" && pwd)"
-source "$CLS_DIR/../tools/launch_common.sh"
+source "$CLS_DIR/../runtime/launch_common.sh"
 
 TAG="${1:-demo}"
 (( $# )) && shift

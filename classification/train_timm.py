@@ -59,12 +59,12 @@ from timm.utils import (
     update_summary,
 )
 
-import cls_common
-from cls_common import UsageError
+from classification import cls_common
+from classification.cls_common import UsageError
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
-from models.run_folder import hold_workers_lock
-from plots import plot_training_curves
+from runtime.run_folder import hold_workers_lock
+from classification.plots import plot_training_curves
 
 _logger = logging.getLogger("pacavit")
 SUMMARY_CSV = "summary.csv"

@@ -18,7 +18,7 @@
 # [others] go to train_timm.py and override the config (e.g. --epochs 10 -b 64 --lr 1e-3).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 if (( $# < 12 )); then
     sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2

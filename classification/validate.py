@@ -18,8 +18,8 @@ import torch
 from timm.data import resolve_data_config
 from timm.utils import init_distributed_device, setup_default_logging
 
-import cls_common
-from cls_common import UsageError
+from classification import cls_common
+from classification.cls_common import UsageError
 from models import fuse_for_cpu_inference
 from models.layers.fused import cpu_fusion_support
 from models.checkpoint import load_checkpoint

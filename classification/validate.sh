@@ -9,7 +9,7 @@
 # [others] go to validate.py (e.g. --use-ema, --crop-pct 1.0, --results-file r.json).
 # $PACAVIT_DATASETS replaces the datasets/ root; MASTER_PORT picks the rendezvous port.
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 if (( $# < 6 )); then
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2

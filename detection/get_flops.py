@@ -5,7 +5,7 @@
 FLOPs are multiply-adds of the tensor-mode forward (backbone, FPN, RPN and RoI heads), counted by
 mmengine.analysis with the SDPA handle of models/flops.py.
 """
-from models.openmmlab import flops_main
+from runtime.openmmlab import flops_main
 
 if __name__ == "__main__":
     flops_main(default_scope="mmdet", task="detection")

@@ -5,7 +5,7 @@
 
 ``--show-dir`` writes one PNG per test image with the predicted boxes and masks.
 """
-from models.openmmlab import test_main
+from runtime.openmmlab import test_main
 
 if __name__ == "__main__":
     test_main(default_scope="mmdet", task="detection")

@@ -13,6 +13,6 @@
 # of the predicted boxes and masks per image), --work-dir DIR (logs; default
 # work_dirs/detection/test/<config name>), --cfg-options KEY=VALUE ...
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 paca_openmmlab_test detection test_mmdet.py "$@"

@@ -1,6 +1,6 @@
-"""PaCa-ViT models.  Importing this package registers the models with timm (``pacavit_*``) and,
-when mmengine is installed, the dense-prediction backbones (``pacavit_*_downstream``) with
-mmengine's MODELS registry."""
+"""PaCa-ViT models and the loading of their weights.  Importing this package registers the models with
+timm (``pacavit_*``); the dense-prediction backbones (``create_downstream``) are registered with
+mmengine by the detection and segmentation plug-ins (``mmdet_custom``, ``mmseg_custom``)."""
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint, read_checkpoint, release_url
 from .layers import cpu_fusion_support, fuse_for_cpu_inference
 from .maps import capture_maps

@@ -544,24 +544,6 @@ def create_downstream(variant: str, **kwargs) -> PaCaViTDownstream:
     return PaCaViTDownstream(variant=variant, **{**VARIANTS[variant], **kwargs})
 
 
-def _register_downstream_backbones():
-    """Register ``<name>_downstream`` in mmengine's root MODELS registry; mmdet and mmseg find
-    them there through their registries' parent lookup (no edits in those packages)."""
-    try:
-        from mmengine.registry import MODELS
-    except ImportError:  # classification-only installs
-        return
-    for variant in VARIANTS:
-        def build(variant=variant, **kwargs):
-            return create_downstream(variant, **kwargs)
-
-        build.__name__ = build.__qualname__ = f"{variant}_downstream"
-        MODELS.register_module(name=build.__name__, module=build, force=True)
-
-
-_register_downstream_backbones()
-
-
 @register_model
 def pacavit_tiny_p2cconv_100_0(pretrained=False, **kwargs):
     return _create_pacavit("pacavit_tiny_p2cconv_100_0", pretrained, **kwargs)

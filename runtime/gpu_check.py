@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Can this node's torch (and mmcv) use its NVIDIA GPUs?  Asked before a launch and by install.sh.
 
-    python tools/gpu_check.py device [--mmcv-ops]   print the device to run on (cuda|cpu), or stop
-    python tools/gpu_check.py mmcv-wheel CUDA       print install.sh's mmcv build plan (CUDA: 0|1)
-    python tools/gpu_check.py nvcc                  stop unless nvcc can build CUDA ops for this torch
+    python runtime/gpu_check.py device [--mmcv-ops]   print the device to run on (cuda|cpu), or stop
+    python runtime/gpu_check.py mmcv-wheel CUDA       print install.sh's mmcv build plan (CUDA: 0|1)
+    python runtime/gpu_check.py nvcc                  stop unless nvcc can build CUDA ops for this torch
 
 ``device`` stops (exit 2, one ``error:`` line with the fix) where a silent CPU run would follow:
 the driver lists GPUs (``nvidia-smi -L``, or ``/dev/nvidia0`` exists) but torch cannot use them

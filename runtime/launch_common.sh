@@ -1,6 +1,6 @@
 # Shared by the classification / detection / segmentation launchers.  Source it, don't run it.
 #
-#   source "$(dirname "$0")/../tools/launch_common.sh"
+#   source "$(dirname "$0")/../runtime/launch_common.sh"
 #
 # Environment knobs (all optional):
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun (defaults: 1, 0, 127.0.0.1, Port);
@@ -117,10 +117,10 @@ Stop them (kill PID) before starting this run again."
     export PACAVIT_RUN_LOCK="$workers"
 }
 
-# paca_resume_point TASK DIR: print the checkpoint to resume DIR from (models/run_folder.py);
+# paca_resume_point TASK DIR: print the checkpoint to resume DIR from (runtime/run_folder.py);
 # fails, having said which files to delete, when none of the run's checkpoints is intact.
 paca_resume_point() {
-    PYTHONPATH="$PACAVIT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(paca_python)" -m models.run_folder resume-point "$1" "$2"
+    "$(paca_python)" -m runtime.run_folder resume-point "$1" "$2"
 }
 
 # Several nodes: every node's torchrun meets node 0 at MASTER_ADDR.  The single-node default
@@ -162,7 +162,7 @@ paca_cuda_devices() {
 # PACA_DEVICE (cuda|cpu); on CUDA also CUDA_VISIBLE_DEVICES.  Without CUDA it falls back to
 # CPU processes (gloo backend) instead of failing; PACAVIT_DEVICE=cpu hides the GPUs from the
 # processes, so nothing of the run (NCCL, SyncBN, mmengine's device choice) lands on them.
-# Where the driver shows GPUs that torch cannot use it stops instead (tools/gpu_check.py names
+# Where the driver shows GPUs that torch cannot use it stops instead (runtime/gpu_check.py names
 # the fix); a third argument, mmcv-ops, also stops a CUDA run whose mmcv has CPU ops only.
 paca_select_devices() {
     local gpus="$1" nb_gpus="$2" py usable=cpu
@@ -170,7 +170,7 @@ paca_select_devices() {
     paca_check_nodes
     py="$(paca_python)"
     if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]]; then
-        usable="$("$py" "$PACAVIT_ROOT/tools/gpu_check.py" device ${3:+--mmcv-ops})" || exit 2
+        usable="$("$py" "$PACAVIT_ROOT/runtime/gpu_check.py" device ${3:+--mmcv-ops})" || exit 2
     fi
     if [[ "$usable" == cuda ]]; then
         CUDA_VISIBLE_DEVICES="$(paca_cuda_devices "$gpus" "$nb_gpus")" || exit 2

@@ -25,15 +25,15 @@ What this adds on top of mmengine's Runner:
 import argparse
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-
 from mmengine.hooks import Hook
 
-from .checkpoint import CheckpointError, read_checkpoint, refuse_bare_backbone
-from .run_folder import hold_workers_lock, resume_point
+from models.checkpoint import CheckpointError, read_checkpoint, refuse_bare_backbone
+from runtime.run_folder import hold_workers_lock, resume_point
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def work_dirs_root() -> Path:
     """Experiments root: ``$PACAVIT_WORK_DIRS`` or the repo's ``work_dirs``."""
     return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
+
+
+def register_plugin() -> None:
+    """What the mmdet and mmseg plug-ins do on import: the backbones into the registry, the checkpoint types allowed."""
+    register_backbones()
+    register_checkpoint_safe_globals()
+
+
+def register_backbones() -> None:
+    """Register ``<variant>_downstream`` in mmengine's root MODELS registry, where mmdet's and mmseg's
+    registries find them by parent lookup (the configs name them as ``type``)."""
+    from mmengine.registry import MODELS
+
+    from models import VARIANTS, create_downstream
+
+    for variant in VARIANTS:
+        MODELS.register_module(name=f"{variant}_downstream", module=partial(create_downstream, variant), force=True)
 
 
 def register_checkpoint_safe_globals() -> None:
@@ -51,7 +68,7 @@ def register_checkpoint_safe_globals() -> None:
     which would otherwise refuse the ``message_hub`` and numpy values mmengine writes into its own
     checkpoints.  A pickle that reaches for any other callable is still rejected.
     """
-    from .checkpoint import safe_globals
+    from models.checkpoint import safe_globals
 
     torch.serialization.add_safe_globals(list(safe_globals()))
 
@@ -310,7 +327,7 @@ def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = 
     """Load a detector / segmentor checkpoint (file, URL or dict, called ``name`` in messages) that
     must fit ``model`` exactly, with its ``meta['dataset_meta']`` (class names, palette) when it has
     one; returns the LoadReport."""
-    from .checkpoint import load_checkpoint
+    from models.checkpoint import load_checkpoint
 
     report = load_checkpoint(model, source, name=name)
     meta = report.checkpoint.get("meta")
@@ -376,7 +393,7 @@ def complexity(model: torch.nn.Module, height: int, width: int) -> dict:
     from mmengine.analysis import FlopAnalyzer, parameter_count
     from mmengine.structures import BaseDataElement
 
-    from .flops import flop_handles
+    from models.flops import flop_handles
 
     shape = (height, width)
     meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, scale_factor=(1.0, 1.0))

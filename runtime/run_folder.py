@@ -5,7 +5,7 @@ one (a full disk, a copy cut short) is named, and the run continues from the new
 checkpoint before it; when none is intact the error names the files to delete, so a relaunch
 never meets the same broken file again.  The launchers call this before starting torchrun::
 
-    python -m models.run_folder resume-point classification|openmmlab RUN_DIR
+    python -m runtime.run_folder resume-point classification|openmmlab RUN_DIR
 
 which prints the file to resume from (nothing for a fresh start) and exits 2 when no intact
 checkpoint is left.
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .checkpoint import CheckpointError, read_checkpoint
+from models.checkpoint import CheckpointError, read_checkpoint
 
 WORKERS_LOCK_ENV = "PACAVIT_RUN_LOCK"
 _held_locks = []  # open lock files, kept for the life of the process

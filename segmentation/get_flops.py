@@ -6,7 +6,7 @@ FLOPs are multiply-adds of the tensor-mode forward (backbone and decode head; th
 of UperNet only runs in training), counted by mmengine.analysis with the SDPA handle of
 models/flops.py.
 """
-from models.openmmlab import flops_main
+from runtime.openmmlab import flops_main
 
 if __name__ == "__main__":
     flops_main(default_scope="mmseg", task="segmentation", default_shape=(512, 512))

@@ -5,7 +5,7 @@
 
 ``--show-dir`` writes one PNG per test image: the ground truth beside the prediction.
 """
-from models.openmmlab import test_main
+from runtime.openmmlab import test_main
 
 if __name__ == "__main__":
     test_main(default_scope="mmseg", task="segmentation")

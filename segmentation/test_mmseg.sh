@@ -12,6 +12,6 @@
 # visualisations), --work-dir DIR (logs; default work_dirs/segmentation/test/<config name>),
 # --cfg-options KEY=VALUE ...
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 paca_openmmlab_test segmentation test_mmseg.py "$@"

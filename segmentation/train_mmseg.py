@@ -5,7 +5,7 @@
 
 Resumes automatically from the work dir's latest checkpoint.  See models/openmmlab.py.
 """
-from models.openmmlab import train_main
+from runtime.openmmlab import train_main
 
 if __name__ == "__main__":
     train_main(default_scope="mmseg", task="segmentation")

@@ -16,6 +16,6 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node, with one shared
 # work dir; node 0 owns the run folder (lock, removal, FINISHED mark).  SIGTERM saves a checkpoint.
 set -euo pipefail
-source "$(dirname "$0")/../tools/launch_common.sh"
+source "$(dirname "$0")/../runtime/launch_common.sh"
 
 paca_openmmlab_train segmentation train_mmseg.py "$@"

@@ -1,6 +1,5 @@
 import functools
 import http.server
-import sys
 import threading
 from pathlib import Path
 from unittest import mock
@@ -9,9 +8,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
-for path in (REPO, GOLDEN):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +85,7 @@ def train_config_of(monkeypatch, tmp_path):
     to mmengine's Runner for these arguments (the Runner is not built, the dataset not checked)."""
     import mmengine.runner
 
-    from models import openmmlab
+    from runtime import openmmlab
 
     def run(config, default_scope, task, *args):
         handed = []

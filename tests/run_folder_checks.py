@@ -156,7 +156,7 @@ def zoo_configs(task_dir: Path):
 
 def check_num_workers_zero(config, scope):
     """The config with every loader at num_workers=0 gives DataLoader arguments it accepts."""
-    from models.openmmlab import _prepare_environment, load_config
+    from runtime.openmmlab import _prepare_environment, load_config
 
     cfg = load_config(str(config), scope, {f"{name}.num_workers": 0 for name in LOADERS})
     _prepare_environment(cfg, "none")

@@ -2,7 +2,6 @@
 its export commands name real options of tools/export_onnx.py."""
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,10 @@ import timm
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+import models
+from tools import export_onnx
 
-import export_onnx  # noqa: E402
-import models  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SECTION = "## Use in your own code"
 

@@ -3,7 +3,6 @@ official_recipes.json, facts from the official code), apart from the deviations 
 the seed's ImageNet command as train_timm.py resolves it and builds the model, and every detection
 and segmentation zoo config as train_main hands it to mmengine's Runner on a CUDA machine.  The task
 READMEs' recipe tables are what tools/recipes.py reads from the same code."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,14 +15,7 @@ from timm.layers import DropPath, calculate_drop_path_rates
 import models
 from tests.conftest import GOLDEN, REPO
 from tests.tools.test_launch_common import gpu_env  # noqa: F401  (fixture: a simulated 8-GPU node)
-
-for task in ("detection", "segmentation"):  # mmdet_custom / mmseg_custom, as the configs import them
-    if str(REPO / task) not in sys.path:
-        sys.path.insert(0, str(REPO / task))
-
-spec = importlib.util.spec_from_file_location("recipes", REPO / "tools" / "recipes.py")
-recipes = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipes)
+from tools import recipes
 
 OFFICIAL = json.loads((GOLDEN / "recipes" / "official_recipes.json").read_text())
 SCOPE = {"detection": "mmdet", "segmentation": "mmseg"}
@@ -61,7 +53,7 @@ def test_imagenet_command_resolves_to_the_official_recipe(model):
 
 
 def test_drop_path_option_still_overrides():
-    import train_timm
+    from classification import train_timm
 
     args = train_timm.parse_args(["-c", str(recipes.IMAGENET_CONFIG), "--model", "pacavit_base_p2cconv_100_0",
                                   "--data-dir", "d", "--output", "o", "--drop-path", "0.2"])
@@ -74,7 +66,7 @@ def test_drop_path_option_still_overrides():
 def test_imagenet_model_is_built_with_the_official_drop_path(model):
     """DropPath rates of the model built the way train_timm.py builds it: linear over the blocks up
     to the variant's official rate (the official table's stochastic depth rule)."""
-    import train_timm
+    from classification import train_timm
 
     args = recipes.imagenet_args(model)
     with torch.device("meta"):
@@ -97,7 +89,7 @@ def cuda_backend_flags():
 
 
 def test_cuda_backends_allow_tf32_as_the_official_training(cuda_backend_flags):
-    import train_timm
+    from classification import train_timm
 
     train_timm.configure_cuda_backends(torch.device("cpu"))
     assert cuda_backend_flags() == (False, False, False)
@@ -111,7 +103,7 @@ def test_random_erasing_comes_after_mixup():
     Every image is the constant 100, so Mixup leaves it at 100 whatever lambda it draws (alpha 1000
     keeps lambda near 0.5); pixel-mode erasing writes N(0, 1) noise.  Erased before mixing, the noise
     would be blended with 100 (values near 50)."""
-    import train_timm
+    from classification import train_timm
 
     args = recipes.imagenet_args("pacavit_tiny_p2cconv_100_0")
     args.mixup, args.cutmix, args.reprob = 1000.0, 0.0, 1.0
@@ -131,7 +123,7 @@ def runner_config(monkeypatch, tmp_path, path, task, *options, cuda=True):
     unless ``cuda=False``."""
     import mmengine.runner
 
-    from models import openmmlab
+    from runtime import openmmlab
 
     class Handed(Exception):
         pass
@@ -221,7 +213,7 @@ def test_seed_command_through_the_launcher_on_a_gpu_node(gpu_env, tmp_path):
     """``train_timm.sh configs/imagenet_vit_adamw.yml MODEL IMNET 224 ...`` on a simulated 8-GPU node:
     the train_timm.py command it starts (recorded in place of torchrun) resolves to the official
     recipe and launcher flags (--channels-last, --pin-mem; AMP from the YAML)."""
-    import train_timm
+    from classification import train_timm
 
     record = tmp_path / "torchrun_argv.json"
     python = tmp_path / "python-recording-torchrun"

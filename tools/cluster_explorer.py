@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cluster_figures as figures
-import predict
-import predict_tasks as tasks
-from cls_common import UsageError
+from classification.cls_common import UsageError
 from models import CheckpointError, capture_maps
 from models.checkpoint import release_url
-from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ClusterView, cluster_views, image_stem
+from tools import cluster_figures as figures
+from tools import predict
+from tools import predict_tasks as tasks
+from tools.visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ClusterView, cluster_views, image_stem
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("classify", "detect", "segment")

@@ -14,19 +14,13 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
 
-TOOLS = Path(__file__).resolve().parent
-for path in (TOOLS.parent, TOOLS):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import gradio as gr
+import torch
 
-import gradio as gr  # noqa: E402
-import torch  # noqa: E402
-
-import cluster_explorer as ce  # noqa: E402
+from tools import cluster_explorer as ce
 
 _logger = logging.getLogger("explore")
 

@@ -17,20 +17,17 @@ backbone gives ``stage1`` .. ``stage4`` (NCHW, strides 4 to 32).  The input is `
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import timm
 import torch
 
+import models
+from models.checkpoint import extract_state_dict
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import timm  # noqa: E402
-
-import models  # noqa: E402
-from models.checkpoint import extract_state_dict  # noqa: E402
 
 DOWNSTREAM = "_downstream"
 PRETRAINED = "pretrained"  # the --checkpoint word for the released ImageNet file, as in the other tools

@@ -11,13 +11,11 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm
 
-import timm  # noqa: E402
-
-import models  # noqa: E402
-from models.flops import count_flops, count_params  # noqa: E402
-from models.paca_vit import RELEASED_IMAGENET  # noqa: E402
+import models
+from models.flops import count_flops, count_params
+from models.paca_vit import RELEASED_IMAGENET
 
 START, END = "<!-- model-zoo:start -->", "<!-- model-zoo:end -->"
 

@@ -26,15 +26,11 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import predict_tasks as tasks  # noqa: E402  (puts the repository and classification/ on sys.path)
-from cls_common import UsageError  # noqa: E402
-from models import CheckpointError  # noqa: E402
-from models.layers.fused import cpu_fusion_support  # noqa: E402
-from visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, output_folders, read_image  # noqa: E402
+from classification.cls_common import UsageError
+from models import CheckpointError
+from models.layers.fused import cpu_fusion_support
+from tools import predict_tasks as tasks
+from tools.visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, output_folders, read_image
 
 _logger = logging.getLogger("predict")
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import cluster_figures as figures
+from tools import cluster_figures as figures
 
 LEGEND_ROWS = 20
 

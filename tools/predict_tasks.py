@@ -9,32 +9,25 @@ segmentation.  With ``clusters`` the backbone's PaCa blocks are captured during 
 """
 import contextlib
 import logging
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+import models  # registers the pacavit_* models
+from classification import cls_common
+from models import CheckpointError, capture_maps, load_checkpoint, read_checkpoint
+from models.checkpoint import extract_state_dict
+from tools import predict_drawing as drawing
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-for path in (REPO, TOOLS):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-if str(REPO / "classification") not in sys.path:  # cls_common (after REPO: ``models`` is found there)
-    sys.path.append(str(REPO / "classification"))
-
-import timm  # noqa: E402
-from timm.data import ImageNetInfo, create_transform, resolve_data_config  # noqa: E402
-
-import cls_common  # noqa: E402
-import models  # noqa: E402  (registers the pacavit_* models)
-import predict_drawing as drawing  # noqa: E402
-from models import CheckpointError, capture_maps, load_checkpoint, read_checkpoint  # noqa: E402
-from models.checkpoint import extract_state_dict  # noqa: E402
 
 _logger = logging.getLogger("predict")
 
@@ -187,11 +180,8 @@ class Classifier:
 # -- detection and segmentation (OpenMMLab inferencers) ------------------------------------------
 def openmmlab_config(config: str, scope: str, cfg_options: Optional[dict]):
     """The config, with its plug-in folder importable (``custom_imports``) and no annotation loading."""
-    from models.openmmlab import load_config
+    from runtime.openmmlab import load_config
 
-    plugin = REPO / ("detection" if scope == "mmdet" else "segmentation")
-    if str(plugin) not in sys.path:
-        sys.path.insert(0, str(plugin))
     cfg = load_config(config, default_scope=scope, cfg_options=cfg_options)
     pipeline = cfg.test_dataloader.dataset.pipeline
     cfg.test_dataloader.dataset.pipeline = [t for t in pipeline if t["type"] != "LoadAnnotations"]

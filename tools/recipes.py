@@ -14,13 +14,12 @@ import re
 import sys
 from pathlib import Path
 
+from mmengine.config import Config
+
+import models
+from runtime.openmmlab import amp_enabled
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "classification")]
-
-from mmengine.config import Config  # noqa: E402
-
-import models  # noqa: E402
-from models.openmmlab import amp_enabled  # noqa: E402
 
 IMAGENET_CONFIG = REPO / "classification" / "configs" / "imagenet_vit_adamw.yml"
 START, END = "<!-- recipes:start -->", "<!-- recipes:end -->"
@@ -33,7 +32,7 @@ ZOO_CONFIGS = {
 
 def imagenet_args(model: str) -> argparse.Namespace:
     """``train_timm.py``'s resolved arguments for the seed's ImageNet command (parsed, not run)."""
-    import train_timm
+    from classification import train_timm
 
     return train_timm.parse_args(["-c", str(IMAGENET_CONFIG), "--model", model, "--data-dir", "IMNET",
                                   "--output", "out"])

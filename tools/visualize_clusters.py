@@ -31,24 +31,18 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import timm
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+import models  # importing it registers the pacavit_* models with timm
+from classification.cls_common import to_rgb8
+from models import CheckpointError, capture_maps, load_checkpoint
+from tools import cluster_figures as figures
+
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-for path in (REPO, TOOLS):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-if str(REPO / "classification") not in sys.path:  # cls_common (after REPO: ``models`` is found there)
-    sys.path.append(str(REPO / "classification"))
-
-import timm  # noqa: E402
-
-import cluster_figures as figures  # noqa: E402
-from cls_common import to_rgb8  # noqa: E402
-import models  # noqa: E402  (importing it registers the pacavit_* models with timm)
-from models import CheckpointError, capture_maps, load_checkpoint  # noqa: E402
 
 _logger = logging.getLogger("visualize_clusters")
 
@@ -163,10 +157,9 @@ def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
 
     ``checkpoint`` (file or URL) must fit the config's model exactly.
     """
-    sys.path.insert(0, str(REPO / "segmentation"))  # the configs' custom_imports live there
     from mmseg.registry import DATASETS, MODELS
 
-    from models.openmmlab import load_config, load_model_checkpoint
+    from runtime.openmmlab import load_config, load_model_checkpoint
 
     cfg = load_config(config, default_scope="mmseg")
     segmentor = MODELS.build(cfg.model)  # init_weights() is not called: it would fetch ImageNet weights

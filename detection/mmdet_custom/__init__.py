@@ -3,9 +3,8 @@
 Importing it registers the PaCa-ViT dense-prediction backbones (``pacavit_*_downstream``) in
 mmengine's root MODELS registry, where mmdet's registry finds them by parent lookup, and allows
 the data types that mmengine writes into its own checkpoints under ``torch.load(weights_only=True)``
-(see ``models.openmmlab.register_checkpoint_safe_globals``).
+(``runtime.openmmlab.register_plugin``).
 """
-import models  # noqa: F401  (registers the backbones)
-from models.openmmlab import register_checkpoint_safe_globals
+from runtime.openmmlab import register_plugin
 
-register_checkpoint_safe_globals()
+register_plugin()

@@ -4,16 +4,15 @@ Importing it registers the PaCa-ViT backbones (``pacavit_*_downstream``, in mmen
 MODELS registry, where mmseg's registry finds them by parent lookup), the ``PaCaSegHead`` decode
 head, the ``PaCaEncoderDecoder`` segmentor and the ``ClusterOutputOptimWrapperConstructor`` (lr
 multiplier for the backbone's cluster output layers), and allows the data types that mmengine writes
-into its own checkpoints under ``torch.load(weights_only=True)`` (see
-``models.openmmlab.register_checkpoint_safe_globals``).
+into its own checkpoints under ``torch.load(weights_only=True)`` (
+``runtime.openmmlab.register_plugin``).
 """
-import models  # noqa: F401  (registers the backbones)
-from models.openmmlab import register_checkpoint_safe_globals
+from runtime.openmmlab import register_plugin
 
 from .optim_constructor import ClusterOutputOptimWrapperConstructor
 from .paca_head import PaCaSegHead
 from .segmentor import PaCaEncoderDecoder
 
-register_checkpoint_safe_globals()
+register_plugin()
 
 __all__ = ["ClusterOutputOptimWrapperConstructor", "PaCaSegHead", "PaCaEncoderDecoder"]

@@ -1,7 +1,6 @@
 """Helpers for the classification tests: a tiny colour dataset and launcher command lines."""
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 CLS_DIR = REPO / "classification"
-if str(CLS_DIR) not in sys.path:
-    sys.path.insert(0, str(CLS_DIR))
 
 MODEL = "pacavit_tiny_p2cconv_100_0"
 COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))  # one class per colour: learnable in a step or two

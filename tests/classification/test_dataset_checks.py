@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from timm.data import create_dataset
 
-import cls_common
+from classification import cls_common
 from .cls_helpers import CLS_DIR, MODEL, write_colour_dataset
 
 TRAIN_IMAGES = 3 * 2  # write_colour_dataset(..., {"train": 2, "val": 1})

@@ -14,7 +14,7 @@ import torch
 
 import models  # noqa: F401  (registers the pacavit_* names with timm)
 
-from models.run_folder import resume_point
+from runtime.run_folder import resume_point
 from tests.run_folder_checks import TwoNodes, check_sigterm_stop, wait_until_free
 
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset

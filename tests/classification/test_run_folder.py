@@ -13,9 +13,9 @@ import pytest
 import timm
 import torch
 
-import cls_common
+from classification import cls_common
 import models  # noqa: F401  (registers the pacavit_* names with timm)
-from make_digits_dataset import export
+from classification.make_digits_dataset import export
 from tests.run_folder_checks import refused_while_running, wait_gone
 
 from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset

@@ -1,10 +1,10 @@
 """Configs, learning-rate rule, class mapping and the digits export (no training)."""
 import pytest
 
-import cls_common
-import train_timm
+from classification import cls_common
+from classification import train_timm
 from .cls_helpers import CLS_DIR, write_colour_dataset
-from make_digits_dataset import export
+from classification.make_digits_dataset import export
 
 REQUIRED = ["--data-dir", "d", "--model", "m", "--output", "o"]
 
@@ -94,7 +94,7 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_efficiency_compares_compiled_with_compiled_and_eager_with_eager():
-    from benchmark import add_efficiency
+    from classification.benchmark import add_efficiency
 
     rows = [dict(model=name, compile=compiled, gflops=gflops, infer_img_per_s=ips)
             for name, compiled, gflops, ips in [("paca", False, 2.0, 10.0), ("ref", False, 4.0, 10.0),
@@ -105,7 +105,7 @@ def test_efficiency_compares_compiled_with_compiled_and_eager_with_eager():
 
 
 def test_benchmark_csv_with_other_columns_is_kept_aside(tmp_path):
-    from benchmark import FIELDS, append_rows
+    from classification.benchmark import FIELDS, append_rows
 
     path = tmp_path / "results.csv"
     path.write_text("date,model,old_column\n2025-01-01,m,1\n")

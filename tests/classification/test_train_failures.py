@@ -11,8 +11,8 @@ from models.checkpoint import read_checkpoint
 
 from .cls_helpers import CLS_DIR, MODEL, write_colour_dataset
 
-import cls_common  # noqa: E402  (classification/ is on sys.path through cls_helpers)
-import train_timm  # noqa: E402
+from classification import cls_common
+from classification import train_timm
 
 
 def train_args(tmp_path, epochs):

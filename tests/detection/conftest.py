@@ -8,8 +8,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DETECTION = REPO / "detection"
-if str(DETECTION) not in sys.path:  # mmdet_custom, as the configs' custom_imports find it
-    sys.path.insert(0, str(DETECTION))
 
 TINY_CONFIG = "configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py"
 

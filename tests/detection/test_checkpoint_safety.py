@@ -9,7 +9,7 @@ import torch
 from mmengine.logging import HistoryBuffer, MessageHub
 
 from models.checkpoint import CheckpointError, read_checkpoint
-from models.openmmlab import load_model_checkpoint, register_checkpoint_safe_globals
+from runtime.openmmlab import load_model_checkpoint, register_checkpoint_safe_globals
 
 
 def _runner_like_checkpoint(path):

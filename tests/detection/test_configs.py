@@ -8,7 +8,7 @@ from mmengine.registry import MODELS
 
 from .conftest import DETECTION, REPO
 from models.checkpoint import RELEASE_BASE_URL
-from models.openmmlab import load_config
+from runtime.openmmlab import load_config
 from models.paca_vit import RELEASED_IMAGENET, VARIANTS
 
 CONFIGS = sorted((DETECTION / "configs" / "paca_vit").rglob("*.py"))

@@ -16,12 +16,12 @@ from mmcv.ops import RoIAlign
 from mmdet.apis import inference_detector, init_detector
 from mmdet.structures.bbox import bbox_overlaps
 from mmengine.config import Config
-from weights import deterministic_state_dict
 
 import models
 from models.layers import fused
 from models.paca_vit import create_downstream
 from tests.conftest import GOLDEN, REPO
+from tests.fixtures.golden.weights import deterministic_state_dict
 
 CONFIG = (REPO / "detection/configs/paca_vit/mask_rcnn_1x"
           / "mask_rcnn_pacavit_tiny_p2cconv_100_0_mstrain_480_800_1x_coco.py")

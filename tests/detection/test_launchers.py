@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.checkpoint import read_checkpoint
-from models.run_folder import resume_point
+from runtime.run_folder import resume_point
 from tests.run_folder_checks import (
     TwoNodes,
     check_num_workers_zero,

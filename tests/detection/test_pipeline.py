@@ -10,7 +10,7 @@ import torch
 from mmdet.datasets import CocoDataset
 
 from .conftest import DETECTION, TINY_CONFIG
-from models.openmmlab import train_main
+from runtime.openmmlab import train_main
 
 NAME = "mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco_t1"
 

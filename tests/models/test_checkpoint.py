@@ -22,9 +22,14 @@ import torch
 from timm.models import adapt_input_conv
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-import models
 from models.checkpoint import (
-    CheckpointError, RELEASE_BASE_URL, cache_path, load_checkpoint, read_checkpoint, release_url, verify_checkpoint
+    RELEASE_BASE_URL,
+    CheckpointError,
+    cache_path,
+    load_checkpoint,
+    read_checkpoint,
+    release_url,
+    verify_checkpoint,
 )
 from models.paca_vit import RELEASED_IMAGENET, create_downstream
 
@@ -226,7 +231,7 @@ def test_official_training_checkpoint_through_timm_backbone_and_validate(trainin
     backbone.init_weights()
     torch.testing.assert_close(backbone.norm4.weight, weights["norm4.weight"], rtol=0, atol=0)
     monkeypatch.syspath_prepend(str(repo_root / "classification"))
-    import validate
+    from classification import validate
 
     for use_ema, expected in ((False, weights), (True, ema_weights)):
         args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=use_ema, data_dir="DATA", split="val")
@@ -311,8 +316,7 @@ assert "HistoryBuffer" not in names(), "allowed while reading only, not process-
 assert not {{"mmdet_custom", "mmseg_custom"}} & set(sys.modules)
 print("OK")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path),
-                            env=dict(os.environ, PYTHONPATH=str(models.__path__[0].rsplit(os.sep, 1)[0])))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path))
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr[-3000:]
 
 
@@ -501,7 +505,7 @@ def _training_checkpoint(path, epoch, seed=0):
 
 
 def test_resume_point_skips_a_flipped_last_checkpoint(tmp_path):
-    from models.run_folder import resume_point
+    from runtime.run_folder import resume_point
 
     _training_checkpoint(tmp_path / "checkpoint-1.pth.tar", 1)
     _training_checkpoint(tmp_path / "last.pth.tar", 2)
@@ -516,7 +520,7 @@ def test_validate_refuses_a_flipped_checkpoint(tmp_path, repo_root, monkeypatch)
     torch.save(_official_checkpoint(NAME), path)
     _flip_bytes_in_largest_record(path)
     monkeypatch.syspath_prepend(str(repo_root / "classification"))
-    import validate
+    from classification import validate
 
     args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=False, data_dir="DATA", split="val")
     with pytest.raises(CheckpointError, match=rf"{path} is not a readable PyTorch checkpoint"):
@@ -586,7 +590,7 @@ def test_simultaneous_downloads_fetch_once_and_all_succeed(release_site, tmp_pat
         expected.append(float(ckpt["state_dict"]["bias"][0]))
     sync = tmp_path / "sync"
     sync.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     workers = [subprocess.Popen([sys.executable, "-c", _RACING_DOWNLOADER, str(sync), *urls], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
     try:
@@ -721,7 +725,7 @@ def test_export_onnx_names_the_file_of_another_architecture(tmp_path, repo_root,
     path = tmp_path / "small.pth"
     torch.save(_official_checkpoint("pacavit_small_p2cconv_100_0"), path)
     monkeypatch.syspath_prepend(str(repo_root / "tools"))
-    import export_onnx
+    from tools import export_onnx
 
     with pytest.raises(SystemExit) as stop:
         export_onnx.main([NAME, "--checkpoint", str(path), "--out", str(tmp_path / "x.onnx")])
@@ -731,8 +735,7 @@ def test_export_onnx_names_the_file_of_another_architecture(tmp_path, repo_root,
 
 def test_resume_with_another_model_is_one_clear_line(tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(repo_root / "classification"))
-    import cls_common
-    import train_timm
+    from classification import cls_common, train_timm
 
     torch.manual_seed(0)
     saved = timm.create_model(NAME, num_classes=3)
@@ -769,7 +772,7 @@ def tiny_coco_env(tmp_path, repo_root, monkeypatch):
 
 
 def test_test_main_refuses_a_classification_checkpoint_before_building_the_runner(tiny_coco_env, repo_root, tmp_path):
-    from models.openmmlab import test_main
+    from runtime.openmmlab import test_main
 
     path = tmp_path / "imagenet.pth"
     torch.save(_official_checkpoint(NAME), path)

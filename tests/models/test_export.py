@@ -18,11 +18,9 @@ import torch
 
 import models
 from models.paca_vit import RELEASED_IMAGENET
+from tools import export_onnx
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-import export_onnx  # noqa: E402
 
 Dim = torch.export.Dim
 DYNAMIC = {"x": {0: Dim("batch"), 2: Dim("height", min=33), 3: Dim("width", min=33)}}

@@ -7,9 +7,8 @@ import torch
 
 import models
 from models.paca_vit import create_downstream
-from weights import deterministic_state_dict, golden_input
-
 from tests.conftest import GOLDEN
+from tests.fixtures.golden.weights import deterministic_state_dict, golden_input
 
 MANIFESTS = sorted(p.stem for p in (GOLDEN / "manifests").glob("pacavit_*.json"))
 WITH_OUTPUTS = sorted(p.stem for p in (GOLDEN / "outputs").glob("pacavit_*.pt"))

@@ -23,7 +23,6 @@ import torch
 
 import models
 from models.paca_vit import RELEASED_IMAGENET
-
 from tests.conftest import GOLDEN, REPO
 
 TIMM_TESTS = REPO / ".cache" / "timm-1.0.31" / "tests" / "test_models.py"
@@ -43,9 +42,6 @@ EVERY_MODEL = [
 ]
 
 CONFTEST = f"""
-import sys
-
-sys.path.insert(0, {str(REPO)!r})
 import models  # noqa: F401  registers the pacavit_* names with timm
 """
 

@@ -13,11 +13,10 @@ import timm
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
+from tools import cluster_figures as figures
+from tools import visualize_clusters as vc
 
-import cluster_figures as figures  # noqa: E402
-import visualize_clusters as vc  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 IMG = 64
 

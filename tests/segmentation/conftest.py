@@ -1,6 +1,7 @@
 """Fixtures of the segmentation tests: the official golden data, the tiny ADE20K set, a free port."""
 import importlib.util
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,8 +9,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SEGMENTATION = REPO / "segmentation"
-if str(SEGMENTATION) not in sys.path:  # mmseg_custom, as the configs' custom_imports find it
-    sys.path.insert(0, str(SEGMENTATION))
 
 # CI checks the shared folder out beside the clone; a copy inside the repo works too.
 GOLDEN_CANDIDATES = (REPO.parent / "shared" / "golden", REPO / "tests" / "fixtures" / "golden")
@@ -41,11 +40,9 @@ def golden_weights(seg_golden_dir):
 @pytest.fixture(scope="session")
 def tiny_ade(tmp_path_factory) -> Path:
     """A tiny synthetic ADE20K: ``<root>/ADEChallengeData2016``; returns <root> (``PACAVIT_DATASETS``)."""
-    import make_tiny_ade
-
     root = tmp_path_factory.mktemp("datasets")
-    make_tiny_ade.main(["--out", str(root / "ADEChallengeData2016"), "--num-train", "4", "--num-val", "2",
-                        "--size", "64", "96"])
+    subprocess.run([sys.executable, str(SEGMENTATION / "make_tiny_ade.py"), "--out", str(root / "ADEChallengeData2016"),
+                    "--num-train", "4", "--num-val", "2", "--size", "64", "96"], check=True)
     return root
 
 

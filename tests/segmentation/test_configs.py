@@ -6,7 +6,7 @@ import pytest
 import torch
 from mmseg.registry import MODELS
 
-from models.openmmlab import load_config
+from runtime.openmmlab import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "segmentation" / "configs" / "paca_vit"
 CONFIGS = sorted(CONFIG_DIR.glob("*/*.py"))

@@ -11,9 +11,9 @@ import sklearn
 import torch
 from mmengine.config import Config
 from mmseg.apis import inference_model, init_model
-from weights import deterministic_state_dict
 
 from tests.conftest import GOLDEN, REPO
+from tests.fixtures.golden.weights import deterministic_state_dict
 
 CONFIGS = {
     "pacahead": "paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py",

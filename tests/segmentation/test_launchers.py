@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.run_folder import resume_point
+from runtime.run_folder import resume_point
 from tests.run_folder_checks import (
     TwoNodes,
     check_num_workers_zero,
@@ -118,7 +118,7 @@ def test_upernet_train(env, free_port):
 
 def test_get_flops_params_of_paca_tiny_with_paca_head(capsys):
     """The seed table: PaCa-Tiny + PaCa head has 13.3M parameters."""
-    from models.openmmlab import flops_main
+    from runtime.openmmlab import flops_main
 
     result = flops_main("mmseg", "segmentation", [str(SEGMENTATION / PACAHEAD_TINY), "--shape", "64"])
     assert abs(result["params"] / 1e6 - 13.3) <= 0.1

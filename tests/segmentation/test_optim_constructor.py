@@ -5,7 +5,7 @@ import torch
 from mmengine.optim import build_optim_wrapper
 from mmseg.registry import MODELS
 
-from models.openmmlab import load_config
+from runtime.openmmlab import load_config
 
 from .test_configs import CONFIG_DIR, SUFFIX
 

@@ -1,6 +1,5 @@
 """Fixtures of the tools tests: photos the project does not ship, in a folder with a space in its name."""
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
 
 SKLEARN_IMAGES = Path(sklearn.datasets.__file__).parent / "images"
 GENERATED_SIZE = (150, 100)  # width, height: unlike either photo, so sizes are told apart

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
-import predict_tasks
-import validate  # classification/ is on sys.path through predict_tasks
+from classification import validate
+from tools import predict, predict_tasks
 
 WITH_BF16 = frozenset({torch.float32, torch.bfloat16})
 WITHOUT_BF16 = frozenset({torch.float32})

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-import cluster_explorer as ce
-import explore
+from tools import cluster_explorer as ce
+from tools import explore
 from models import capture_maps
 from .conftest import REPO, SKLEARN_IMAGES
 
@@ -161,7 +161,7 @@ def test_detect_random_weights_boxes_and_clusters(page, tmp_path):
 def test_segment_pretrained_through_the_mirror_head_clusters_are_the_classes(page, release_server):
     from mmseg.registry import MODELS
 
-    import predict_tasks
+    from tools import predict_tasks
 
     cfg = predict_tasks.openmmlab_config(str(REPO / SEG_CONFIG), "mmseg", {"model.backbone.init_cfg": None})
     torch.manual_seed(0)

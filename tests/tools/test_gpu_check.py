@@ -1,4 +1,4 @@
-"""tools/gpu_check.py and its callers (launchers, install.sh) on GPU nodes, simulated on this GPU-less
+"""runtime/gpu_check.py and its callers (launchers, install.sh) on GPU nodes, simulated on this GPU-less
 machine: ``nvidia-smi`` and ``nvcc`` stubs on PATH, torch.cuda monkeypatched, a fake /dev/nvidia0."""
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_check
+from runtime import gpu_check
 
 REPO = Path(__file__).resolve().parents[2]
 H100_LIST = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)"

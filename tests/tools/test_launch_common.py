@@ -1,4 +1,4 @@
-"""tools/launch_common.sh on a cluster, on this GPU-less machine: the devices a launcher gives its
+"""runtime/launch_common.sh on a cluster, on this GPU-less machine: the devices a launcher gives its
 processes (8 simulated GPUs, a job's inherited CUDA_VISIBLE_DEVICES) and the checks of a
 several-node launch."""
 import os
@@ -21,7 +21,7 @@ def _visible():
 
 torch.cuda.is_available = lambda: _visible() > 0
 torch.cuda.device_count = _visible
-torch.cuda.get_device_capability = lambda device=None: (9, 0)  # H100s, as nvidia-smi lists (tools/gpu_check.py)
+torch.cuda.get_device_capability = lambda device=None: (9, 0)  # H100s, as nvidia-smi lists (runtime/gpu_check.py)
 torch.cuda.get_device_name = lambda device=None: "NVIDIA H100 80GB HBM3"
 '''
 
@@ -34,7 +34,7 @@ def gpu_env(tmp_path):
     smi = tmp_path / "nvidia-smi"
     smi.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done\n')
     smi.chmod(0o755)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}", PATH=f"{tmp_path}:{os.environ['PATH']}",
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PATH=f"{tmp_path}:{os.environ['PATH']}",
                PYTHON=sys.executable)
     for name in ("CUDA_VISIBLE_DEVICES", "PACAVIT_DEVICE", "NNODES", "NODE_RANK", "MASTER_ADDR"):
         env.pop(name, None)
@@ -45,7 +45,7 @@ def select_devices(env, gpus, nb_gpus, then="", **extra):
     """paca_select_devices GPUS NB_GPUS, then prints the device and CUDA_VISIBLE_DEVICES and runs
     the shell command ``then`` in the launcher's environment."""
     script = f"""
-        source {REPO}/tools/launch_common.sh
+        source {REPO}/runtime/launch_common.sh
         paca_select_devices "$1" "$2"
         echo "device=$PACA_DEVICE visible=${{CUDA_VISIBLE_DEVICES-unset}}"
         {then}

@@ -14,8 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from timm.data import ImageNetInfo
 
-import predict
-import predict_tasks
+from tools import predict
+from tools import predict_tasks
 from .conftest import GENERATED_SIZE, REPO
 
 MODEL = "pacavit_tiny_p2cconv_100_0"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import export_onnx
-import predict
-import visualize_clusters
+from tools import export_onnx
+from tools import predict
+from tools import visualize_clusters
 from .conftest import TOOLS, generated_image
 
 MODEL = "pacavit_tiny_p2cconv_100_0"

@@ -1,0 +1,8 @@
+"""What the tasks' entry points share, and nothing a model needs.
+
+- ``openmmlab``: the mmengine Runner around detection and segmentation (train, test, FLOPs, the
+  backbones' registration for the mmdet/mmseg plug-ins);
+- ``run_folder``: run folders (locks, resume point, finished marker);
+- ``gpu_check``: whether torch (and mmcv) can use this node's GPUs;
+- ``launch_common.sh``: the shell functions the launchers source (devices, nodes, run folders, torchrun).
+"""

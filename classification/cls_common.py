@@ -134,6 +134,15 @@ def class_map_for(data_dir: str, split: str) -> dict:
     return {name: index for index, name in enumerate(classes)}
 
 
+def training_class_map(data_dir: str, train_split: str, val_split: str) -> dict:
+    """``class_map_for(data_dir, val_split)``, with the training split checked as well when it is not ``train/``
+    (which ``class_map_for`` checks itself)."""
+    train_dir = require_split(data_dir, train_split)
+    if os.path.realpath(train_dir) != os.path.realpath(os.path.join(data_dir, "train")):
+        check_folders_reached_once(train_dir)
+    return class_map_for(data_dir, val_split)
+
+
 def to_rgb8(image: Image.Image, name: str) -> Image.Image:
     """``image`` as 8-bit RGB, named ``name`` in a warning.
 

@@ -580,8 +580,7 @@ def main(argv=None):
     if device.type != "cuda" and (args.amp or args.channels_last):
         _logger.info("CPU run: mixed precision and channels_last are CUDA-only, training in fp32 NCHW")
 
-    cls_common.require_split(args.data_dir, args.train_split)
-    class_map = cls_common.class_map_for(args.data_dir, args.val_split)
+    class_map = cls_common.training_class_map(args.data_dir, args.train_split, args.val_split)
     dataset_train = create_dataset("", root=args.data_dir, split=args.train_split, is_training=True,
                                    class_map=class_map, seed=args.seed)
     num_classes = len(class_map)

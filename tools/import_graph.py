@@ -5,7 +5,9 @@
 
 Every ``.py`` file of the project's folders is parsed (not imported); an import counts for the folder
 that holds the file and the folder that owns the imported package.  The libraries the project builds
-on appear as their own nodes, so runtime code in ``models/`` would show as an edge to mmengine.
+on appear as their own nodes, so runtime code in ``models/`` would show as an edge to mmengine.  A solid
+arrow is an import at module level; a dotted one only inside functions (used on demand, e.g. an optional
+library).
 """
 import argparse
 import ast
@@ -20,6 +22,7 @@ PROVIDERS = {
     "models": "models",
     "runtime": "runtime",
     "tools": "tools",
+    "classification": "classification",
     "mmdet_custom": "detection",
     "mmseg_custom": "segmentation",
     "cls_common": "classification",
@@ -36,28 +39,38 @@ def python_files(folder: str) -> Iterator[Path]:
             yield path
 
 
-def imported_names(path: Path) -> Set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def imported_names(path: Path) -> Dict[str, bool]:
+    """Top-level names that ``path`` imports -> whether any such import runs at module level."""
+    tree = ast.parse(path.read_text(), str(path))
+    in_functions = {id(node) for func in ast.walk(tree) if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for node in ast.walk(func)}
+    names: Dict[str, bool] = {}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            found = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            found = [node.module]
+        else:
+            continue
+        for name in found:
+            top = name.split(".")[0]
+            names[top] = names.get(top, False) or id(node) not in in_functions
     return names
 
 
-def edges() -> Dict[str, Set[str]]:
-    graph: Dict[str, Set[str]] = {folder: set() for folder in FOLDERS if (REPO / folder).is_dir()}
-    for folder in graph:
+def edges() -> Dict[str, Dict[str, bool]]:
+    """folder -> {imported folder or library: imported at module level somewhere}."""
+    graph: Dict[str, Dict[str, bool]] = {folder: {} for folder in FOLDERS if (REPO / folder).is_dir()}
+    for folder, targets in graph.items():
         for path in python_files(folder):
-            for name in imported_names(path):
+            for name, at_module_level in imported_names(path).items():
                 target = PROVIDERS.get(name) or (name if name in LIBRARIES else None)
                 if target and target != folder:
-                    graph[folder].add(target)
+                    targets[target] = targets.get(target, False) or at_module_level
     return graph
 
 
-def loops(graph: Dict[str, Set[str]]) -> List[Tuple[str, ...]]:
+def loops(graph: Dict[str, Dict[str, bool]]) -> List[Tuple[str, ...]]:
     """Every cycle among the project's folders, each once (libraries cannot import the project)."""
     found: Set[Tuple[str, ...]] = set()
 
@@ -74,13 +87,13 @@ def loops(graph: Dict[str, Set[str]]) -> List[Tuple[str, ...]]:
     return sorted(found)
 
 
-def mermaid(graph: Dict[str, Set[str]]) -> str:
+def mermaid(graph: Dict[str, Dict[str, bool]]) -> str:
     lines = ["```mermaid", "graph BT"]
     for library in LIBRARIES:
         lines.append(f"  {library}([{library}])")
     for folder in sorted(graph):
         for target in sorted(graph[folder]):
-            lines.append(f"  {folder} --> {target}")
+            lines.append(f"  {folder} {'-->' if graph[folder][target] else '-.->'} {target}")
     lines.append("```")
     return "\n".join(lines)
 

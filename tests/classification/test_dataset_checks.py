@@ -39,6 +39,15 @@ def test_a_link_to_the_split_itself_is_refused_not_made_a_class(data):
         cls_common.class_map_for(str(data), "val")
 
 
+def test_a_training_split_of_another_name_is_checked_too(data):
+    (data / "train").rename(data / "train_full")
+    (data / "train_full" / "class0" / "up").symlink_to("..")
+    with pytest.raises(cls_common.UsageError, match=f"{data / 'train_full' / 'class0' / 'up'} is a symlink loop"):
+        cls_common.training_class_map(str(data), "train_full", "val")
+    (data / "train_full" / "class0" / "up").unlink()
+    assert cls_common.training_class_map(str(data), "train_full", "val") == {"class0": 0, "class1": 1, "class2": 2}
+
+
 def test_two_links_to_one_folder_are_refused_and_a_link_elsewhere_is_fine(data, tmp_path):
     elsewhere = write_colour_dataset(tmp_path / "storage", {"extra": 1}) / "extra" / "class0"
     (data / "train" / "class3").symlink_to(elsewhere)  # class folders kept on another disk: usual

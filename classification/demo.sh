@@ -17,11 +17,11 @@ source "$CLS_DIR/../runtime/launch_common.sh"
 TAG="${1:-demo}"
 (( $# )) && shift
 MODEL=pacavit_tiny_p2cconv_100_0 DATASET=DIGITS IMG_SIZE=32 EXP=demo
-DONE_DIR="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/classification/$EXP/TrainingFinished/${DATASET}_${IMG_SIZE}_${MODEL}_${TAG}"
+DONE_DIR="$(paca_run_dir classification "$EXP" "${DATASET}_${IMG_SIZE}_${MODEL}" "$TAG")"
 
 "$(paca_python)" "$CLS_DIR/make_digits_dataset.py"
 # a finished Tag is not retrained (train_timm.sh says so and returns 0); an interrupted one resumes
 "$CLS_DIR/train_timm.sh" configs/digits_demo.yml "$MODEL" "$DATASET" "$IMG_SIZE" 0 1 "$EXP" "$TAG" 0 1 \
-    "${WORKERS:-0}" "${MASTER_PORT:-$(paca_free_port)}" "$@"
+    "${WORKERS:-0}" "" "$@"  # port: MASTER_PORT, else a free one
 "$CLS_DIR/validate.sh" "$MODEL" "$DONE_DIR/last.pth.tar" "$DATASET" "$IMG_SIZE" 0 1 --crop-pct 1.0
 echo "training curves: $DONE_DIR/training_curves.png"

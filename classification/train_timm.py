@@ -17,6 +17,8 @@ interrupted after an epoch and resumed ends with the weights of the uninterrupte
 (a scheduler's preemption notice) stops training at the next logged step with a recovery
 checkpoint (``recovery-EPOCH-STEP.pth.tar``); resuming from it draws that epoch's first STEP
 batches again without training on them, so it is exact too.
+``--auto-resume`` continues from the newest intact checkpoint of ``--output`` (rank 0 picks it for
+all processes, see ``runtime.run_folder``); when training ends rank 0 writes ``FINISHED`` there.
 Checkpoints also hold ``class_names``, the class folder names in label order.
 """
 import argparse
@@ -63,7 +65,7 @@ from classification import cls_common
 from classification.cls_common import UsageError
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
-from runtime.run_folder import hold_workers_lock
+from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished
 from classification.plots import plot_training_curves
 
 _logger = logging.getLogger("pacavit")
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", default="", help="folder for logs, checkpoints and plots")
     g.add_argument("--resume", default="", help="training checkpoint to continue from")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from the newest intact checkpoint in --output, if any (rank 0 chooses it "
+                        "for every process); what the launcher's Resume=1 passes")
     g.add_argument("--device", default=cls_common.default_device())
     g.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
@@ -572,6 +577,8 @@ def main(argv=None):
     hold_workers_lock()
     device = init_distributed_device(args)
     primary = args.rank == 0
+    if args.auto_resume:
+        args.resume = agreed_resume_point("classification", args.output, args.resume or None) or ""
     setup_default_logging(log_path=os.path.join(args.output, "train.log") if primary else "")
     if not primary:
         _logger.setLevel(logging.WARNING)
@@ -686,6 +693,8 @@ def main(argv=None):
     if args.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if primary:
+        mark_finished(args.output)
 
 
 def _tensorboard_writer(args):

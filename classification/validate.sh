@@ -5,9 +5,9 @@
 #
 # checkpoint_file: a local file, a URL, or 'pretrained' (the released ImageNet weights).
 # e.g. ./validate.sh pacavit_tiny_p2cconv_100_0 pretrained IMNET 224 0 1
-#      ./validate.sh pacavit_tiny_p2cconv_100_0 ../work_dirs/classification/cvpr23/TrainingFinished/IMNET_224_pacavit_tiny_p2cconv_100_0_try1/model_best.pth.tar IMNET 224 0,1 2
+#      ./validate.sh pacavit_tiny_p2cconv_100_0 ../work_dirs/classification/cvpr23/IMNET_224_pacavit_tiny_p2cconv_100_0_try1/model_best.pth.tar IMNET 224 0,1 2
 # [others] go to validate.py (e.g. --use-ema, --crop-pct 1.0, --results-file r.json).
-# $PACAVIT_DATASETS replaces the datasets/ root; MASTER_PORT picks the rendezvous port.
+# $PACAVIT_DATASETS replaces the datasets/ root; MASTER_PORT picks the rendezvous port (default: a free one).
 set -euo pipefail
 source "$(dirname "$0")/../runtime/launch_common.sh"
 
@@ -30,7 +30,6 @@ fi
 paca_select_devices "$GPUS" "$NB_GPUS"
 CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--pin-mem --channels-last --amp --workers 8)
-PORT="${MASTER_PORT:-$(paca_free_port)}"
 
-paca_torchrun "$PORT" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
+paca_torchrun "" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
     --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}"

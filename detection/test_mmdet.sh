@@ -11,7 +11,8 @@
 # The checkpoint is a file or a URL (downloaded once into the cache).  The config path is relative
 # to this folder or to the working directory.  [others] go to test_mmdet.py: --show-dir DIR (one PNG
 # of the predicted boxes and masks per image), --work-dir DIR (logs; default
-# work_dirs/detection/test/<config name>), --cfg-options KEY=VALUE ...
+# work_dirs/detection/test/<config name>), --cfg-options KEY=VALUE ...  MASTER_PORT, when set,
+# overrides the port argument, as in every launcher.
 set -euo pipefail
 source "$(dirname "$0")/../runtime/launch_common.sh"
 

@@ -14,7 +14,9 @@
 # first.  Exp_name and Tag are folder names (no '/'; a trailing one is dropped).
 # [others] go to train_mmdet.py (--cfg-options KEY=VALUE ..., --amp, --auto-scale-lr, --resume CKPT).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node, with one shared
-# work dir; node 0 owns the run folder (lock, removal, FINISHED mark).  SIGTERM saves a checkpoint.
+# work dir; node 0 owns the run folder (lock, removal), rank 0 of the training picks the checkpoint
+# to resume from and writes the FINISHED mark.  SIGTERM saves a checkpoint.  MASTER_PORT, when set,
+# overrides the port argument.
 set -euo pipefail
 source "$(dirname "$0")/../runtime/launch_common.sh"
 

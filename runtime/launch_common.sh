@@ -3,8 +3,11 @@
 #   source "$(dirname "$0")/../runtime/launch_common.sh"
 #
 # Environment knobs (all optional):
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node torchrun (defaults: 1, 0, 127.0.0.1, Port);
+#   NNODES, NODE_RANK, MASTER_ADDR               multi-node torchrun (defaults: 1, 0, 127.0.0.1);
 #                                                with NNODES>1, MASTER_ADDR (node 0's address) is required
+#   MASTER_PORT                                  the rendezvous port, honoured by every launcher: it
+#                                                overrides a launcher's port argument (the seed's
+#                                                commands give one); without either, a free port
 #   PACAVIT_YES=1                                confirm deleting an old experiment (same as --yes)
 #   PYTHON                                       interpreter (default: the repo's .venv if present)
 #   PACAVIT_DEVICE=cpu                           force the CPU path even where CUDA is available
@@ -117,8 +120,8 @@ Stop them (kill PID) before starting this run again."
     export PACAVIT_RUN_LOCK="$workers"
 }
 
-# paca_resume_point TASK DIR: print the checkpoint to resume DIR from (runtime/run_folder.py);
-# fails, having said which files to delete, when none of the run's checkpoints is intact.
+# paca_resume_point TASK DIR: the checkpoint a resume of DIR would start from, for the launcher's
+# last message only: the run's processes choose it themselves (rank 0, runtime/run_folder.py).
 paca_resume_point() {
     "$(paca_python)" -m runtime.run_folder resume-point "$1" "$2"
 }
@@ -233,7 +236,19 @@ _paca_emit() {  # _paca_emit FILE LINE...: print the lines, copy the error and e
     done
 }
 
-# torchrun over a script: paca_torchrun PORT script.py args...  Its stderr is kept in
+# paca_rendezvous_port PORT: MASTER_PORT if set, else PORT (a launcher's port argument), else a
+# free port of this machine; checked to be a TCP port number.
+paca_rendezvous_port() {
+    local port="${MASTER_PORT:-${1:-}}" origin="port argument"
+    [[ -n "${MASTER_PORT:-}" ]] && origin=MASTER_PORT
+    [[ -n "$port" ]] || port="$(paca_free_port)"
+    [[ "$port" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) ||
+        paca_die "$origin must be a TCP port number (1-65535), got '$port'"
+    echo "$port"
+}
+
+# torchrun over a script: paca_torchrun PORT script.py args...  PORT may be empty (see
+# paca_rendezvous_port; MASTER_PORT wins).  Its stderr is kept in
 # PACA_TORCHRUN_LOG; a SIGTERM/SIGINT to the launcher is left in PACA_STOPPED_BY (torchrun,
 # in the same process group, gets it too and stops its workers, who save where they are).
 paca_torchrun() {
@@ -241,6 +256,7 @@ paca_torchrun() {
     shift 2
     local py rc
     py="$(paca_python)"
+    port="$(paca_rendezvous_port "$port")" || exit 2
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
     trap 'rm -f -- "$PACA_TORCHRUN_LOG"' EXIT
@@ -253,7 +269,7 @@ paca_torchrun() {
         --node_rank="${NODE_RANK:-0}" \
         --nproc_per_node="$PACA_NPROC" \
         --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-        --master_port="${MASTER_PORT:-$port}" \
+        --master_port="$port" \
         "$script" "$@" 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"; } 3>&1
     { rc=${PIPESTATUS[0]}; set +x; } 2>/dev/null
     trap - TERM INT
@@ -293,25 +309,33 @@ paca_training_failed() {
     exit 1
 }
 
-# Experiments of the OpenMMLab launchers (train_mmdet.sh / train_mmseg.sh) are marked finished by
-# paca_mark_finished once training returns successfully.  paca_prepare_experiment DIR REMOVE_OLD
-# never touches a finished one (Remove_old=0: nothing to do, exit 0; Remove_old=1: refuse), takes
-# the folder's lock, deletes an unfinished one on Remove_old=1 (with --yes) and otherwise keeps it
-# to resume from its newest intact checkpoint (left in PACA_RESUME_FROM; empty for a fresh start).
-# On several nodes sharing the folder, node 0 alone locks, removes and marks it finished; the
-# other nodes leave it as it is, and their processes resume from the checkpoint rank 0 chose
-# (models/openmmlab.py), so every node continues from the same one.
+# ---------------------------------------------------------------------------------------------
+# The run folder's life, the same for the three training launchers (runtime/run_folder.py is the
+# Python side).  Its path is paca_run_dir's; training's rank 0 writes FINISHED into it when
+# training returns, whether a launcher or a plain `python` started it.  paca_prepare_experiment
+# DIR REMOVE_OLD [RESUME] never touches a finished run (Remove_old=0: nothing to do, exit 0;
+# Remove_old=1: refused), takes the folder's lock, deletes an unfinished one on Remove_old=1 (with
+# --yes), and keeps it otherwise: RESUME=1 (the default) continues it, RESUME=0 refuses a folder
+# that holds anything.  Which checkpoint to resume from is decided by the processes' rank 0 and
+# shared with every rank of every node.  On several nodes sharing the folder, node 0 alone locks
+# and removes it; the others leave it as it is.
 PACA_FINISHED_MARK="FINISHED"
 
+# paca_run_dir TASK EXP_NAME SUBJECT TAG: <work_dirs>/<task>/<Exp_name>/<subject>_<Tag>, the
+# layout of runtime.run_folder.run_folder_path.
+paca_run_dir() {
+    echo "${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/$1/$2/$3_$4"
+}
+
 paca_prepare_experiment() {
-    local dir="$1" remove_old="$2"
-    [[ "$remove_old" == 0 || "$remove_old" == 1 ]] || paca_die "Remove_old_if_exist must be 0 or 1, got '$remove_old'"
+    local dir="$1" remove_old="$2" resume="${3:-1}"
+    [[ "$remove_old" == [01] ]] || paca_die "Remove_old_if_exist must be 0 or 1, got '$remove_old'"
+    [[ "$resume" == [01] ]] || paca_die "Resume_or_not_if_exist must be 0 or 1, got '$resume'"
     if [[ -e "$dir/$PACA_FINISHED_MARK" ]]; then
-        [[ "$remove_old" == 1 ]] && paca_die "$dir is a finished experiment and is kept: choose another Exp_name/Tag, or delete it by hand to train again"
-        echo "$dir is a finished experiment; nothing to do"
+        [[ "$remove_old" == 1 ]] && paca_die "$dir is a finished experiment and is never retrained or overwritten: choose another Exp_name/Tag, or delete it by hand to train again"
+        echo "$dir is a finished experiment; nothing to do (a finished run is never retrained)"
         exit 0
     fi
-    PACA_RESUME_FROM=""
     if [[ "${NODE_RANK:-0}" != 0 ]]; then
         export PACAVIT_RUN_LOCK="$dir/$PACA_WORKERS_LOCK"
         return
@@ -319,13 +343,21 @@ paca_prepare_experiment() {
     paca_lock_run "$dir"
     if [[ "$remove_old" == 1 ]]; then
         paca_confirm_remove "$dir"
-    else
-        PACA_RESUME_FROM="$(paca_resume_point openmmlab "$dir")" || exit 2
+    elif [[ "$resume" == 0 ]] && paca_run_has_content "$dir"; then
+        paca_die "$dir exists: pass Resume=1 to continue it or Remove_old=1 to start over"
     fi
 }
 
-paca_mark_finished() {
-    date -u +"finished %Y-%m-%dT%H:%M:%SZ" >"$1/$PACA_FINISHED_MARK"
+# paca_training_done DIR: the launcher's last word on a training that returned.
+paca_training_done() {
+    local dir="$1"
+    if [[ "${NODE_RANK:-0}" != 0 ]]; then
+        echo "node ${NODE_RANK} done; node 0 marks $dir finished"
+    elif [[ -e "$dir/$PACA_FINISHED_MARK" ]]; then
+        echo "training finished: $dir"
+    else
+        paca_die "training returned but $dir has no $PACA_FINISHED_MARK mark: see the output above"
+    fi
 }
 
 # A free TCP port on this machine: the default rendezvous port of single-node runs that take no
@@ -353,24 +385,17 @@ paca_openmmlab_train() {
     _paca_task_config "$1" "$task"
     shift 7
     paca_take_flags "$@"
-    local work_dir resume_args=()
+    local work_dir
     paca_check_nodes
-    work_dir="${PACAVIT_WORK_DIRS:-$PACAVIT_ROOT/work_dirs}/$task/$exp/$(basename "$PACA_CONFIG" .py)_$tag"
+    work_dir="$(paca_run_dir "$task" "$exp" "$(basename "$PACA_CONFIG" .py)" "$tag")"
     paca_prepare_experiment "$work_dir" "$remove_old"
-    if [[ -n "$PACA_RESUME_FROM" ]]; then
-        resume_args=(--resume "$PACA_RESUME_FROM")
-    fi
     paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
+    # train_main resumes from the work dir's newest intact checkpoint by itself (rank 0 picks it)
     if ! paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" --work-dir "$work_dir" \
-        "${resume_args[@]}" "${PACA_ARGS[@]}"; then
+        "${PACA_ARGS[@]}"; then
         paca_training_failed openmmlab "$work_dir" "rerun with Remove_old=0 to resume it"
     fi
-    if [[ "${NODE_RANK:-0}" == 0 ]]; then
-        paca_mark_finished "$work_dir"
-        echo "finished: $work_dir"
-    else
-        echo "node ${NODE_RANK} done; node 0 marks $work_dir finished"
-    fi
+    paca_training_done "$work_dir"
 }
 
 # paca_openmmlab_test TASK ENTRY.py config checkpoint gpus nb_gpus port [others]

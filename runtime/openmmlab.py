@@ -13,7 +13,8 @@ What this adds on top of mmengine's Runner:
   (mmengine would call ``torch.cuda.set_device`` and wrap DDP with a CUDA device id);
 * automatic resume from the work dir, fp16 AMP on CUDA unless ``--no-amp`` (``--amp`` refused
   without CUDA), ``--auto-scale-lr``; rank 0
-  chooses the checkpoint and tells the other ranks, so every node of a run resumes from the same one;
+  chooses the checkpoint and tells the other ranks, so every node of a run resumes from the same one
+  (``runtime.run_folder``), and marks the run ``FINISHED`` at the end;
 * SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops;
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
@@ -33,14 +34,7 @@ import torch
 from mmengine.hooks import Hook
 
 from models.checkpoint import CheckpointError, read_checkpoint, refuse_bare_backbone
-from runtime.run_folder import hold_workers_lock, resume_point
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def work_dirs_root() -> Path:
-    """Experiments root: ``$PACAVIT_WORK_DIRS`` or the repo's ``work_dirs``."""
-    return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
+from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished, run_folder_path, work_dirs_root
 
 
 def register_plugin() -> None:
@@ -208,14 +202,17 @@ def amp_enabled(amp_flag: Optional[bool], cuda: bool) -> bool:
 
 
 def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point of ``train_<mm>.py``: train ``config`` with automatic resume."""
+    """Entry point of ``train_<mm>.py``: train ``config`` with automatic resume; rank 0 marks the
+    work dir ``FINISHED`` when training returns."""
+    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
 
     args = _train_parser(task).parse_args(argv)
     if args.amp and not torch.cuda.is_available():
         raise SystemExit("error: --amp needs a CUDA device; drop --amp to train in float32 on CPU")
     cfg = load_config(args.config, default_scope, args.cfg_options)
-    cfg.work_dir = args.work_dir or _default_work_dir(task, Path(args.config).stem)
+    # a direct run without --work-dir: Exp_name and Tag 'default' in the launchers' layout
+    cfg.work_dir = args.work_dir or str(run_folder_path(task, "default", Path(args.config).stem, "default"))
     cfg.launcher = _launcher()
     cfg.resume = True
     if amp_enabled(args.amp, torch.cuda.is_available()):
@@ -228,33 +225,12 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     hold_workers_lock()
     _prepare_environment(cfg, cfg.launcher)
-    cfg.load_from = _agreed_resume_point(args.resume, cfg.work_dir)
+    cfg.load_from = agreed_resume_point("openmmlab", cfg.work_dir, args.resume)
     runner = Runner.from_cfg(cfg)
     runner.register_hook(CheckpointOnSigterm())
     runner.train()
-
-
-def _agreed_resume_point(requested: Optional[str], work_dir: str) -> Optional[str]:
-    """Where to resume: ``--resume``, else the work dir's newest checkpoint that loads (a corrupt
-    latest one is named and skipped), None for a fresh start.
-
-    Rank 0 decides and tells the others: nodes that read a shared folder at different moments
-    (node 0 still removing an old run, a file system's stale cache) would otherwise start at
-    different iterations and wait for each other forever.
-    """
-    from mmengine.dist import broadcast_object_list, get_rank
-
-    decision = [None, None]  # (checkpoint, error)
-    if get_rank() == 0:
-        try:
-            path = requested or resume_point("openmmlab", work_dir)
-            decision[0] = None if path is None else str(path)
-        except CheckpointError as err:
-            decision[1] = f"error: {err}"
-    broadcast_object_list(decision)
-    if decision[1]:
-        raise SystemExit(decision[1])
-    return decision[0]
+    if is_main_process():
+        mark_finished(cfg.work_dir)
 
 
 class CheckpointOnSigterm(Hook):

@@ -1,26 +1,37 @@
-"""Run folders of the training launchers: which checkpoint to resume from, and the workers' lock.
+"""The life of a training run folder, the same for every task: where it lives, which checkpoint
+it resumes from, the workers' lock and the mark of a finished run.
 
-A launcher resumes a run from its newest checkpoint that actually loads.  A truncated or corrupt
-one (a full disk, a copy cut short) is named, and the run continues from the newest intact
-checkpoint before it; when none is intact the error names the files to delete, so a relaunch
-never meets the same broken file again.  The launchers call this before starting torchrun::
+* Layout: ``<work_dirs>/<task>/<Exp_name>/<subject>_<Tag>/`` (:func:`run_folder_path`), the subject being
+  ``<Dataset>_<Img_size>_<Model>`` for classification and the config's name for detection and
+  segmentation.  The launchers build the same path (``paca_run_dir`` in launch_common.sh).
+* Resume: rank 0 alone chooses the run's newest checkpoint whose zip records pass their CRC32
+  check (``models.checkpoint.verify_checkpoint``, nothing unpickled) and tells every rank of every
+  node (:func:`agreed_resume_point`).  A truncated or corrupt one (a full disk, a copy cut short)
+  is named and the one before it is taken; when none is intact the error names the files to delete,
+  so a relaunch never meets the same broken file again.
+* Finished: rank 0 writes ``FINISHED`` (:func:`mark_finished`) when training returns, whoever
+  started it (launcher or plain ``python``); the launchers never retrain a folder that has it.
 
-    python -m runtime.run_folder resume-point classification|openmmlab RUN_DIR
-
-which prints the file to resume from (nothing for a fresh start) and exits 2 when no intact
-checkpoint is left.
+``python -m runtime.run_folder resume-point classification|openmmlab RUN_DIR`` prints the file a
+resume would start from (nothing for a fresh start) and exits 2 when no intact checkpoint is left;
+the launchers use it only to word their last message after a failure.
 """
 import argparse
 import fcntl
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
-from models.checkpoint import CheckpointError, read_checkpoint
+import torch
+
+from models.checkpoint import CheckpointError, verify_checkpoint
 
 WORKERS_LOCK_ENV = "PACAVIT_RUN_LOCK"
+FINISHED_MARK = "FINISHED"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 _held_locks = []  # open lock files, kept for the life of the process
 
 
@@ -65,46 +76,77 @@ def openmmlab_candidates(run_dir: Path) -> List[Path]:
     return [p for p in dict.fromkeys(named + numbered) if p.is_file()]
 
 
-def _is_training_checkpoint(checkpoint, task: str) -> bool:
-    if not isinstance(checkpoint, dict):
-        return False
-    if task == "classification":
-        return "epoch" in checkpoint and "state_dict" in checkpoint and "optimizer" in checkpoint
-    return "state_dict" in checkpoint and "meta" in checkpoint
+def work_dirs_root() -> Path:
+    """Experiments root: ``$PACAVIT_WORK_DIRS`` or the repo's ``work_dirs``."""
+    return Path(os.environ.get("PACAVIT_WORK_DIRS") or REPO_ROOT / "work_dirs")
 
 
-def resume_point(task: str, run_dir, report=print) -> Optional[Path]:
-    """The newest checkpoint of ``run_dir`` that loads, or None when the run has none yet.
+def run_folder_path(task: str, exp_name: str, subject: str, tag: str) -> Path:
+    """``<work_dirs>/<task>/<exp_name>/<subject>_<tag>``: the one layout of every task's runs."""
+    return work_dirs_root() / task / exp_name / f"{subject}_{tag}"
 
-    Each broken one is reported (``report``); CheckpointError when none is intact.
+
+def is_finished(folder) -> bool:
+    return (Path(folder) / FINISHED_MARK).is_file()
+
+
+def mark_finished(folder) -> None:
+    """Mark a run whose training returned (call on rank 0): the launchers leave it alone after this."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (Path(folder) / FINISHED_MARK).write_text(f"finished {stamp}\n")
+
+
+def resume_point(task: str, folder, report=print) -> Optional[Path]:
+    """The newest checkpoint of ``folder`` whose records check out, or None when it has none yet.
+
+    Each broken one is reported (``report``); CheckpointError when none is intact.  Nothing is
+    unpickled: whether the file holds this run's training state is checked where it is loaded.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    folder = Path(folder)
+    if not folder.is_dir():
         return None
-    candidates = openmmlab_candidates(run_dir) if task == "openmmlab" else classification_candidates(run_dir)
+    candidates = openmmlab_candidates(folder) if task == "openmmlab" else classification_candidates(folder)
     broken = []
     for path in candidates:
         try:
-            checkpoint = read_checkpoint(str(path))
+            verify_checkpoint(path)
         except CheckpointError as err:
             report(f"error: {err}")
-            broken.append(path)
-            continue
-        if not _is_training_checkpoint(checkpoint, task):
-            report(f"error: {path} is not a training checkpoint of this run (no optimizer state or epoch)")
             broken.append(path)
             continue
         if broken:
             report(f"resuming from the newest intact checkpoint of this run instead: {path}")
         return path
     if broken:
-        extra = [run_dir / "last_checkpoint"] if (run_dir / "last_checkpoint").is_file() else []
+        extra = [folder / "last_checkpoint"] if (folder / "last_checkpoint").is_file() else []
         files = " ".join(str(p) for p in broken + extra)
         raise CheckpointError(
-            f"no intact checkpoint is left in {run_dir}. Delete the broken file(s) to start this run again "
+            f"no intact checkpoint is left in {folder}. Delete the broken file(s) to start this run again "
             f"from scratch in the same folder: rm {files}  (or relaunch with Remove_old=1 --yes)"
         )
     return None
+
+
+def agreed_resume_point(task: str, folder, requested: Optional[str] = None) -> Optional[str]:
+    """Where every rank resumes: ``requested``, else :func:`resume_point` of ``folder`` (None: a
+    fresh start).  Rank 0 decides and sends its answer to all ranks of all nodes: nodes that read a
+    shared folder at different moments (node 0 still removing an old run, a file system's stale
+    cache) would otherwise start at different steps and wait for each other forever.  No intact
+    checkpoint ends every rank with the same one-line error.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    decision = [None, None]  # (checkpoint, error)
+    if not distributed or torch.distributed.get_rank() == 0:
+        try:
+            path = requested or resume_point(task, folder, report=lambda line: print(line, file=sys.stderr))
+            decision[0] = None if path is None else str(path)
+        except CheckpointError as err:
+            decision[1] = f"error: {err}"
+    if distributed:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        raise SystemExit(decision[1])
+    return decision[0]
 
 
 def main(argv=None) -> int:

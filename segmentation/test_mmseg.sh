@@ -10,7 +10,7 @@
 # The checkpoint is a file or a URL (downloaded once into the cache).  The config path is relative
 # to this folder or to the working directory.  [others] go to test_mmseg.py: --show-dir DIR (PNG
 # visualisations), --work-dir DIR (logs; default work_dirs/segmentation/test/<config name>),
-# --cfg-options KEY=VALUE ...
+# --cfg-options KEY=VALUE ...  MASTER_PORT, when set, overrides the port argument, as in every launcher.
 set -euo pipefail
 source "$(dirname "$0")/../runtime/launch_common.sh"
 

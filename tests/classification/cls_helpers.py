@@ -35,10 +35,9 @@ def run(cmd, env, **kwargs):
                           text=True, timeout=600, **kwargs)
 
 
-def experiment_dirs(env, exp, tag, dataset="TINY", img=32, model=MODEL):
-    name = f"{dataset}_{img}_{model}_{tag}"
-    root = Path(env["PACAVIT_WORK_DIRS"]) / "classification" / exp
-    return root / name, root / "TrainingFinished" / name
+def run_folder(env, exp, tag, dataset="TINY", img=32, model=MODEL):
+    """Where train_timm.sh trains (and leaves, marked FINISHED) the run of these names."""
+    return Path(env["PACAVIT_WORK_DIRS"]) / "classification" / exp / f"{dataset}_{img}_{model}_{tag}"
 
 
 def train_cmd(exp, tag, *others, remove_old=0, resume=0, dataset="TINY"):

@@ -17,7 +17,7 @@ import models  # noqa: F401  (registers the pacavit_* names with timm)
 from runtime.run_folder import resume_point
 from tests.run_folder_checks import TwoNodes, check_sigterm_stop, wait_until_free
 
-from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
+from .cls_helpers import CLS_DIR, MODEL, run, run_folder, train_cmd, write_colour_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,12 @@ def finished_run(cls_env):
     """Two epochs of PaCa-Tiny through the launcher, from a folder other than classification/."""
     result = run(train_cmd("e2e", "t1", "--epochs", 2), cls_env, cwd=CLS_DIR.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result, experiment_dirs(cls_env, "e2e", "t1")[1]
+    return result, run_folder(cls_env, "e2e", "t1")
 
 
 def test_training_writes_logs_checkpoints_and_curves(finished_run, cls_env):
     result, done_dir = finished_run
-    run_dir, _ = experiment_dirs(cls_env, "e2e", "t1")
-    assert not run_dir.exists() and done_dir.is_dir()  # moved to TrainingFinished/
+    assert (done_dir / "FINISHED").is_file() and f"training finished: {done_dir}" in result.stdout
     assert [row["epoch"] for row in read_summary(done_dir)] == ["0", "1"]
     for name in ("last.pth.tar", "model_best.pth.tar", "args.yaml", "train.log", "training_curves.png"):
         assert (done_dir / name).is_file(), name
@@ -77,7 +76,7 @@ def test_finished_experiment_is_never_retrained(finished_run, cls_env):
 
 def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_env, tmp_path):
     epochs, steps_per_epoch = 3, 2  # 18 training images, batch 9
-    run_dir, done_dir = experiment_dirs(cls_env, "resume", "t1")
+    run_dir = done_dir = run_folder(cls_env, "resume", "t1")
     flags = ("--epochs", epochs, "--model-ema")
     log = tmp_path / "preempted.log"
     with open(log, "w") as out:
@@ -100,7 +99,7 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
     assert resume_point("classification", run_dir, report=pytest.fail) == recovery
     saved = torch.load(recovery, weights_only=True)
     assert (saved["epoch"], saved["epoch_steps_done"]) == (1, 1)
-    assert not done_dir.exists()
+    assert not (run_dir / "FINISHED").exists()
 
     refused = run(train_cmd("resume", "t1", *flags), cls_env)
     assert refused.returncode != 0 and "Resume=1" in refused.stderr
@@ -109,7 +108,7 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "continuing at epoch 2 after its step 1" in (done_dir / "train.log").read_text()
     assert [int(row["epoch"]) for row in read_summary(done_dir)] == list(range(epochs))
-    assert not list(done_dir.glob("recovery-*"))
+    assert (done_dir / "FINISHED").is_file() and not list(done_dir.glob("recovery-*"))
     final = torch.load(done_dir / "last.pth.tar", weights_only=True)
     assert final["epoch"] == epochs - 1 and "epoch_steps_done" not in final
     # the optimizer state came back: AdamW's step count covers every update of every epoch once
@@ -118,14 +117,14 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
     # and the weights are those of the uninterrupted run
     straight = run(train_cmd("straight", "t1", *flags), cls_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = torch.load(experiment_dirs(cls_env, "straight", "t1")[1] / "last.pth.tar", weights_only=True)
+    expected = torch.load(run_folder(cls_env, "straight", "t1") / "last.pth.tar", weights_only=True)
     for key in ("state_dict", "state_dict_ema"):
         for name, tensor in expected[key].items():
             assert torch.equal(final[key][name], tensor), f"{key}.{name}"
 
 
 def test_remove_old_needs_yes_and_never_prompts(cls_env):
-    run_dir, _ = experiment_dirs(cls_env, "keep", "t1")
+    run_dir = run_folder(cls_env, "keep", "t1")
     run_dir.mkdir(parents=True)
     precious = run_dir / "last.pth.tar"
     precious.write_bytes(b"old run")
@@ -215,19 +214,19 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
 def test_compiled_training_keeps_plain_parameter_names(cls_env):
     result = run(train_cmd("compiled", "t1", "--epochs", 1, "--compile"), cls_env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _, done_dir = experiment_dirs(cls_env, "compiled", "t1")
+    done_dir = run_folder(cls_env, "compiled", "t1")
     state = torch.load(done_dir / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
     assert set(state) == set(timm.create_model(MODEL, num_classes=3).state_dict())
 
 
 def test_two_nodes_train_one_run_to_the_end(cls_env, tmp_path):
     """Two launchers of one run (NNODES=2, one process each) on this host, one shared work dir:
-    node 0 alone takes the folder and moves it to TrainingFinished/ at the end."""
-    run_dir, done_dir = experiment_dirs(cls_env, "nodes", "t1")
+    node 0 alone takes the folder, and the training's rank 0 marks it FINISHED at the end."""
+    done_dir = run_folder(cls_env, "nodes", "t1")
     nodes = TwoNodes(train_cmd("nodes", "t1", "--epochs", 1), cls_env, tmp_path)
     assert nodes.wait() == [0, 0], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]
     assert f"training finished: {done_dir}" in nodes.output(0) and "training finished" not in nodes.output(1)
-    assert not run_dir.exists() and (done_dir / "last.pth.tar").is_file()
+    assert (done_dir / "FINISHED").is_file() and (done_dir / "last.pth.tar").is_file()
     assert "2 process(es)" in (done_dir / "train.log").read_text()
     assert [row["epoch"] for row in read_summary(done_dir)] == ["0"]
 

@@ -18,7 +18,7 @@ import models  # noqa: F401  (registers the pacavit_* names with timm)
 from classification.make_digits_dataset import export
 from tests.run_folder_checks import refused_while_running, wait_gone
 
-from .cls_helpers import CLS_DIR, MODEL, experiment_dirs, run, train_cmd, write_colour_dataset
+from .cls_helpers import CLS_DIR, MODEL, run, run_folder, train_cmd, write_colour_dataset
 
 EPOCHS = 3
 
@@ -63,9 +63,9 @@ def summary_without_times(folder):
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(digits_env):
     straight = run(digits_cmd("straight"), digits_env)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    _, straight_done = experiment_dirs(digits_env, "exact", "straight", dataset="DIGITS")
+    straight_done = run_folder(digits_env, "exact", "straight", dataset="DIGITS")
 
-    run_dir, done_dir = experiment_dirs(digits_env, "exact", "killed", dataset="DIGITS")
+    run_dir = done_dir = run_folder(digits_env, "exact", "killed", dataset="DIGITS")
     job = subprocess.Popen([str(c) for c in digits_cmd("killed")], env=digits_env, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -82,7 +82,7 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(digits_env
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     saved_epoch = torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"]
-    assert saved_epoch < EPOCHS - 1 and not done_dir.exists()
+    assert saved_epoch < EPOCHS - 1 and not (run_dir / "FINISHED").exists()
 
     # the last checkpoint is found truncated (a full disk while saving): the run goes on from the
     # newest intact one, and still ends exactly where the uninterrupted run ended
@@ -106,11 +106,12 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(digits_env
 
 
 def test_no_intact_checkpoint_names_the_files_to_delete(cls_env):
-    run_dir, _ = experiment_dirs(cls_env, "broken", "t1")
+    run_dir = run_folder(cls_env, "broken", "t1")
     run_dir.mkdir(parents=True)
     (run_dir / "last.pth.tar").write_bytes(b"PK\x03\x04 cut short")
     result = run(train_cmd("broken", "t1", resume=1), cls_env)
-    assert result.returncode == 2, result.stdout + result.stderr
+    # the training's rank 0 finds it (the launcher only passes --auto-resume): a failed training
+    assert result.returncode == 1, result.stdout + result.stderr
     assert f"{run_dir / 'last.pth.tar'} is not a readable PyTorch checkpoint" in result.stderr
     assert f"rm {run_dir / 'last.pth.tar'}" in result.stderr
     assert "Continue it with Resume=1" not in result.stderr  # no advice that would fail the same way
@@ -119,7 +120,7 @@ def test_no_intact_checkpoint_names_the_files_to_delete(cls_env):
 @pytest.mark.slow
 def test_one_launcher_per_run_folder(cls_env, tmp_path):
     cmd = train_cmd("busy", "t1", "--epochs", 1000)
-    run_dir, _ = experiment_dirs(cls_env, "busy", "t1")
+    run_dir = run_folder(cls_env, "busy", "t1")
     refused_while_running(cmd, run_dir, cls_env, tmp_path)
     # nothing of the first launch is left: its lock files no longer keep anyone out
     after = run(cmd, cls_env)
@@ -127,11 +128,12 @@ def test_one_launcher_per_run_folder(cls_env, tmp_path):
 
 
 def test_run_names_are_checked_before_any_work(cls_env):
-    _, done_dir = experiment_dirs(cls_env, "names", "t1")
+    done_dir = run_folder(cls_env, "names", "t1")
     done_dir.mkdir(parents=True)
+    (done_dir / "FINISHED").write_text("finished")
     # tab completion's trailing slash is dropped: this is the finished run above
     slash = run(train_cmd("names/", "t1/", dataset="TINY/"), cls_env)
-    assert slash.returncode == 0 and f"finished training: {done_dir}" in slash.stdout, slash.stderr
+    assert slash.returncode == 0 and f"{done_dir} is a finished experiment; nothing to do" in slash.stdout, slash.stderr
     for exp, tag, dataset, message in [("names", "a/b", "TINY", "Tag 'a/b' contains '/'"),
                                        ("names", "t1", "sub/TINY", "Dataset_name 'sub/TINY' contains '/'"),
                                        ("a/b", "t1", "TINY", "Exp_name 'a/b' contains '/'"),

@@ -53,6 +53,7 @@ from models import fuse_for_cpu_inference
 from models.flops import count_flops, count_params
 from models.layers.fused import cpu_fusion_support
 from models.paca_vit import create_downstream
+from runtime.cli import run_main
 from classification.plots import plot_efficiency, plot_latency_vs_pixels
 
 _logger = logging.getLogger("pacavit")
@@ -582,4 +583,4 @@ def _print_table(rows, host):
 
 
 if __name__ == "__main__":
-    cls_common.run_main(main)
+    run_main(main)

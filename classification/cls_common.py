@@ -1,12 +1,10 @@
-"""Pieces shared by train_timm.py, validate.py and benchmark.py: data, models, evaluation, errors.
+"""Pieces shared by train_timm.py, validate.py and benchmark.py: data, the training classifier, evaluation.
 
 The scripts import it as ``classification.cls_common`` (the repository is installed in place by
 install.sh); ``import models`` registers the PaCa-ViT models with timm.
 """
-import difflib
 import logging
 import os
-import sys
 from contextlib import nullcontext
 from functools import partial
 from typing import List
@@ -21,31 +19,10 @@ from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import DataLoader, Subset
 
 import models  # noqa: F401  (registers the PaCa-ViT models with timm)
-from models.checkpoint import CheckpointError
+from models import check_model_name
+from runtime.cli import UsageError
 
 _logger = logging.getLogger("pacavit")
-
-
-class UsageError(RuntimeError):
-    """Bad input from the user (missing data, unknown model, ...): reported as one clear line."""
-
-
-def run_main(main):
-    """Call ``main()``; report user errors as ``error: ...`` and exit 2 instead of a traceback."""
-    try:
-        main()
-    except (UsageError, CheckpointError) as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def user_message(err: Exception) -> str:
-    """The error's own words.  One raised in a DataLoader worker reaches the main process with the
-    worker's traceback in its message; the traceback's last line holds the words."""
-    text = str(err)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 def default_device() -> str:
@@ -197,15 +174,6 @@ def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_mem
 
 # ---------------------------------------------------------------------------------------------
 # models
-def check_model_name(name: str) -> None:
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    paca = ", ".join(timm.list_models("pacavit_*"))
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown model {name!r}.{hint} PaCa-ViT models: {paca} (or any timm model name)")
-
-
 def create_classifier(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
     check_model_name(name)
     return timm.create_model(name, num_classes=num_classes, **kwargs)

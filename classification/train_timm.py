@@ -62,7 +62,7 @@ from timm.utils import (
 )
 
 from classification import cls_common
-from classification.cls_common import UsageError
+from runtime.cli import UsageError, run_main
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
 from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished
@@ -463,8 +463,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_st
 def resume(args, model, optimizer, scaler, model_ema, class_names):
     """Restore weights, optimizer, AMP scaler and EMA from ``args.resume``.
 
-    Returns the next epoch, the steps of it a recovery checkpoint has trained and the saved random
-    states (applied just before training goes on).
+    Returns the next epoch, the steps of it a recovery checkpoint has trained, the saved random
+    states (applied just before training goes on) and the checkpoint saver's history (None when the
+    file has none); the file is read once.
     """
     checkpoint = read_checkpoint(args.resume)
     missing = [key for key in ("epoch", "state_dict", "optimizer") if key not in checkpoint]
@@ -491,7 +492,7 @@ def resume(args, model, optimizer, scaler, model_ema, class_names):
     next_epoch = checkpoint["epoch"] + (0 if steps_done else 1)
     _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}"
                  + (f" after its step {steps_done}" if steps_done else ""))
-    return next_epoch, steps_done, checkpoint.get("rng_states")
+    return next_epoch, steps_done, checkpoint.get("rng_states"), checkpoint.get("saver")
 
 
 def restore_rng_states(args, states) -> None:
@@ -606,9 +607,10 @@ def main(argv=None):
     use_amp = args.amp and device.type == "cuda"
     scaler = NativeScaler(device=device.type) if use_amp and args.amp_dtype == "float16" else None
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch, skip_steps, saved_rng_states = 0, 0, None
+    start_epoch, skip_steps, saved_rng_states, saver_history = 0, 0, None, None
     if args.resume:
-        start_epoch, skip_steps, saved_rng_states = resume(args, model, optimizer, scaler, model_ema, class_names)
+        start_epoch, skip_steps, saved_rng_states, saver_history = resume(args, model, optimizer, scaler, model_ema,
+                                                                          class_names)
     if args.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     if args.distributed:
@@ -643,7 +645,8 @@ def main(argv=None):
                                 max_history=args.checkpoint_hist)
         summary_path = os.path.join(args.output, SUMMARY_CSV)
         if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(args.output):
-            saver.load_state_dict_from_checkpoint(args.resume)
+            if saver_history is not None:
+                saver.load_state_dict(saver_history)  # the ranked checkpoints kept so far
             drop_summary_rows_from(summary_path, start_epoch)
         writer = _tensorboard_writer(args)
 
@@ -708,4 +711,4 @@ def _tensorboard_writer(args):
 
 
 if __name__ == "__main__":
-    cls_common.run_main(main)
+    run_main(main)

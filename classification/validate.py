@@ -13,16 +13,14 @@ import os
 import time
 from functools import partial
 
-import timm
 import torch
 from timm.data import resolve_data_config
 from timm.utils import init_distributed_device, setup_default_logging
 
 from classification import cls_common
-from classification.cls_common import UsageError
-from models import fuse_for_cpu_inference
+from models import check_model_name, create_classifier, fuse_for_cpu_inference
 from models.layers.fused import cpu_fusion_support
-from models.checkpoint import load_checkpoint
+from runtime.cli import UsageError, run_main
 
 _logger = logging.getLogger("pacavit")
 
@@ -55,20 +53,9 @@ def parse_args(argv=None):
 
 
 def build_model(args, num_classes):
-    """The classifier with the requested weights; errors name the model, the file and the classes."""
-    if args.checkpoint == "pretrained":
-        released = timm.get_pretrained_cfg(args.model)
-        if released is not None and released.num_classes != num_classes:
-            raise UsageError(f"the released {args.model} weights classify {released.num_classes} classes, "
-                             f"but {args.data_dir}/{args.split} has {num_classes}")
-        # timm routes pretrained=True through models.checkpoint (release URL, mirror, cache)
-        return cls_common.create_classifier(args.model, num_classes, pretrained=True)
-    model = cls_common.create_classifier(args.model, num_classes)
-    # exact, but a classifier of another shape gets the error below rather than a list of tensors
-    if load_checkpoint(model, args.checkpoint, reinit=("head",), use_ema=args.use_ema).reinitialised:
-        raise UsageError(f"the classifier in {args.checkpoint} does not fit the {num_classes} classes of "
-                         f"{args.data_dir}/{args.split}: it was trained on another set of classes")
-    return model
+    """The classifier with the requested weights (``models.create_classifier``: the model name, the file
+    and the classes are checked there)."""
+    return create_classifier(args.model, args.checkpoint, num_classes=num_classes, use_ema=args.use_ema)[0]
 
 
 def amp_context(args, device):
@@ -87,7 +74,7 @@ def main(argv=None):
     device = init_distributed_device(args)
     if args.rank != 0:
         _logger.setLevel(logging.WARNING)
-    cls_common.check_model_name(args.model)
+    check_model_name(args.model)  # before the data is read
     autocast = amp_context(args, device)
     num_classes = len(cls_common.class_map_for(args.data_dir, args.split))
     model = fuse_for_cpu_inference(build_model(args, num_classes))  # oneDNN layers where this CPU has them
@@ -117,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cls_common.run_main(main)
+    run_main(main)

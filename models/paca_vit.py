@@ -27,12 +27,13 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from .checkpoint import RELEASE_BASE_URL, CheckpointError, fit_state_dict, load_checkpoint, release_url
+from .builder import PRETRAINED
+from .checkpoint import RELEASE_BASE_URL, CheckpointError, load_checkpoint, release_url
 from .layers import CLUSTERING_LAYERS, ConvDownsample, ConvMixerTeacher, ConvMlp, PaCaAttention, PaCaStage
 
 __all__ = [
     "PaCaViT", "PaCaViTDownstream", "PaCaStage", "PaCaBlock", "VARIANTS", "IMAGENET_DROP_PATH_RATE",
-    "checkpoint_filter_fn", "create_downstream",
+    "create_downstream",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -373,8 +374,8 @@ class PaCaViTDownstream(PaCaViT):
     Accepts the keyword arguments of the official mmdet / mmseg configs: ``pretrained`` (a
     checkpoint path or URL), ``downstream_cluster_num`` (per-stage cluster numbers replacing the
     ImageNet ones; the clustering output layers are then re-initialised when loading), and the
-    OpenMMLab ``init_cfg=dict(type='Pretrained', checkpoint=...)``.  The checkpoint ``'imagenet'``
-    names the variant's released ImageNet file.  Weights are loaded by ``init_weights()``, which
+    OpenMMLab ``init_cfg=dict(type='Pretrained', checkpoint=...)``.  The checkpoint ``'pretrained'``
+    names the variant's released ImageNet file (the word of the tools' ``--checkpoint``).  Weights are loaded by ``init_weights()``, which
     mmengine's Runner calls before training.
     """
 
@@ -399,8 +400,11 @@ class PaCaViTDownstream(PaCaViT):
         self.is_init = False
 
     def checkpoint_source(self) -> Optional[str]:
-        """The file or URL ``init_weights`` loads; ``'imagenet'`` resolves to the released file."""
-        if self.pretrained != "imagenet":
+        """The file or URL ``init_weights`` loads; ``'pretrained'`` resolves to the released file."""
+        if self.pretrained == "imagenet":  # the word of earlier configs
+            raise CheckpointError("the backbone checkpoint 'imagenet' is now spelled 'pretrained': "
+                                  "write init_cfg=dict(type='Pretrained', checkpoint='pretrained') in the config")
+        if self.pretrained != PRETRAINED:
             return self.pretrained
         if self.variant not in RELEASED_IMAGENET:
             raise CheckpointError(
@@ -420,12 +424,6 @@ class PaCaViTDownstream(PaCaViT):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         outs = self._forward_stages(x, max(self.out_indices))
         return [nhwc_to_contiguous_nchw(outs[i]) for i in self.out_indices]
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Fit an official / timm / OpenMMLab state_dict to ``model``: the classifier and clustering
-    layers may differ (re-initialised), anything else must match (see ``models.checkpoint``)."""
-    return fit_state_dict(state_dict, model, reinit=("head", "clustering"))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ What this adds on top of mmengine's Runner:
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
   loading (resume), while arbitrary pickled callables are still refused;
-* checkpoints given to ``test_main`` (file or URL) go through ``models.checkpoint.load_checkpoint``
+* a config's ``load_from`` (fine-tuning weights) is loaded when no run resumes; a resume checkpoint
+  must fit the config's model exactly, as in ``test_main`` (one ``error:`` line otherwise);
+* checkpoints given to ``test_main`` (file, URL or ``pretrained``) go through ``models.checkpoint.load_checkpoint``
   (cached download, clear errors for corrupt files) and must fit the config's model exactly;
 * FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``.
 """
@@ -33,7 +35,11 @@ from typing import Optional, Sequence
 import torch
 from mmengine.hooks import Hook
 
-from models.checkpoint import CheckpointError, read_checkpoint, refuse_bare_backbone
+from models import PRETRAINED
+from models.checkpoint import (
+    CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
+    release_url,
+)
 from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished, run_folder_path, work_dirs_root
 
 
@@ -214,7 +220,6 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     # a direct run without --work-dir: Exp_name and Tag 'default' in the launchers' layout
     cfg.work_dir = args.work_dir or str(run_folder_path(task, "default", Path(args.config).stem, "default"))
     cfg.launcher = _launcher()
-    cfg.resume = True
     if amp_enabled(args.amp, torch.cuda.is_available()):
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
@@ -225,12 +230,33 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     hold_workers_lock()
     _prepare_environment(cfg, cfg.launcher)
-    cfg.load_from = agreed_resume_point("openmmlab", cfg.work_dir, args.resume)
+    resume_from = agreed_resume_point("openmmlab", cfg.work_dir, args.resume)
+    # a resume wins over the config's load_from (fine-tuning weights), which mmengine loads when no run resumes
+    if resume_from:
+        cfg.load_from = resume_from
+    cfg.resume = resume_from is not None
     runner = Runner.from_cfg(cfg)
+    if resume_from:
+        refuse_unfit_resume(_unwrapped(runner.model), resume_from)
     runner.register_hook(CheckpointOnSigterm())
     runner.train()
     if is_main_process():
         mark_finished(cfg.work_dir)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    from mmengine.model import is_model_wrapper
+
+    return model.module if is_model_wrapper(model) else model
+
+
+def refuse_unfit_resume(model: torch.nn.Module, checkpoint: str) -> None:
+    """A resume checkpoint must fit ``model`` exactly, as ``test_main`` requires (mmengine's own resume
+    would load a wrong file leniently): anything else is one ``error:`` line before training starts."""
+    try:
+        fit_state_dict(extract_state_dict(read_checkpoint(checkpoint)), model, source=str(checkpoint))
+    except CheckpointError as err:
+        raise SystemExit(f"error: cannot resume: {err}") from err
 
 
 class CheckpointOnSigterm(Hook):
@@ -284,7 +310,7 @@ def _collective_device() -> torch.device:
 def _test_parser(task: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=f"Evaluate a {task} checkpoint on the config's test set.")
     _config_options(parser)
-    parser.add_argument("checkpoint", help="checkpoint file or URL (e.g. a released model)")
+    parser.add_argument("checkpoint", help="checkpoint file or URL, or 'pretrained' (the config's released file)")
     parser.add_argument("--show-dir", help="write PNG visualisations of every prediction into this folder")
     return parser
 
@@ -299,12 +325,17 @@ def _enable_visualization(cfg, show_dir: str) -> None:
     cfg.visualizer["save_dir"] = str(Path(show_dir).resolve())
 
 
+def weights_source(weights: str, config: str) -> str:
+    """``weights`` as a file or URL: ``pretrained`` names the config's released COCO / ADE20K file
+    (``<config name>.pth`` under the release URL)."""
+    return release_url(f"{Path(config).stem}.pth") if weights == PRETRAINED else weights
+
+
 def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = None):
     """Load a detector / segmentor checkpoint (file, URL or dict, called ``name`` in messages) that
     must fit ``model`` exactly, with its ``meta['dataset_meta']`` (class names, palette) when it has
-    one; returns the LoadReport."""
-    from models.checkpoint import load_checkpoint
-
+    one; returns the LoadReport.  test_main, tools/predict.py (and the explorer) and the visualiser
+    load their weights here, after :func:`weights_source`."""
     report = load_checkpoint(model, source, name=name)
     meta = report.checkpoint.get("meta")
     if isinstance(meta, dict) and "dataset_meta" in meta:
@@ -314,7 +345,6 @@ def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = 
 
 def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``test_<mm>.py``: evaluate ``checkpoint`` with the config's test evaluator."""
-    from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
     args = _test_parser(task).parse_args(argv)
@@ -327,16 +357,16 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
         _enable_visualization(cfg, args.show_dir)
     check_data_roots(cfg, ("test_dataloader",))
     # A wrong or broken file is one line, before the Runner logs its environment and config.
+    source = weights_source(args.checkpoint, args.config)
     try:
-        checkpoint = read_checkpoint(args.checkpoint)
-        refuse_bare_backbone(checkpoint, args.checkpoint, cfg.model.type)
+        checkpoint = read_checkpoint(source)
+        refuse_bare_backbone(checkpoint, source, cfg.model.type)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from err
     _prepare_environment(cfg, cfg.launcher)
     runner = Runner.from_cfg(cfg)
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     try:
-        load_model_checkpoint(model, checkpoint, name=args.checkpoint)
+        load_model_checkpoint(_unwrapped(runner.model), checkpoint, name=source)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from err
     runner._has_loaded = True  # tells runner.test() not to look for another checkpoint

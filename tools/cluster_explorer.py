@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classification.cls_common import UsageError
+from runtime.cli import UsageError
 from models import CheckpointError, capture_maps
-from models.checkpoint import release_url
 from tools import cluster_figures as figures
 from tools import predict
 from tools import predict_tasks as tasks
@@ -96,8 +95,6 @@ def build_predictor(key: ModelKey):
         if wanted != key.task:
             kind = "a segmentation" if wanted == "segment" else "a detection"
             raise ExploreError(f"{key.model} is {kind} config: choose the task '{wanted}' for it")
-        if checkpoint == "pretrained":  # the released COCO / ADE20K file of the config
-            checkpoint = release_url(f"{Path(key.model).stem}.pth")
     torch.manual_seed(key.seed)
     config = None if key.task == "classify" else str(config_path(key.model))
     args = argparse.Namespace(task=key.task, model=key.model, config=config, checkpoint=checkpoint, device=key.device,

@@ -21,16 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import timm
 import torch
 
 import models
-from models.checkpoint import extract_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 DOWNSTREAM = "_downstream"
-PRETRAINED = "pretrained"  # the --checkpoint word for the released ImageNet file, as in the other tools
 # ONNX Runtime and PyTorch sum in different orders: float32 outputs differ by ~1e-6 in practice
 RTOL, ATOL = 1e-3, 1e-4
 # torch.export takes a dynamic size to be at least 2 (0 and 1 are specialised), so the last stage
@@ -48,19 +45,11 @@ def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
     if name.endswith(DOWNSTREAM):
         if use_ema:
             raise SystemExit("--use-ema is for classifier checkpoints; a backbone loads as in detection/segmentation")
-        backbone = models.create_downstream(variant, pretrained="imagenet" if checkpoint == PRETRAINED else checkpoint)
+        backbone = models.create_downstream(variant, pretrained=checkpoint)
         backbone.init_weights()  # the backbone's own loading policy, as in detection / segmentation
         return backbone.eval(), None
-    if checkpoint == PRETRAINED:
-        return timm.create_model(name, pretrained=True).eval(), None
-    if checkpoint is None:
-        return timm.create_model(name).eval(), None
-    raw = models.read_checkpoint(checkpoint)
-    head = extract_state_dict(raw, use_ema).get("head.weight")
-    # a fine-tuned classifier has its own class count: the head is built to fit, and nothing is re-initialised
-    model = timm.create_model(name, num_classes=0 if head is None else head.shape[0])
-    models.load_checkpoint(model, raw, use_ema=use_ema, name=checkpoint)
-    return model.eval(), raw.get("class_names")
+    model, weights = models.create_classifier(name, checkpoint, use_ema=use_ema)
+    return model.eval(), weights.class_names
 
 
 def output_names(model: torch.nn.Module) -> list:

@@ -26,7 +26,7 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from classification.cls_common import UsageError
+from runtime.cli import UsageError
 from models import CheckpointError
 from models.layers.fused import cpu_fusion_support
 from tools import predict_tasks as tasks
@@ -222,7 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, what in (("detect", "boxes, classes, scores and instance masks"), ("segment", "a class per pixel")):
         sub = commands.add_parser(name, parents=[common], help=what)
         sub.add_argument("--config", required=True, help="an mmdet / mmseg config of this repository")
-        sub.add_argument("--checkpoint", required=True, help="a file or URL that fits the config's model exactly")
+        sub.add_argument("--checkpoint", required=True, help="a file or URL that fits the config's model exactly, or "
+                                                           "'pretrained' (the config's released COCO / ADE20K file)")
         sub.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                          help="override config entries, e.g. test_dataloader.dataset.pipeline.1.scale=(1024,512)")
         if name == "detect":

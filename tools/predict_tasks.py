@@ -15,15 +15,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-import models  # registers the pacavit_* models
-from classification import cls_common
-from models import CheckpointError, capture_maps, load_checkpoint, read_checkpoint
-from models.checkpoint import extract_state_dict
+from models import ClassifierWeights, capture_maps, create_classifier, fuse_for_cpu_inference
 from tools import predict_drawing as drawing
 
 TOOLS = Path(__file__).resolve().parent
@@ -55,7 +51,7 @@ def for_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
     """``model`` on ``device`` in eval mode; on a CPU its PaCa layers use the fused oneDNN kernels
     where this CPU has them (``models.fuse_for_cpu_inference``; same outputs, faster)."""
     model.to(device).eval()
-    return models.fuse_for_cpu_inference(model) if torch.device(device).type == "cpu" else model
+    return fuse_for_cpu_inference(model) if torch.device(device).type == "cpu" else model
 
 
 @contextlib.contextmanager
@@ -85,29 +81,15 @@ def weights_note(random_weights: bool) -> str:
 
 
 # -- classification -----------------------------------------------------------------------------
-def classifier_class_names(checkpoint: Optional[dict], num_classes: int, source: Optional[str]) -> Optional[List[str]]:
+def classifier_class_names(weights: ClassifierWeights, num_classes: int) -> Optional[List[str]]:
     """Class names stored by train_timm.sh, else ImageNet-1k's for 1000 classes, else None (indices)."""
-    stored = (checkpoint or {}).get("class_names")
-    if stored is not None:
-        if len(stored) != num_classes:
-            raise CheckpointError(f"{source} stores {len(stored)} class names for a {num_classes}-class classifier")
-        return [str(name) for name in stored]
+    if weights.class_names is not None:
+        return weights.class_names
     if num_classes == ImageNetInfo().num_classes():
         return ImageNetInfo().label_descriptions()
     _logger.warning("%s stores no class names (written before train_timm.sh saved them); "
-                    "predictions are labelled with class indices", source)
+                    "predictions are labelled with class indices", weights.source)
     return None
-
-
-def classifier_width(model_name: str, state_dict: Dict[str, torch.Tensor]) -> int:
-    """The number of classes of a checkpoint: the rows of its classifier weight."""
-    cfg = timm.get_pretrained_cfg(model_name)
-    classifier = cfg.classifier if cfg else "head"
-    weight = state_dict.get(f"{classifier}.weight")
-    if weight is None:
-        raise CheckpointError(f"the checkpoint has no classifier ({classifier}.weight): it is not a "
-                              f"{model_name} classifier (a detection or segmentation checkpoint?)")
-    return weight.shape[0]
 
 
 class Classifier:
@@ -117,21 +99,11 @@ class Classifier:
 
     def __init__(self, model_name: str, checkpoint: Optional[str], device: str, clusters: bool = False,
                  bf16: bool = False):
-        cls_common.check_model_name(model_name)
-        if checkpoint == "pretrained":
-            released = timm.get_pretrained_cfg(model_name)
-            checkpoint = released.url if released else None
-            if not checkpoint:
-                raise CheckpointError(f"{model_name} has no released ImageNet checkpoint; pass a file or URL")
-        self.model_name, self.checkpoint = model_name, checkpoint
+        model, weights = create_classifier(model_name, checkpoint)
+        self.model_name, self.checkpoint = model_name, weights.source
         self.random_weights = checkpoint is None
-        contents = read_checkpoint(checkpoint) if checkpoint else None
-        num_classes = classifier_width(model_name, extract_state_dict(contents)) if contents else 1000
-        self.class_names = classifier_class_names(contents, num_classes, checkpoint)
-        self.model = timm.create_model(model_name, num_classes=num_classes)
-        if contents:
-            load_checkpoint(self.model, contents)  # exact match: the classifier was sized from the file
-        self.model = for_device(self.model, device)
+        self.class_names = classifier_class_names(weights, model.num_classes)
+        self.model = for_device(model, device)
         self.device = device
         self.clusters = clusters
         self.bf16 = bf16  # bfloat16 autocast
@@ -199,14 +171,18 @@ def quiet_construction():
 
 
 def load_openmmlab_weights(model: torch.nn.Module, checkpoint: Optional[str], cfg, datasets_registry) -> dict:
-    """Load ``checkpoint`` exactly into ``model``; returns the dataset meta (classes, palette).
+    """Load ``checkpoint`` (a file, a URL or ``pretrained``) exactly into ``model``; returns the dataset
+    meta (classes, palette).
 
     The class names come from the checkpoint's meta (mmengine Runner files) or, for released files
     without it, from the config's dataset (COCO or ADE20K).  Without ``checkpoint`` the weights stay random.
     """
-    contents = load_checkpoint(model, checkpoint).checkpoint if checkpoint else {}
+    from runtime.openmmlab import load_model_checkpoint, weights_source
+
     meta = dict(datasets_registry.get(cfg.test_dataloader.dataset.type).METAINFO)
-    meta.update((contents.get("meta") or {}).get("dataset_meta") or {})
+    if checkpoint:
+        report = load_model_checkpoint(model, weights_source(checkpoint, cfg.filename))
+        meta.update((report.checkpoint.get("meta") or {}).get("dataset_meta") or {})
     return meta
 
 

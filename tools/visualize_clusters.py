@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import timm
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 
 import models  # importing it registers the pacavit_* models with timm
 from classification.cls_common import to_rgb8
-from models import CheckpointError, capture_maps, load_checkpoint
+from models import CheckpointError, capture_maps
 from tools import cluster_figures as figures
 
 TOOLS = Path(__file__).resolve().parent
@@ -129,13 +128,7 @@ def load_classifier(name: str, checkpoint: Optional[str]) -> Subject:
     """A ``pacavit_*`` timm model; ``checkpoint``: a file, a URL or ``pretrained`` (the released weights)."""
     if name not in models.VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(models.VARIANTS))}")
-    model = timm.create_model(name, pretrained=False)
-    if checkpoint == "pretrained":
-        checkpoint = model.pretrained_cfg.get("url")
-        if not checkpoint:
-            raise CheckpointError(f"{name} has no released ImageNet checkpoint; pass a local file with --checkpoint")
-    if checkpoint:
-        load_checkpoint(model, checkpoint, reinit=("head",))  # the classifier is not drawn
+    model, _ = models.create_classifier(name, checkpoint)
     return classifier_subject(model, name, random_weights=not checkpoint)
 
 
@@ -155,16 +148,16 @@ def classifier_subject(model: nn.Module, title: str, random_weights: bool) -> Su
 def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
     """An mmseg segmentor whose decode head is the PaCa head; its clusters are the dataset's classes.
 
-    ``checkpoint`` (file or URL) must fit the config's model exactly.
+    ``checkpoint`` (file, URL or ``pretrained``: the config's released file) must fit the config's model exactly.
     """
     from mmseg.registry import DATASETS, MODELS
 
-    from runtime.openmmlab import load_config, load_model_checkpoint
+    from runtime.openmmlab import load_config, load_model_checkpoint, weights_source
 
     cfg = load_config(config, default_scope="mmseg")
     segmentor = MODELS.build(cfg.model)  # init_weights() is not called: it would fetch ImageNet weights
     if checkpoint:
-        load_model_checkpoint(segmentor, checkpoint)
+        load_model_checkpoint(segmentor, weights_source(checkpoint, config))
     meta = getattr(segmentor, "dataset_meta", None) or DATASETS.get(cfg.test_dataloader.dataset.type).METAINFO
     return segmentor_subject(segmentor, Path(config).stem, list(meta["classes"]), random_weights=not checkpoint)
 
@@ -382,8 +375,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="a pacavit_* model name")
     what.add_argument("--seg-config", help="an mmseg config whose decode head is the PaCa head")
-    parser.add_argument("--checkpoint", help="weights: a file, a URL, or 'pretrained' (released ImageNet weights "
-                                             "of --model); without it the weights are random")
+    parser.add_argument("--checkpoint", help="weights: a file, a URL, or 'pretrained' (the released ImageNet weights "
+                                             "of --model, the released file of --seg-config); without it the "
+                                             "weights are random")
     parser.add_argument("--image", action="append", default=[],
                         help="an image file, or sklearn:china.jpg / sklearn:flower.jpg (repeatable)")
     parser.add_argument("--image-dir", help="draw every image of this folder")

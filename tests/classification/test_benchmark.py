@@ -86,7 +86,7 @@ def test_official_models_are_measured_from_a_checkout_beside_ours(tmp_path):
 
 def test_an_official_path_without_the_implementation_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.cls_common.run_main(lambda: benchmark.main([*QUICK, "--model", TINY, "--official", tmp_path]))
+        benchmark.run_main(lambda: benchmark.main([*QUICK, "--model", TINY, "--official", tmp_path]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no models/paca_vit.py" in err and "iVMCL/PaCaViT" in err

@@ -1,6 +1,7 @@
 """Configs, learning-rate rule, class mapping and the digits export (no training)."""
 import pytest
 
+import models
 from classification import cls_common
 from classification import train_timm
 from .cls_helpers import CLS_DIR, write_colour_dataset
@@ -88,8 +89,8 @@ def test_digits_export_is_a_deterministic_stratified_image_folder(tmp_path):
 
 
 def test_unknown_model_suggests_close_names():
-    with pytest.raises(cls_common.UsageError, match="Did you mean pacavit_tiny_p2cconv_100_0"):
-        cls_common.check_model_name("pacavit_tiny_p2cconv_100")
+    with pytest.raises(models.UnknownModelError, match="Did you mean pacavit_tiny_p2cconv_100_0"):
+        models.check_model_name("pacavit_tiny_p2cconv_100")
 
 
 

@@ -72,7 +72,7 @@ def test_full_disk_during_a_save_keeps_the_last_checkpoint_and_says_so(tmp_path,
 
     monkeypatch.setattr(CheckpointSaver, "save_checkpoint", save_onto_a_full_disk_from_epoch_2)
     with pytest.raises(SystemExit) as stopped:
-        cls_common.run_main(lambda: train_timm.main(train_args(tmp_path, epochs=2)))
+        train_timm.run_main(lambda: train_timm.main(train_args(tmp_path, epochs=2)))
     run = tmp_path / "run"
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

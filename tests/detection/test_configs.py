@@ -36,7 +36,7 @@ def test_config_builds_and_runs(path: Path, monkeypatch):
 
     released = RELEASED_IMAGENET.get(variant)
     if released:
-        assert backbone.init_cfg == dict(type="Pretrained", checkpoint="imagenet")
+        assert backbone.init_cfg == dict(type="Pretrained", checkpoint="pretrained")
         assert MODELS.build(backbone).checkpoint_source() == f"{RELEASE_BASE_URL}/{released}"
     else:
         assert backbone.get("init_cfg") is None

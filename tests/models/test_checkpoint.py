@@ -32,6 +32,7 @@ from models.checkpoint import (
     verify_checkpoint,
 )
 from models.paca_vit import RELEASED_IMAGENET, create_downstream
+from runtime import cli
 
 NAME = "pacavit_tiny_p2cconv_100_0"
 
@@ -170,15 +171,21 @@ def test_variant_without_release_says_so():
         timm.create_model("pacavit_convmixer_tiny_100", pretrained=True)
 
 
-def test_downstream_imagenet_shorthand(release_server):
+def test_downstream_pretrained_shorthand(release_server):
     ckpt = _official_checkpoint(NAME)
     torch.save(ckpt, release_server / RELEASED_IMAGENET[NAME])
-    backbone = create_downstream(NAME, init_cfg=dict(type="Pretrained", checkpoint="imagenet"))
+    backbone = create_downstream(NAME, init_cfg=dict(type="Pretrained", checkpoint="pretrained"))
     assert backbone.checkpoint_source() == release_url(RELEASED_IMAGENET[NAME])
     backbone.init_weights()
     torch.testing.assert_close(backbone.norm1.weight, ckpt["state_dict"]["norm1.weight"])
     with pytest.raises(CheckpointError, match="no released ImageNet checkpoint"):
-        create_downstream("pacavit_convmixer_tiny_100", pretrained="imagenet").init_weights()
+        create_downstream("pacavit_convmixer_tiny_100", pretrained="pretrained").init_weights()
+
+
+def test_downstream_old_imagenet_word_is_one_clear_error():
+    backbone = create_downstream(NAME, init_cfg=dict(type="Pretrained", checkpoint="imagenet"))
+    with pytest.raises(CheckpointError, match="'imagenet' is now spelled 'pretrained'.*checkpoint='pretrained'"):
+        backbone.init_weights()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +393,7 @@ def test_mirror_as_folder_file_url_or_http(mirror):
     ckpt = _official_checkpoint(NAME, seed=4)
     torch.save(ckpt, mirror / RELEASED_IMAGENET[NAME])
     _same_weights(timm.create_model(NAME, pretrained=True), ckpt["state_dict"])
-    backbone = create_downstream(NAME, pretrained="imagenet")
+    backbone = create_downstream(NAME, pretrained="pretrained")
     backbone.init_weights()
     torch.testing.assert_close(backbone.norm2.weight, ckpt["state_dict"]["norm2.weight"], rtol=0, atol=0)
 
@@ -735,7 +742,7 @@ def test_export_onnx_names_the_file_of_another_architecture(tmp_path, repo_root,
 
 def test_resume_with_another_model_is_one_clear_line(tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(repo_root / "classification"))
-    from classification import cls_common, train_timm
+    from classification import train_timm
 
     torch.manual_seed(0)
     saved = timm.create_model(NAME, num_classes=3)
@@ -748,7 +755,7 @@ def test_resume_with_another_model_is_one_clear_line(tmp_path, repo_root, monkey
     resume = lambda: train_timm.resume(args, other, torch.optim.SGD(other.parameters(), lr=0.1),  # noqa: E731
                                        None, None, ["a", "b", "c"])
     with pytest.raises(SystemExit) as stop:
-        cls_common.run_main(resume)
+        cli.run_main(resume)
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(

@@ -23,7 +23,7 @@ model = dict(
         layer_scale=None,
         downstream_cluster_num=[200, 200, 200, 0],
         # the variant's released ImageNet-1k weights (models/paca_vit.py: RELEASED_IMAGENET)
-        init_cfg=dict(type='Pretrained', checkpoint='imagenet')),
+        init_cfg=dict(type='Pretrained', checkpoint='pretrained')),
     decode_head=dict(
         type='PaCaSegHead',
         in_channels=[96, 192, 320, 384],

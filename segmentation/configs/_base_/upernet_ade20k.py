@@ -14,6 +14,6 @@ model = dict(
         layer_scale=None,
         downstream_cluster_num=[200, 200, 200, 0],
         # the variant's released ImageNet-1k weights (models/paca_vit.py: RELEASED_IMAGENET)
-        init_cfg=dict(type='Pretrained', checkpoint='imagenet')),
+        init_cfg=dict(type='Pretrained', checkpoint='pretrained')),
     decode_head=dict(in_channels=[96, 192, 320, 384], num_classes=150),
     auxiliary_head=dict(in_channels=320, num_classes=150))

@@ -13,5 +13,5 @@ model = dict(
         drop_path_rate=0.1,
         layer_scale=None,
         # the variant's released ImageNet-1k weights (models/paca_vit.py: RELEASED_IMAGENET)
-        init_cfg=dict(type='Pretrained', checkpoint='imagenet')),
+        init_cfg=dict(type='Pretrained', checkpoint='pretrained')),
     neck=dict(in_channels=[96, 192, 320, 384]))

@@ -19,7 +19,8 @@ What this adds on top of mmengine's Runner:
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
   loading (resume), while arbitrary pickled callables are still refused;
-* a config's ``load_from`` (fine-tuning weights) is loaded when no run resumes; a resume checkpoint
+* a config's ``load_from`` (fine-tuning weights: a file, a URL or ``pretrained``) is fetched by the
+  project's loader and loaded when no run resumes; a resume checkpoint
   must fit the config's model exactly, as in ``test_main`` (one ``error:`` line otherwise);
 * checkpoints given to ``test_main`` (file, URL or ``pretrained``) go through ``models.checkpoint.load_checkpoint``
   (cached download, clear errors for corrupt files) and must fit the config's model exactly;
@@ -38,7 +39,7 @@ from mmengine.hooks import Hook
 from models import PRETRAINED
 from models.checkpoint import (
     CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
-    release_url,
+    release_url, resolve_checkpoint,
 )
 from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished, run_folder_path, work_dirs_root
 
@@ -234,6 +235,8 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     # a resume wins over the config's load_from (fine-tuning weights), which mmengine loads when no run resumes
     if resume_from:
         cfg.load_from = resume_from
+    elif cfg.get("load_from"):
+        cfg.load_from = fine_tuning_weights(cfg.load_from, args.config)
     cfg.resume = resume_from is not None
     runner = Runner.from_cfg(cfg)
     if resume_from:
@@ -242,6 +245,16 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     runner.train()
     if is_main_process():
         mark_finished(cfg.work_dir)
+
+
+def fine_tuning_weights(load_from: str, config: str) -> str:
+    """The local file of a config's ``load_from`` (``pretrained``: the config's released file), fetched
+    and checked by the project's loader (mirror, cache), so that a missing or broken file is one line
+    before the Runner starts; mmengine then loads it, leniently as fine-tuning wants."""
+    try:
+        return resolve_checkpoint(weights_source(load_from, config))
+    except CheckpointError as err:
+        raise SystemExit(f"error: load_from in {config}: {err}") from err
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,5 +1,7 @@
 """The weights of a detection run: a config's ``load_from`` fine-tunes, a resume wins over it and must
 fit the config's model exactly (as test_mmdet.py requires), ``pretrained`` names the config's released file."""
+from pathlib import Path
+
 import pytest
 import torch
 from mmengine.registry import MODELS
@@ -22,10 +24,22 @@ def detector_weights(tmp_path_factory):
     return path, state_dict
 
 
-def test_config_load_from_fine_tunes_when_no_run_resumes(train_config_of, tmp_path):
+def test_config_load_from_fine_tunes_when_no_run_resumes(train_config_of, detector_weights, tmp_path):
     (tmp_path / "work_dir").mkdir()  # what the Runner would create (it is not built here)
-    cfg = train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", f"load_from={tmp_path / 'coco.pth'}")
-    assert cfg.load_from == str(tmp_path / "coco.pth") and cfg.resume is False
+    path, _ = detector_weights
+    cfg = train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", f"load_from={path}")
+    assert cfg.load_from == str(path) and cfg.resume is False
+
+
+def test_config_load_from_pretrained_is_the_released_file_and_a_missing_one_is_one_line(
+        train_config_of, detector_weights, release_server, tmp_path):
+    (tmp_path / "work_dir").mkdir()
+    path, _ = detector_weights
+    (release_server / f"{CONFIG.stem}.pth").write_bytes(path.read_bytes())
+    cfg = train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", "load_from=pretrained")
+    assert Path(cfg.load_from).read_bytes() == path.read_bytes() and cfg.resume is False  # the cached download
+    with pytest.raises(SystemExit, match=rf"^error: load_from in .*{CONFIG.name}: checkpoint file not found: "):
+        train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", f"load_from={tmp_path / 'missing.pth'}")
 
 
 def test_a_resume_wins_over_load_from_and_is_checked(train_config_of, tmp_path, monkeypatch):
@@ -34,7 +48,7 @@ def test_a_resume_wins_over_load_from_and_is_checked(train_config_of, tmp_path, 
     monkeypatch.setattr(openmmlab, "refuse_unfit_resume", lambda model, checkpoint: checked.append(checkpoint))
     resume = str(tmp_path / "iter_8.pth")
     cfg = train_config_of(CONFIG, "mmdet", "detection", "--resume", resume,
-                          "--cfg-options", f"load_from={tmp_path / 'coco.pth'}")
+                          "--cfg-options", f"load_from={tmp_path / 'not read when a run resumes.pth'}")
     assert cfg.load_from == resume and cfg.resume is True and checked == [resume]
 
 

@@ -411,8 +411,11 @@ def read_checkpoint(source: Source, map_location="cpu") -> dict:
     whatever was imported before.  Failures raise ``CheckpointError`` naming the file.
     """
     path = resolve_checkpoint(source)
+    # the context removes what it added on exit: only the types not allowed process-wide already
+    # (runtime.openmmlab registers them for mmengine's own loading, which must keep them)
+    allowed = torch.serialization.get_safe_globals()
     try:
-        with torch.serialization.safe_globals(list(safe_globals())):
+        with torch.serialization.safe_globals([g for g in safe_globals() if g not in allowed]):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(

@@ -228,6 +228,7 @@ def test_seed_command_through_the_launcher_on_a_gpu_node(gpu_env, tmp_path):
         (tmp_path / "datasets" / "IMNET" / split).mkdir(parents=True)
     env = dict(gpu_env, PYTHON=str(python), PACAVIT_DATASETS=str(tmp_path / "datasets"),
                PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"))
+    env.pop("MASTER_PORT", None)
     model = "pacavit_base_p2cconv_100_0"
     result = subprocess.run(
         ["bash", str(REPO / "classification" / "train_timm.sh"), "configs/imagenet_vit_adamw.yml", model, "IMNET",
@@ -236,7 +237,7 @@ def test_seed_command_through_the_launcher_on_a_gpu_node(gpu_env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     argv = json.loads(record.read_text())
     script = next(i for i, arg in enumerate(argv) if arg.endswith("train_timm.py"))
-    assert "--nproc_per_node=8" in argv[:script]
+    assert "--nproc_per_node=8" in argv[:script] and "--master_port=23900" in argv[:script]
     args = vars(train_timm.parse_args(argv[script + 1:]))
     assert (args["device"], args["channels_last"], args["pin_mem"], args["amp"]) == ("cuda", True, True, True)
     assert args["drop_path"] == OFFICIAL["imagenet"][model]["drop_path"]

@@ -56,11 +56,13 @@ def test_train_resume_and_test(launcher_env, tmp_path):
                  expect_ok=False)
     assert "finished experiment" in output
 
-    # a second epoch resumes from epoch_1.pth, message hub and optimizer state included
+    # a second epoch resumes from epoch_1.pth, message hub and optimizer state included; a direct
+    # python run marks its work dir FINISHED as the launcher's does
+    (work_dir / "FINISHED").unlink()
     output = run([sys.executable, "train_mmdet.py", TINY_CONFIG, "--work-dir", work_dir,
                   "--cfg-options", "train_cfg.max_epochs=2", *no_val], launcher_env)
     assert "resumed epoch: 1" in output
-    assert (work_dir / "epoch_2.pth").is_file()
+    assert (work_dir / "epoch_2.pth").is_file() and (work_dir / "FINISHED").is_file()
 
     show_dir = tmp_path / "show"
     output = run(["./test_mmdet.sh", TINY_CONFIG, work_dir / "epoch_2.pth", 0, 1, 29632,

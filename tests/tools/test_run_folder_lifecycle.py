@@ -141,3 +141,15 @@ def test_a_direct_python_run_is_marked_finished_and_auto_resumes(tmp_path):
     train_timm.main([*args, "--epochs", "2", "--auto-resume"])
     assert "continuing at epoch 2" in (output / "train.log").read_text()
     assert is_finished(output)
+
+
+def test_reading_a_checkpoint_keeps_the_process_wide_allow_list(tmp_path):
+    """mmengine's resume loads with weights_only=True after the project's loader has read the same
+    file (the resume's fit check): the loader must not take back the types registered for it."""
+    from models.checkpoint import read_checkpoint, safe_globals
+    from runtime.openmmlab import register_checkpoint_safe_globals
+
+    register_checkpoint_safe_globals()
+    _training_checkpoint(tmp_path / "last.pth.tar", 1)
+    read_checkpoint(tmp_path / "last.pth.tar")
+    assert all(g in torch.serialization.get_safe_globals() for g in safe_globals())

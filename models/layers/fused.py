@@ -232,7 +232,8 @@ class FusedPointwiseConv2d(WeightCache):
 
 def _channel_major_linear(tokens: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """(B, N, C) tokens, (M, C) weight -> contiguous (B, M, N) = linear(tokens)^T."""
-    out = torch.matmul(weight, tokens.transpose(1, 2))
+    # bmm, not matmul: for a 2-D weight matmul computes tokens @ weight^T and copies its transpose
+    out = torch.bmm(weight.expand(tokens.shape[0], -1, -1), tokens.transpose(1, 2))
     return out if bias is None else out + bias.unsqueeze(-1)
 
 
@@ -287,12 +288,17 @@ def _watched(module: nn.Module) -> bool:
 class BFloat16MatmulAttention(PaCaAttention):
     """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs as two batched
     matmuls around a softmax: with M = 100 keys of 32 channels per head these GEMMs run about 1.8x
-    faster than PyTorch's fused CPU attention kernel in bfloat16 (which wins in float32)."""
+    faster than PyTorch's fused CPU attention kernel in bfloat16 (which wins in float32).
+
+    The scores are formed as (keys, queries), so the softmax over the M keys runs down the columns,
+    vectorised over the many queries, where along rows of only M = 100 values it takes about 1.4x
+    longer; the keys rather than the far more numerous queries take the scale."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-            return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
+            return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
         return super().attend(q, k, v, dropout_p)
 
 

@@ -95,12 +95,16 @@ def test_pointwise_conv_runs_as_a_fused_gemm_over_the_pixels(probe):
         torch.testing.assert_close(layer(x), nn.functional.gelu(conv(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_channel_major_projections_return_contiguous_cluster_logits():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_major_projections_return_contiguous_cluster_logits(dtype):
     torch.manual_seed(0)
-    linear, tokens = nn.Linear(16, 5), torch.randn(2, 12, 16)
+    linear, tokens = nn.Linear(16, 5).to(dtype), torch.randn(2, 12, 16, dtype=dtype)
     out = ChannelMajorLinear(linear)(tokens)
-    torch.testing.assert_close(out, linear(tokens))
-    assert out.transpose(1, 2).is_contiguous()
+    # bfloat16: the bias is added to the rounded product, one rounding more than nn.Linear's
+    torch.testing.assert_close(out, linear(tokens), **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)))
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    if dtype != torch.float32:
+        return
     conv = nn.Conv2d(16, 5, 1, bias=False)
     image = torch.randn(2, 16, 3, 4).contiguous(memory_format=torch.channels_last)
     out = ChannelMajorConv2d(conv)(image)
@@ -345,9 +349,13 @@ def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(p
             assert "aten::scaled_dot_product_attention" not in attention_ops(lambda: attn.attend(q, k, v, 0.0))
             out = attn.attend(q, k, v, 0.0)
         bf16_out = attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
+        # in the block q, k, v are head views of (B, N, C) projections: strided, not contiguous
+        heads_view = lambda t: t.bfloat16().transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+        strided_out = attn.attend(heads_view(q), heads_view(k), heads_view(v), 0.0)
     assert out.dtype == bf16_out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(bf16_out.float(), expected, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(strided_out, bf16_out)
     probe({torch.float32})  # a CPU without bfloat16 kernels: the fused SDPA kernel, as the plain model
     with torch.inference_mode(), autocast_bf16():
         assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))

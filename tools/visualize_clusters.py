@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 import models  # importing it registers the pacavit_* models with timm
-from classification.cls_common import to_rgb8
+from runtime.images import to_rgb8
 from models import CheckpointError, capture_maps
 from tools import cluster_figures as figures
 
@@ -82,7 +82,7 @@ class ImageReadError(RuntimeError):
 
 def read_image(source: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file, turned upright by its EXIF orientation; 16-bit and
-    32-bit images are scaled to 8 bits by their bit depth (``cls_common.to_rgb8``)."""
+    32-bit images are scaled to 8 bits by their bit depth (``runtime.images.to_rgb8``)."""
     try:
         with Image.open(source) as image:
             image.load()

@@ -92,6 +92,7 @@ def train_config_of(monkeypatch, tmp_path):
         monkeypatch.setattr(openmmlab, "check_data_roots", lambda cfg, loaders: None)
         monkeypatch.setattr(mmengine.runner.Runner, "from_cfg",
                             classmethod(lambda cls, cfg: handed.append(cfg) or mock.Mock(name="runner")))
+        (tmp_path / "work_dir").mkdir(exist_ok=True)  # what the Runner would make: FINISHED is written there
         openmmlab.train_main(default_scope, task, [str(config), "--work-dir", str(tmp_path / "work_dir"), *args])
         return handed[0]
 

@@ -25,7 +25,6 @@ def detector_weights(tmp_path_factory):
 
 
 def test_config_load_from_fine_tunes_when_no_run_resumes(train_config_of, detector_weights, tmp_path):
-    (tmp_path / "work_dir").mkdir()  # what the Runner would create (it is not built here)
     path, _ = detector_weights
     cfg = train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", f"load_from={path}")
     assert cfg.load_from == str(path) and cfg.resume is False
@@ -33,7 +32,6 @@ def test_config_load_from_fine_tunes_when_no_run_resumes(train_config_of, detect
 
 def test_config_load_from_pretrained_is_the_released_file_and_a_missing_one_is_one_line(
         train_config_of, detector_weights, release_server, tmp_path):
-    (tmp_path / "work_dir").mkdir()
     path, _ = detector_weights
     (release_server / f"{CONFIG.stem}.pth").write_bytes(path.read_bytes())
     cfg = train_config_of(CONFIG, "mmdet", "detection", "--cfg-options", "load_from=pretrained")
@@ -43,7 +41,6 @@ def test_config_load_from_pretrained_is_the_released_file_and_a_missing_one_is_o
 
 
 def test_a_resume_wins_over_load_from_and_is_checked(train_config_of, tmp_path, monkeypatch):
-    (tmp_path / "work_dir").mkdir()
     checked = []
     monkeypatch.setattr(openmmlab, "refuse_unfit_resume", lambda model, checkpoint: checked.append(checkpoint))
     resume = str(tmp_path / "iter_8.pth")

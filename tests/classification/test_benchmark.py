@@ -4,6 +4,7 @@ the official implementation measured from a checkout the user gives."""
 import csv
 import io
 import textwrap
+import time
 
 import pytest
 import torch
@@ -121,3 +122,13 @@ def test_only_bfloat16_asked_on_a_cpu_without_it_is_one_clear_error(monkeypatch)
     args = benchmark.parse_args(["--model", TINY, "--device", "cpu", "--amp"])
     with pytest.raises(benchmark.cls_common.UsageError, match="no bfloat16 kernels.*--precisions fp32"):
         benchmark.run_specs([TINY], args, torch.device("cpu"))
+
+
+def test_the_cpu_clock_counts_the_process_cpu_time_and_not_waiting():
+    def step():  # waits, as a process does while another holds the core: the wall clock counts it
+        time.sleep(0.05)
+
+    assert benchmark.time_per_iteration(step, torch.device("cpu"), 0, 2, "wall") >= 0.05
+    assert benchmark.time_per_iteration(step, torch.device("cpu"), 0, 2, "cpu") < 0.02
+    with pytest.raises(benchmark.cls_common.UsageError, match="--clock wall"):
+        benchmark.parse_args(["--model", TINY, "--device", "cuda", "--clock", "cpu"])

@@ -3,7 +3,7 @@
     python detection/train_mmdet.py CONFIG [--work-dir DIR] [--resume CKPT] [--amp] [--auto-scale-lr]
                                            [--cfg-options KEY=VALUE ...]
 
-Resumes automatically from the work dir's latest checkpoint.  See models/openmmlab.py.
+Resumes automatically from the work dir's latest checkpoint.  See runtime/openmmlab.py.
 """
 from runtime.openmmlab import train_main
 

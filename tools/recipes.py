@@ -6,7 +6,7 @@
 
 Classification: the arguments that ``train_timm.py`` resolves for the seed's command
 (``train_timm.sh configs/imagenet_vit_adamw.yml MODEL ...``).  Detection and segmentation: each zoo
-config as mmengine merges it, with the AMP default of ``models/openmmlab.py``'s ``train_main``.
+config as mmengine merges it, with the AMP default of ``runtime/openmmlab.py``'s ``train_main``.
 ``tests/test_recipes.py`` checks these against the official recipes and keeps the READMEs in sync.
 """
 import argparse

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.cli import UsageError
 from models import CheckpointError, capture_maps
+from runtime.cli import UsageError
+from runtime.images import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, read_image
 from tools import cluster_figures as figures
 from tools import predict
 from tools import predict_tasks as tasks
-from tools.visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ClusterView, cluster_views, image_stem
+from tools.visualize_clusters import ClusterView, cluster_views, image_stem
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("classify", "detect", "segment")
@@ -149,8 +150,8 @@ def read_upload(source: str) -> Tuple[str, np.ndarray]:
         raise ExploreError(f"{name} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); the explorer takes up "
                            f"to {MAX_PIXELS / 1e6:.0f} MP: downscale it first")
     try:
-        return name, predict.read_image(source)
-    except predict.ImageReadError as e:
+        return name, read_image(source)
+    except ImageReadError as e:
         raise ExploreError(f"{name} cannot be decoded as an image ({e})") from e
 
 

@@ -26,15 +26,15 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from runtime.cli import UsageError
 from models import CheckpointError
 from models.layers.fused import cpu_fusion_support
+from runtime.cli import UsageError
+from runtime.images import IMAGE_SUFFIXES, SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, read_image
 from tools import predict_tasks as tasks
-from tools.visualize_clusters import SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, output_folders, read_image
+from tools.visualize_clusters import output_folders
 
 _logger = logging.getLogger("predict")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PREDICTIONS = "predictions.json"
 
 

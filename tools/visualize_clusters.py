@@ -36,8 +36,8 @@ from PIL import Image, ImageOps
 from torch import nn
 
 import models  # importing it registers the pacavit_* models with timm
-from runtime.images import to_rgb8
 from models import CheckpointError, capture_maps
+from runtime.images import IMAGE_SUFFIXES, SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, read_source
 from tools import cluster_figures as figures
 
 TOOLS = Path(__file__).resolve().parent
@@ -45,9 +45,6 @@ REPO = TOOLS.parent
 
 _logger = logging.getLogger("visualize_clusters")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SKLEARN_PREFIX = "sklearn:"
-SKLEARN_SAMPLES = ("china.jpg", "flower.jpg")  # photos shipped with scikit-learn
 DEFAULT_QUERY_BARS = 10
 RANDOM_WEIGHTS_NOTE = "random weights: the maps show the architecture's spatial prior, not learned semantics"
 
@@ -76,33 +73,12 @@ def list_images(images: Sequence[str], image_dir: Optional[str]) -> List[str]:
     return sources
 
 
-class ImageReadError(RuntimeError):
-    """An input image could not be read (the other images of a folder are still drawn)."""
-
-
-def read_image(source: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, turned upright by its EXIF orientation; 16-bit and
-    32-bit images are scaled to 8 bits by their bit depth (``runtime.images.to_rgb8``)."""
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return np.asarray(to_rgb8(ImageOps.exif_transpose(image), source))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{type(e).__name__}: {e}") from e
-
-
 def load_image(source: str, size: int) -> np.ndarray:
     """RGB float image in [0, 1], shorter side resized to ``size`` and centre-cropped to a square.
 
     ``sklearn:NAME`` reads one of scikit-learn's bundled sample photos (china.jpg, flower.jpg).
     """
-    if source.startswith(SKLEARN_PREFIX):
-        from sklearn.datasets import load_sample_image
-
-        rgb = load_sample_image(source[len(SKLEARN_PREFIX):])
-    else:
-        rgb = read_image(source)
-    image = ImageOps.fit(Image.fromarray(rgb), (size, size), Image.BICUBIC)
+    image = ImageOps.fit(Image.fromarray(read_source(source)), (size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 

@@ -41,7 +41,7 @@ EVERY_MODEL = [
     "test_prune_intermediate_layers_contract",
 ]
 
-CONFTEST = f"""
+CONFTEST = """
 import models  # noqa: F401  registers the pacavit_* names with timm
 """
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import export_onnx
-from tools import predict
-from tools import visualize_clusters
+from runtime import images
+from tools import export_onnx, predict, visualize_clusters
+
 from .conftest import TOOLS, generated_image
 
 MODEL = "pacavit_tiny_p2cconv_100_0"
@@ -49,15 +49,15 @@ def no_model(monkeypatch):
 # -- 16-bit images ---------------------------------------------------------------------------------
 def test_16_and_32_bit_and_float_grey_read_as_their_8_bit_original(grey, tmp_path, caplog):
     values, eight_bit, sixteen_bit = grey
-    expected = predict.read_image(str(eight_bit))
+    expected = images.read_image(str(eight_bit))
     np.testing.assert_array_equal(expected, np.repeat(values[..., None], 3, axis=2))
     Image.fromarray(values.astype(np.int32) * 257, mode="I").save(tmp_path / "grey32.tif")
     Image.fromarray(values.astype(np.float32) / 255, mode="F").save(tmp_path / "float.tif")
     colour = generated_image()
     cv2.imwrite(str(tmp_path / "rgb16.png"), colour[..., ::-1].astype(np.uint16) * 257)  # 48-bit RGB
     for path in (sixteen_bit, tmp_path / "grey32.tif", tmp_path / "float.tif"):
-        np.testing.assert_array_equal(predict.read_image(str(path)), expected, err_msg=str(path))
-    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "rgb16.png")), colour)
+        np.testing.assert_array_equal(images.read_image(str(path)), expected, err_msg=str(path))
+    np.testing.assert_array_equal(images.read_image(str(tmp_path / "rgb16.png")), colour)
     assert "exceed" not in caplog.text
     # the cluster visualiser reads through the same function
     np.testing.assert_array_equal(visualize_clusters.load_image(str(sixteen_bit), 64),
@@ -68,7 +68,7 @@ def test_values_beyond_the_bit_depth_are_stretched_with_a_warning_naming_the_fil
     values = grey[0]
     Image.fromarray(values.astype(np.int32) * 4096 - 100_000, mode="I").save(tmp_path / "wide.tif")
     with caplog.at_level(logging.WARNING):
-        stretched = predict.read_image(str(tmp_path / "wide.tif"))[..., 0]
+        stretched = images.read_image(str(tmp_path / "wide.tif"))[..., 0]
     assert f"{tmp_path / 'wide.tif'}: its I values" in caplog.text and "not what was stored" in caplog.text
     assert (stretched.min(), stretched.max()) == (0, 255)
     assert np.array_equal(np.argsort(stretched, axis=None, kind="stable"), np.argsort(values, axis=None, kind="stable"))

@@ -359,3 +359,15 @@ def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(p
     probe({torch.float32})  # a CPU without bfloat16 kernels: the fused SDPA kernel, as the plain model
     with torch.inference_mode(), autocast_bf16():
         assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))
+
+
+def test_a_bfloat16_stage_groups_the_same_bytes_twice_the_tokens(monkeypatch):
+    stage = fused.BatchChunkedStage(models.paca_vit.PaCaStage([]))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert stage.group_size(784, torch.float32.itemsize) == 2048 // 784
+    assert stage.group_size(784, torch.bfloat16.itemsize) == 4096 // 784
+    seen = []
+    monkeypatch.setattr(models.paca_vit.PaCaStage, "forward", lambda self, x, *rest: seen.append(x.shape[0]) or x)
+    with torch.inference_mode():
+        stage(torch.zeros(8, 28, 28, 4, dtype=torch.bfloat16))
+    assert seen == [5, 3]

@@ -108,8 +108,10 @@ class WeightCache(nn.Module):
 
     def _fingerprint(self) -> tuple:
         # the cache keeps a reference to each source tensor, so its storage cannot be freed and
-        # reused under the same address; the version counter sees in-place updates
-        return tuple((t.data_ptr(), t._version) if t is not None else None for t in (self.weight, self.bias))
+        # reused under the same address; the version counter sees in-place updates (parameters
+        # made under inference_mode, e.g. by .to() there, have none: as with .data writes)
+        return tuple(None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version)
+                     for t in (self.weight, self.bias))
 
     def kernel_weights(self, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         key = (dtype, self._fingerprint())

@@ -371,3 +371,13 @@ def test_a_bfloat16_stage_groups_the_same_bytes_twice_the_tokens(monkeypatch):
     with torch.inference_mode():
         stage(torch.zeros(8, 28, 28, 4, dtype=torch.bfloat16))
     assert seen == [5, 3]
+
+
+def test_a_model_made_bfloat16_under_inference_mode_runs(probe):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():  # its parameters become inference tensors, without version counters
+        logits = fused_model.to(torch.bfloat16)(x.bfloat16())
+        expected = plain(x)
+    assert torch.nn.functional.cosine_similarity(logits.float().flatten(), expected.flatten(), dim=0) > 0.999

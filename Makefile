@@ -10,9 +10,10 @@ install:
 demo: install
 	bash classification/demo.sh
 
-# the everyday loop: every test except the end-to-end runs (launchers, training, predict, export)
+# the everyday loop: every test except the end-to-end runs (launchers, training, predict, export),
+# on two processes (pytest-xdist)
 test: install
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow" -n 2
 
 # the end-to-end runs alone; CI runs both targets
 test-slow: install

@@ -44,6 +44,7 @@ def fake_official_checkout(root):
     return root
 
 
+@pytest.mark.slow  # a process per model: about 20 s
 def test_each_model_in_its_own_process_median_spread_peak_memory_and_host(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(benchmark, "cpu_bfloat16_supported", lambda: True)
     caplog.set_level("INFO", logger="pacavit")
@@ -73,6 +74,7 @@ def test_without_bfloat16_kernels_the_bf16_rows_are_skipped_with_a_note(tmp_path
     assert any("no bfloat16 kernels: skipping autocast-bf16, bf16" in m for m in caplog.messages)
 
 
+@pytest.mark.slow  # a process per model of two implementations
 def test_official_models_are_measured_from_a_checkout_beside_ours(tmp_path):
     checkout = fake_official_checkout(tmp_path / "PaCaViT")
     rows = run_benchmark(tmp_path, "--model", TINY, "--official", checkout, "--compare", "--peers", "convnext_tiny")

@@ -640,22 +640,23 @@ def _stall_before_answering(handler):
     handler.server.release.wait(60)
 
 
-def _stall_mid_file(handler):
+def _send_half_the_file(handler):
+    """Announce the whole file (Content-Length) and send its first half."""
     data = (Path(handler.directory) / handler.path.lstrip("/")).read_bytes()
     handler.send_response(200)
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data[: len(data) // 2])
     handler.wfile.flush()
+
+
+def _stall_mid_file(handler):
+    _send_half_the_file(handler)
     handler.server.release.wait(60)
 
 
 def _cut_short(handler):
-    data = (Path(handler.directory) / handler.path.lstrip("/")).read_bytes()
-    handler.send_response(200)
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data[: len(data) // 2])
+    _send_half_the_file(handler)
     handler.close_connection = True
 
 

@@ -13,9 +13,11 @@ many FLOPs per second each model achieves relative to it.
 How it measures: every model (and every variant of it: compiled, plain ops, precision) lives in a
 process of its own, which builds only that model, so that what one model allocated or ran cannot
 speed up or slow down another.  The rounds go round those processes in turn (round 1 of every
-model, then round 2, ...), each round warming up with the same untimed iterations first; a row
-reports the median over the rounds, their spread ((max - min) / median) and the process's peak
-memory, which holds that one model only.  The host (CPU model and instruction sets, threads,
+model, then round 2, ...), each round warming up with the same untimed iterations first (a
+process's first round for a round's length more); each iteration is timed, and a round's figure is
+the median of its iterations, so that one interrupted iteration does not move it.  A row reports
+the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
+which holds that one model only.  The host (CPU model and instruction sets, threads,
 library versions) is printed and written with every row.
 
 ``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=cls_common.default_device())
     p.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 100 on CUDA, 5 on CPU)")
+    p.add_argument("--train-iters", type=int, default=None, help="timed training steps (default: --iters)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 / 2)")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds interleaved over the models' processes; rows report the median and spread")
@@ -123,6 +126,7 @@ def parse_args(argv=None):
     on_cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (128 if on_cuda else 8)
     args.iters = args.iters or (100 if on_cuda else 5)
+    args.train_iters = args.train_iters or args.iters
     args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
     work_dirs = os.environ.get("PACAVIT_WORK_DIRS") or os.path.join(REPO_ROOT, "work_dirs")
     args.results_csv = args.results_csv or os.path.join(work_dirs, "classification", "all_benchmark_results.csv")
@@ -213,17 +217,19 @@ def release_free_memory():
         ctypes.CDLL(libc).malloc_trim(0)
 
 
-def time_per_iteration(step, device, warmup, iters, clock="wall") -> float:
-    """Mean seconds per call of ``step`` after ``warmup`` untimed calls, by ``CLOCKS[clock]``."""
+def time_iterations(step, device, warmup, iters, clock="wall") -> list:
+    """Seconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones, by ``CLOCKS[clock]``."""
     now = CLOCKS[clock]
     for _ in range(warmup):
         step()
     synchronize(device)
-    start = now()
+    seconds = []
     for _ in range(iters):
+        start = now()
         step()
-    synchronize(device)
-    return (now() - start) / iters
+        synchronize(device)
+        seconds.append(now() - start)
+    return seconds
 
 
 def prepare(model, args, device, compiled=False):
@@ -275,6 +281,7 @@ class ClassifierBench:
         self.target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
         # bfloat16 has float32's range: only float16 needs loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "autocast-fp16" and device.type == "cuda")
+        self.measured = set()  # the phases measured in an earlier round
 
     def infer(self):
         with torch.inference_mode(), self.autocast():
@@ -289,17 +296,25 @@ class ClassifierBench:
         self.optimizer.zero_grad(set_to_none=True)
 
     def measure(self, phase: str) -> dict:
-        """One round of one phase ('infer' or 'train'): seconds per batch and peak memory."""
+        """One round of one phase ('infer' or 'train'): seconds per batch (the median of the round's
+        iterations, which one interrupted iteration does not move) and peak memory."""
         self.model.train(phase == "train")
         # a fresh optimizer each round: its state is made in the warm-up, as in every other round
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4) if phase == "train" else None
-        release_free_memory()
         reset_peak_memory(self.device)
         step = self.infer if phase == "infer" else self.train_step
-        seconds = time_per_iteration(step, self.device, self.args.warmup, self.args.iters, self.args.clock)
+        iters = self.args.iters if phase == "infer" else self.args.train_iters
+        warmup = self.args.warmup
+        if phase not in self.measured:
+            # a process's first calls build what later ones reuse (oneDNN primitives, kept bf16
+            # weights, the allocator's pools): its first round warms up for a round's length longer
+            warmup += iters
+            self.measured.add(phase)
+        seconds = time_iterations(step, self.device, warmup, iters, self.args.clock)
         peak = peak_memory_mb(self.device)
         self.optimizer = None
-        return {"seconds": seconds, "peak_mem_MB": round(peak, 1)}
+        release_free_memory()  # idle until its next round, the process holds little memory
+        return {"seconds": statistics.median(seconds), "peak_mem_MB": round(peak, 1)}
 
 
 def _answer(message: dict):
@@ -468,7 +483,7 @@ def latency_curve(name, sizes, args, device) -> list:
             with torch.inference_mode():
                 model(image)
 
-        ms = time_per_iteration(infer, device, args.warmup, args.iters, args.clock) * 1e3
+        ms = statistics.median(time_iterations(infer, device, args.warmup, args.iters, args.clock)) * 1e3
         _logger.info(f"{name} backbone at {size}x{size}: {ms:.1f} ms/image")
         points.append((size, round(ms, 2)))
     return points

@@ -35,7 +35,7 @@ if [[ "$PACA_DEVICE" == "cuda" ]]; then
          --compile-modes both --rounds 2)
 else
     # the bf16 rows where the CPU has bfloat16 kernels (benchmark.py skips them with a note elsewhere)
-    RUN=(--peers "$SMALL,pacavit_base_p2cconv_100_0,convnext_tiny" --iters 3 --warmup 1 --rounds 3
+    RUN=(--peers "$SMALL,pacavit_base_p2cconv_100_0,convnext_tiny" --iters 5 --train-iters 3 --warmup 1 --rounds 5
          --fused-kernels both --precisions fp32,autocast-bf16,bf16 --low-precision-models "$TINY,$SMALL,convnext_tiny")
 fi
 exec "$(dirname "$0")/benchmark.sh" "$TINY" 224 1000 "$GPU" --compare "${RUN[@]}" --img-sizes 224,448,896 --curve-models "$TINY,pvt_v2_b1,convnext_tiny" "$@"

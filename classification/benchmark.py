@@ -13,8 +13,10 @@ many FLOPs per second each model achieves relative to it.
 How it measures: every model (and every variant of it: compiled, plain ops, precision) lives in a
 process of its own, which builds only that model, so that what one model allocated or ran cannot
 speed up or slow down another.  The rounds go round those processes in turn (round 1 of every
-model, then round 2, ...), each round warming up with the same untimed iterations first (a
-process's first round for a round's length more); each iteration is timed, and a round's figure is
+model, then round 2, ...), one group of compared rows (same precision and compile setting) at a
+time, each round warming up with the same untimed iterations first (a process's first round for a
+round's length more); each iteration is timed (``--min-round-seconds``: for at least so long in a
+round, so that fast models get as many seconds as slow ones), and a round's figure is
 the median of its iterations, so that one interrupted iteration does not move it.  A row reports
 the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
 which holds that one model only.  The host (CPU model and instruction sets, threads,
@@ -86,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("-b", "--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 100 on CUDA, 5 on CPU)")
     p.add_argument("--train-iters", type=int, default=None, help="timed training steps (default: --iters)")
+    p.add_argument("--min-round-seconds", type=float, default=0.0,
+                   help="a round times more iterations than --iters / --train-iters until they add up to this")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 / 2)")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds interleaved over the models' processes; rows report the median and spread")
@@ -217,14 +221,15 @@ def release_free_memory():
         ctypes.CDLL(libc).malloc_trim(0)
 
 
-def time_iterations(step, device, warmup, iters, clock="wall") -> list:
-    """Seconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones, by ``CLOCKS[clock]``."""
+def time_iterations(step, device, warmup, iters, clock="wall", min_seconds=0.0) -> list:
+    """Seconds of each call of ``step`` after ``warmup`` untimed ones, by ``CLOCKS[clock]``: ``iters``
+    calls, more while they add up to less than ``min_seconds``."""
     now = CLOCKS[clock]
     for _ in range(warmup):
         step()
     synchronize(device)
     seconds = []
-    for _ in range(iters):
+    while len(seconds) < iters or sum(seconds) < min_seconds:
         start = now()
         step()
         synchronize(device)
@@ -310,7 +315,7 @@ class ClassifierBench:
             # weights, the allocator's pools): its first round warms up for a round's length longer
             warmup += iters
             self.measured.add(phase)
-        seconds = time_iterations(step, self.device, warmup, iters, self.args.clock)
+        seconds = time_iterations(step, self.device, warmup, iters, self.args.clock, self.args.min_round_seconds)
         peak = peak_memory_mb(self.device)
         self.optimizer = None
         release_free_memory()  # idle until its next round, the process holds little memory
@@ -423,15 +428,24 @@ def trains(spec, args, device) -> bool:
     return args.train and precision_ok and not spec["plain_ops"] and not spec["official"]
 
 
-def benchmark_classifiers(names, args, device, argv) -> list:
-    """Measure every spec in its own process, ``args.rounds`` rounds interleaved over the processes."""
-    specs = run_specs(names, args, device)
+def comparison_groups(specs: list) -> list:
+    """The specs grouped by (precision, compile setting): the rows that efficiency compares.
+
+    A group's processes are measured in the same rounds, and only they are alive meanwhile: a
+    round then comes round to each process sooner, and fewer idle processes hold memory."""
+    groups = {}
+    for spec in specs:
+        groups.setdefault((spec["precision"], spec["compile"]), []).append(spec)
+    return list(groups.values())
+
+
+def measure_group(specs: list, args, device, argv, times: dict):
+    """Start a process per spec, then ``args.rounds`` rounds over them; the seconds go to ``times``."""
     workers = []
     try:
         for spec in specs:
             workers.append(Worker(spec, argv))
             spec["row"] = workers[-1].ask()  # built: params and GFLOPs
-        times = {id(spec): {"infer": [], "train": []} for spec in specs}
         for round_index in range(args.rounds):
             for spec, worker in zip(specs, workers):
                 for phase in ("infer", "train") if trains(spec, args, device) else ("infer",):
@@ -444,6 +458,15 @@ def benchmark_classifiers(names, args, device, argv) -> list:
     finally:
         for worker in workers:
             worker.close()
+
+
+def benchmark_classifiers(names, args, device, argv) -> list:
+    """Measure every spec in its own process, ``args.rounds`` rounds interleaved over the processes
+    of one comparison group (see ``comparison_groups``), one group after the other."""
+    specs = run_specs(names, args, device)
+    times = {id(spec): {"infer": [], "train": []} for spec in specs}
+    for group in comparison_groups(specs):
+        measure_group(group, args, device, argv, times)
     rows = []
     for spec in specs:
         row = {"model": spec["model"], "official": spec["official"], "compile": spec["compile"],

@@ -155,3 +155,21 @@ def test_a_round_is_the_median_of_its_iterations_and_a_process_first_round_warms
     second = bench.measure("infer")["seconds"]
     assert len(calls) == 11 and 0.02 <= second < 0.03
     assert args.train_iters == 2 and benchmark.parse_args(["--model", TINY, "--iters", "4"]).train_iters == 4
+
+
+def test_a_round_times_more_iterations_until_they_last_the_minimum():
+    seconds = benchmark.time_iterations(lambda: time.sleep(0.01), torch.device("cpu"), 0, 2, "wall", min_seconds=0.06)
+    assert len(seconds) >= 5 and sum(seconds) >= 0.06
+    assert len(benchmark.time_iterations(lambda: None, torch.device("cpu"), 0, 3)) == 3
+
+
+def test_rows_that_efficiency_compares_are_measured_together_one_group_at_a_time(monkeypatch):
+    monkeypatch.setattr(benchmark, "cpu_bfloat16_supported", lambda: True)
+    args = benchmark.parse_args(["--model", TINY, "--device", "cpu", "--fused-kernels", "both",
+                                 "--precisions", "fp32,autocast-bf16", "--compile-modes", "both"])
+    specs = benchmark.run_specs([TINY, "convnext_tiny"], args, torch.device("cpu"))
+    groups = [[(s["model"], s["precision"], s["compile"], s["plain_ops"]) for s in group]
+              for group in benchmark.comparison_groups(specs)]
+    assert [{(p, c) for _, p, c, _ in group} for group in groups] == [
+        {("fp32", False)}, {("fp32", True)}, {("autocast-bf16", False)}, {("autocast-bf16", True)}]
+    assert groups[0] == [(TINY, "fp32", False, False), (TINY, "fp32", False, True), ("convnext_tiny", "fp32", False, False)]

@@ -180,7 +180,8 @@ def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env
 
 def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_path):
     csv_path = tmp_path / "speed.csv"
-    quick = ["-b", 1, "--iters", 1, "--warmup", 0, "--rounds", 1, "--img-sizes", "32,64", "--results-csv", csv_path,
+    quick = ["-b", 1, "--iters", 1, "--train-iters", 1, "--min-round-seconds", 0, "--warmup", 0, "--rounds", 1,
+             "--img-sizes", "32,64", "--results-csv", csv_path,
              "--low-precision-models", f"{MODEL},convnext_tiny"]
     result = run([CLS_DIR / "speed_report.sh", 0, *quick], cls_env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 from mmseg.registry import MODELS
 
 import mmseg_custom  # noqa: F401  (registers the head and the segmentor)
@@ -19,10 +20,17 @@ def golden_outputs(seg_golden_dir):
     return torch.load(seg_golden_dir / "outputs" / "paca_seg_head_ade20k.pt", weights_only=True)
 
 
-def build_head(manifest, golden_weights):
-    """The golden config's head (SyncBN as plain BN: one process) with the deterministic weights."""
+def build_plain_head(manifest):
+    """The golden config's head, SyncBN as plain BN (one process)."""
     cfg = dict(manifest["config"], norm_cfg=dict(type="BN", requires_grad=True))
-    head = MODELS.build(cfg)
+    # in mmseg's scope: a detection test run before in the same process leaves mmdet's as the default
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        return MODELS.build(cfg)
+
+
+def build_head(manifest, golden_weights):
+    """The golden config's head with the deterministic weights."""
+    head = build_plain_head(manifest)
     head.load_state_dict(golden_weights.deterministic_state_dict(head), strict=True)
     return head.double()
 
@@ -32,7 +40,7 @@ def golden_inputs(manifest, golden_weights):
 
 
 def test_state_dict_matches_official_names_and_shapes(manifest, golden_weights):
-    head = MODELS.build(dict(manifest["config"], norm_cfg=dict(type="BN", requires_grad=True)))
+    head = build_plain_head(manifest)
     ours = {key: list(value.shape) for key, value in head.state_dict().items()}
     assert ours == {key: shape for key, shape in manifest["state_dict"]}
     assert sum(p.numel() for p in head.parameters()) == manifest["num_params"]

@@ -99,7 +99,8 @@ def mark_finished(folder) -> None:
 def resume_point(task: str, folder, report=print) -> Optional[Path]:
     """The newest checkpoint of ``folder`` whose records check out, or None when it has none yet.
 
-    Each broken one is reported (``report``); CheckpointError when none is intact.  Nothing is
+    Each broken one is reported (``report``); CheckpointError when none is intact.  A folder with
+    files but no checkpoint (a run stopped before its first one) gets a note that it starts over.  Nothing is
     unpickled: whether the file holds this run's training state is checked where it is loaded.
     """
     folder = Path(folder)
@@ -124,6 +125,11 @@ def resume_point(task: str, folder, report=print) -> Optional[Path]:
             f"no intact checkpoint is left in {folder}. Delete the broken file(s) to start this run again "
             f"from scratch in the same folder: rm {files}  (or relaunch with Remove_old=1 --yes)"
         )
+    # a run stopped before its first checkpoint leaves logs behind: say that it starts over
+    left = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        report(f"note: {folder} holds no checkpoint yet ({shown}): this run starts from scratch there")
     return None
 
 

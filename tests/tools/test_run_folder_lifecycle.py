@@ -153,3 +153,13 @@ def test_reading_a_checkpoint_keeps_the_process_wide_allow_list(tmp_path):
     _training_checkpoint(tmp_path / "last.pth.tar", 1)
     read_checkpoint(tmp_path / "last.pth.tar")
     assert all(g in torch.serialization.get_safe_globals() for g in safe_globals())
+
+
+def test_a_folder_with_files_but_no_checkpoint_starts_over_with_a_note(tmp_path):
+    said = []
+    (tmp_path / ".workers.lock").touch()  # the launcher's locks alone: a fresh folder, nothing to say
+    assert resume_point("classification", tmp_path, report=said.append) is None and said == []
+    (tmp_path / "train.log").write_text("epoch 0 ...\n")  # stopped before its first checkpoint
+    (tmp_path / "args.yaml").write_text("model: x\n")
+    assert resume_point("classification", tmp_path, report=said.append) is None
+    assert said == [f"note: {tmp_path} holds no checkpoint yet (args.yaml, train.log): this run starts from scratch there"]

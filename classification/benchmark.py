@@ -214,8 +214,8 @@ def peak_memory_mb(device) -> float:
 
 
 def release_free_memory():
-    """Hand freed heap pages back to the OS (glibc), so that every round starts from the same state
-    and the idle processes of the other models hold little memory."""
+    """Hand freed heap pages back to the OS (glibc) after a round: every round starts from the same
+    state, and a process waiting for its next round holds little memory."""
     libc = ctypes.util.find_library("c")
     if platform.system() == "Linux" and libc:
         ctypes.CDLL(libc).malloc_trim(0)

@@ -19,8 +19,9 @@ round's length more); each iteration is timed (``--min-round-seconds``: for at l
 round, so that fast models get as many seconds as slow ones), and a round's figure is
 the median of its iterations, so that one interrupted iteration does not move it.  A row reports
 the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
-which holds that one model only.  The host (CPU model and instruction sets, threads,
-library versions) is printed and written with every row.
+which holds that one model only; its efficiency is the median over the rounds of its ratio to the
+reference in the same round.  The host (CPU model and instruction sets, threads, library
+versions) is printed and written with every row.
 
 ``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
 the run's PaCa models from a checkout of https://github.com/iVMCL/PaCaViT (its models/paca_vit.py,
@@ -48,6 +49,7 @@ import sys
 import time
 import warnings
 from datetime import datetime
+from typing import Optional, Tuple
 
 import torch
 import timm
@@ -460,9 +462,10 @@ def measure_group(specs: list, args, device, argv, times: dict):
             worker.close()
 
 
-def benchmark_classifiers(names, args, device, argv) -> list:
+def benchmark_classifiers(names, args, device, argv) -> Tuple[list, list]:
     """Measure every spec in its own process, ``args.rounds`` rounds interleaved over the processes
-    of one comparison group (see ``comparison_groups``), one group after the other."""
+    of one comparison group (see ``comparison_groups``), one group after the other.  Returns the
+    rows and, for each, its seconds per batch round by round ({phase: [seconds]})."""
     specs = run_specs(names, args, device)
     times = {id(spec): {"infer": [], "train": []} for spec in specs}
     for group in comparison_groups(specs):
@@ -481,7 +484,7 @@ def benchmark_classifiers(names, args, device, argv) -> list:
                             f"{phase}_ms_per_batch": round(median * 1e3, 2),
                             f"{phase}_spread_pct": round((max(seconds) - min(seconds)) / median * 100, 1)})
         rows.append(row)
-    return rows
+    return rows, [times[id(spec)] for spec in specs]
 
 
 def create_backbone(name, img_size):
@@ -552,8 +555,9 @@ def main(argv=None):
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model, "
                  f"timed by the {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
-    rows = [{**common, **row} for row in benchmark_classifiers(names, args, device, _worker_argv(argv, args))]
-    add_efficiency(rows, args.reference)
+    rows, round_seconds = benchmark_classifiers(names, args, device, _worker_argv(argv, args))
+    rows = [{**common, **row} for row in rows]
+    add_efficiency(rows, args.reference, round_seconds)
     append_rows(args.results_csv, rows)
     _print_table(rows, host)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
@@ -582,20 +586,34 @@ def _worker_argv(argv, args) -> list:
     return [*argv, "--device", args.device, "--threads", str(torch.get_num_threads())]
 
 
-def add_efficiency(rows, reference):
+def add_efficiency(rows, reference, round_seconds: Optional[list] = None):
     """Work rate (img/s x GFLOPs per image) of each model, and its ratio to the reference model's
     (this repository's, same compile setting and precision): how well a model turns its FLOPs into
-    throughput on this machine."""
+    throughput on this machine.
+
+    With ``round_seconds`` (per row, {phase: seconds per batch in each round}, as measured in the
+    same rounds), the ratio is taken round by round and the row gets the median of those: a model
+    and the reference are then compared over the same stretch of time, so that the host speeding up
+    or slowing down between rounds does not count as a difference between them."""
     for row in rows:
         for phase in ("infer", "train"):
             if f"{phase}_img_per_s" in row:
                 row[f"{phase}_gflops_per_s"] = round(row[f"{phase}_img_per_s"] * row["gflops"], 2)
-    for row in rows:
-        ref = next((r for r in rows if r["model"] == reference and not r.get("official")
-                    and r["compile"] == row["compile"] and r.get("precision") == row.get("precision")), None)
+    for i, row in enumerate(rows):
+        j = next((j for j, r in enumerate(rows) if r["model"] == reference and not r.get("official")
+                  and r["compile"] == row["compile"] and r.get("precision") == row.get("precision")), None)
+        if j is None:
+            continue
+        ref = rows[j]
         for phase in ("infer", "train"):
-            if ref is not None and f"{phase}_gflops_per_s" in row and f"{phase}_gflops_per_s" in ref:
-                row[f"{phase}_efficiency"] = round(row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"], 3)
+            if f"{phase}_gflops_per_s" not in row or f"{phase}_gflops_per_s" not in ref:
+                continue
+            own, theirs = (round_seconds[k][phase] if round_seconds else [] for k in (i, j))
+            if own and len(own) == len(theirs):
+                ratio = statistics.median(t / s for s, t in zip(own, theirs)) * row["gflops"] / ref["gflops"]
+            else:
+                ratio = row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"]
+            row[f"{phase}_efficiency"] = round(ratio, 3)
 
 
 def _device_name(device) -> str:

@@ -21,10 +21,8 @@ changes:
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches (see the class).  This gain does not depend on the instruction set.
 
-PaCa-Tiny's fp32 inference efficiency relative to ConvNeXt-Tiny, plain -> fused (batch 8 at
-224, 2 threads, the CPU settings of ``classification/speed_report.sh``; two runs), on an AMD EPYC
-Zen 5: 0.80-0.84 -> 1.75-1.76; with oneDNN and ATen limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2
-ATEN_CPU_CAPABILITY=avx2``): 0.81 -> 1.16-1.22.
+What the transform gains, plain -> fused, with the host and the command that measured it: the
+README's Performance section (``classification/speed_report.sh``).
 
 The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
 fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,

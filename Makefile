@@ -15,9 +15,11 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -m "not slow" -n 2
 
-# the end-to-end runs alone; CI runs both targets
+# the end-to-end runs alone, on two processes too: most of their time is subprocesses starting
+# (imports, torchrun), which the other process overlaps; a file's tests stay on one process, so
+# its module-wide fixtures (trained runs) are made once.  CI runs both targets.
 test-slow: install
-	$(PYTHON) -m pytest -m slow
+	$(PYTHON) -m pytest -m slow -n 2 --dist loadfile
 
 test-all: test test-slow
 

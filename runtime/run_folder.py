@@ -100,8 +100,9 @@ def resume_point(task: str, folder, report=print) -> Optional[Path]:
     """The newest checkpoint of ``folder`` whose records check out, or None when it has none yet.
 
     Each broken one is reported (``report``); CheckpointError when none is intact.  A folder with
-    files but no checkpoint (a run stopped before its first one) gets a note that it starts over.  Nothing is
-    unpickled: whether the file holds this run's training state is checked where it is loaded.
+    files but no checkpoint (a run stopped before its first one) gets a note that it starts over.
+    Nothing is unpickled: whether the file holds this run's training state is checked where it is
+    loaded.
     """
     folder = Path(folder)
     if not folder.is_dir():

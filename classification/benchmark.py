@@ -20,8 +20,8 @@ round, so that fast models get as many seconds as slow ones), and a round's figu
 the median of its iterations, so that one interrupted iteration does not move it.  A row reports
 the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
 which holds that one model only; its efficiency is the median over the rounds of its ratio to the
-reference in the same round.  The host (CPU model and instruction sets, threads, library
-versions) is printed and written with every row.
+reference in the same round.  The host (CPU model and instruction sets, threads, OpenMP waiting,
+library versions) is printed and written with every row.
 
 ``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
 the run's PaCa models from a checkout of https://github.com/iVMCL/PaCaViT (its models/paca_vit.py,
@@ -72,7 +72,7 @@ FIELDS = (
     "infer_img_per_s", "infer_spread_pct", "infer_ms_per_batch", "infer_peak_mem_MB",
     "train_img_per_s", "train_spread_pct", "train_ms_per_batch", "train_peak_mem_MB",
     "infer_gflops_per_s", "train_gflops_per_s", "infer_efficiency", "train_efficiency",
-    "host", "isa", "threads", "python", "torch", "timm",
+    "host", "isa", "threads", "omp_wait_policy", "python", "torch", "timm",
 )
 # how a batch is timed: wall time, or the CPU time of the measuring process (all threads)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -175,7 +175,10 @@ def host_info(device: torch.device) -> dict:
     isa.append(f"ATen {torch.backends.cpu.get_cpu_capability()}")
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
         isa.append(f"oneDNN max {os.environ['ONEDNN_MAX_CPU_ISA']}")
+    # passive waiting (the launchers' choice for jobs that share the cores) slowed every model by
+    # about a fifth here, PaCa's many short parallel regions most
     info = {"host": model_name, "isa": " ".join(isa), "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
     if device.type == "cuda":
         info["host"] += f" + {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, " \
@@ -551,7 +554,7 @@ def main(argv=None):
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
               "channels_last": args.channels_last, "clock": args.clock, **host}
     _logger.info(f"host: {host['host']}; ISA: {host['isa']}; {host['threads']} threads; "
-                 f"python {host['python']}, torch {host['torch']}, timm {host['timm']}")
+                 f"OpenMP waiting {host['omp_wait_policy']}; python {host['python']}, torch {host['torch']}, timm {host['timm']}")
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model, "
                  f"timed by the {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
@@ -623,7 +626,8 @@ def _device_name(device) -> str:
 
 
 def _host_line(host) -> str:
-    return f"{host['host']} ({host['isa']}), {host['threads']} threads, torch {host['torch']}"
+    waiting = "" if host["omp_wait_policy"] == "default" else f" (OMP_WAIT_POLICY={host['omp_wait_policy']})"
+    return f"{host['host']} ({host['isa']}), {host['threads']} threads{waiting}, torch {host['torch']}"
 
 
 def _print_table(rows, host):

@@ -3,8 +3,8 @@ import pytest
 
 from classification import benchmark, benchmark_agreement
 
-HOST = {"host": "AMD EPYC", "isa": "AVX2 AVX-512", "threads": 2, "torch": "2.14.1", "timm": "1.0.31",
-        "device": "cpu x2 threads", "batch_size": 8, "img_size": 224, "compile": False, "plain_ops": False,
+HOST = {"host": "AMD EPYC", "isa": "AVX2 AVX-512", "threads": 2, "omp_wait_policy": "default", "torch": "2.14.1",
+        "timm": "1.0.31", "device": "cpu x2 threads", "batch_size": 8, "img_size": 224, "compile": False, "plain_ops": False,
         "official": False, "precision": "fp32"}
 
 
@@ -35,6 +35,10 @@ def test_runs_from_different_hosts_or_too_few_runs_are_clear_errors(tmp_path):
         benchmark_agreement.main([str(path)])
     benchmark.append_rows(path, run("2026-01-02T00:00:00", 30.0, isa="AVX2"))
     with pytest.raises(benchmark_agreement.UsageError, match="different hosts"):
+        benchmark_agreement.main([str(path)])
+    # passive OpenMP waiting makes other figures (slower, PaCa more): not the same conditions
+    benchmark.append_rows(path, run("2026-01-03T00:00:00", 30.0, isa="AVX2", omp_wait_policy="PASSIVE"))
+    with pytest.raises(benchmark_agreement.UsageError, match="different hosts.*PASSIVE"):
         benchmark_agreement.main([str(path)])
     with pytest.raises(benchmark_agreement.UsageError, match="no such file"):
         benchmark_agreement.main([str(tmp_path / "none.csv")])

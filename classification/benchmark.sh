@@ -21,12 +21,8 @@ MODEL=$1 IMG_SIZE=$2 NUM_CLASSES=$3 GPU=$4
 shift 4
 paca_take_flags "$@"
 
-OWN_WAIT_POLICY="${OMP_WAIT_POLICY:-}"
 paca_select_devices "$GPU" 1
-# one process measures at a time while the others wait on their stdin: OpenMP's default waiting
-# (a brief spin, then sleep) unless you chose otherwise; the launchers' passive waiting, meant for
-# processes that share the cores, cost every model about a fifth of its throughput here
-[[ -n "$OWN_WAIT_POLICY" ]] || unset OMP_WAIT_POLICY
+paca_default_omp_waiting  # one process measures at a time
 CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--amp --channels-last)
 

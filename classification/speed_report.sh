@@ -29,6 +29,7 @@ fi
 GPU=$1
 shift
 paca_select_devices "$GPU" 1 >/dev/null
+paca_default_omp_waiting  # as benchmark.sh: one process measures at a time
 
 TINY=pacavit_tiny_p2cconv_100_0
 SMALL=pacavit_small_p2cconv_100_0

@@ -193,10 +193,22 @@ paca_select_devices() {
         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nb_gpus > 0 ? cores / nb_gpus : 1 ))}"
         # idle OpenMP threads sleep instead of spinning: on a shared CPU spinning threads steal
         # the cores the working ones need (measured: a 2.1 s step took 13-20 s)
-        export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+        if [[ -z "${OMP_WAIT_POLICY:-}" ]]; then
+            export OMP_WAIT_POLICY=PASSIVE PACA_CHOSE_PASSIVE=1
+        fi
     fi
     PACA_NPROC="$nb_gpus"
     export PACA_DEVICE
+}
+
+# For a job whose processes never run at the same time (benchmark.sh: one measures while the
+# others wait): OpenMP's default waiting (a brief spin, then sleep) instead of the passive waiting
+# that paca_select_devices chose; a policy the user set stays.  Passive waiting wakes the threads
+# for every parallel region: it cost every model about a fifth of its throughput here.
+paca_default_omp_waiting() {
+    if [[ -n "${PACA_CHOSE_PASSIVE:-}" ]]; then
+        unset OMP_WAIT_POLICY PACA_CHOSE_PASSIVE
+    fi
 }
 
 # The processes' stderr on its way to the terminal, line by line, without the traceback torchrun

@@ -163,8 +163,7 @@ def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, 
 def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env):
     csv_path = os.path.join(cls_env["PACAVIT_WORK_DIRS"], "classification", "all_benchmark_results.csv")
     args = ["-b", 1, "--iters", 1, "--warmup", 0, "--compare", "--peers", "pvt_v2_b1", "--img-sizes", "32,64"]
-    env = {k: v for k, v in cls_env.items() if k != "OMP_WAIT_POLICY"}
-    result = run([CLS_DIR / "benchmark.sh", MODEL, 224, 1000, 0, *args], env)
+    result = run([CLS_DIR / "benchmark.sh", MODEL, 224, 1000, 0, *args], {**cls_env, "OMP_WAIT_POLICY": "PASSIVE"})
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -175,8 +174,7 @@ def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env
     assert float(paca["gflops"]) == pytest.approx(3.2, abs=0.05)
     assert float(paca["infer_img_per_s"]) > 0 and float(paca["train_img_per_s"]) > 0
     assert (paca["img_size"], paca["num_classes"], paca["device"].startswith("cpu")) == ("224", "1000", True)
-    # one process measures at a time: OpenMP's default waiting, not the CPU launchers' passive one
-    assert paca["omp_wait_policy"] == "default"
+    assert paca["omp_wait_policy"] == "PASSIVE"  # the user's own choice is kept
     assert float(rows[1]["params_M"]) == pytest.approx(14.0, abs=0.05)
     assert os.path.getsize(os.path.join(os.path.dirname(csv_path), "latency_vs_resolution.png")) > 0
 
@@ -186,7 +184,8 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
     quick = ["-b", 1, "--iters", 1, "--train-iters", 1, "--min-round-seconds", 0, "--warmup", 0, "--rounds", 1,
              "--img-sizes", "32,64", "--results-csv", csv_path,
              "--low-precision-models", f"{MODEL},convnext_tiny"]
-    result = run([CLS_DIR / "speed_report.sh", 0, *quick], {**cls_env, "OMP_WAIT_POLICY": "PASSIVE"})
+    env = {k: v for k, v in cls_env.items() if k not in ("OMP_WAIT_POLICY", "PACA_CHOSE_PASSIVE")}
+    result = run([CLS_DIR / "speed_report.sh", 0, *quick], env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as f:
         all_rows = list(csv.DictReader(f))
@@ -199,7 +198,8 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
                           for name, fused in ((MODEL, "True"), (MODEL, "False"), ("convnext_tiny", "False"))]
     assert [(row["model"], row["precision"], row["fused_kernels"]) for row in all_rows] == expected_rows
     assert all(row["host"] and row["isa"] and row["rounds"] == "1" for row in all_rows)
-    assert {row["omp_wait_policy"] for row in all_rows} == {"PASSIVE"}  # the user's own choice is kept
+    # one process measures at a time: OpenMP's default waiting, not the CPU launchers' passive one
+    assert {row["omp_wait_policy"] for row in all_rows} == {"default"}
     rows = {row["model"]: row for row in all_rows if row["plain_ops"] == "False" and row["precision"] == "fp32"}
     assert float(rows["convnext_tiny"]["infer_efficiency"]) == 1.0
     for row in rows.values():

@@ -138,6 +138,28 @@ class EvalImageFolder(ImageDataset):
         return self.transform(image), target
 
 
+class TrainImageFolder(ImageDataset):
+    """timm's ImageDataset for training, reading its images as the evaluation does (``to_rgb8``):
+    a 16-bit PNG keeps its brightness, where Pillow's ``convert("RGB")`` would clip it almost white.
+    As in timm, an unreadable image is skipped for the next one, with a warning that names it."""
+
+    def __getitem__(self, index):
+        for _ in range(self._max_retries):
+            file, target = self.reader[index][:2]
+            name = self.filename(index, absolute=True)
+            try:
+                with file:
+                    image = to_rgb8(Image.open(file), name)
+                break
+            except (OSError, SyntaxError) as err:  # PIL reports some broken PNGs as SyntaxError
+                _logger.warning(f"skipped unreadable training image {name} ({err}); the next one takes its place")
+                index = (index + 1) % len(self.reader)
+        else:
+            raise UsageError(f"{self._max_retries} training images in a row are unreadable, the last {name}: "
+                             "repair or remove them, then run again")
+        return self.transform(image), target
+
+
 def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False):
     """Deterministic evaluation loader; under torch.distributed each rank gets a disjoint shard.
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import Mixup, create_loader, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -589,8 +589,8 @@ def main(argv=None):
         _logger.info("CPU run: mixed precision and channels_last are CUDA-only, training in fp32 NCHW")
 
     class_map = cls_common.training_class_map(args.data_dir, args.train_split, args.val_split)
-    dataset_train = create_dataset("", root=args.data_dir, split=args.train_split, is_training=True,
-                                   class_map=class_map, seed=args.seed)
+    dataset_train = cls_common.TrainImageFolder(cls_common.require_split(args.data_dir, args.train_split),
+                                                class_map=class_map)
     num_classes = len(class_map)
     class_names = sorted(class_map, key=class_map.get)
     model = build_model(args, num_classes)

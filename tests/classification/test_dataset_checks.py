@@ -87,3 +87,20 @@ def test_evaluation_reads_a_16_bit_png_as_its_8_bit_original(data):
     by_name = {os.path.relpath(dataset.filename(i, absolute=True), data / "val"): dataset[i][0]
                for i in range(len(dataset))}
     np.testing.assert_array_equal(by_name[os.path.join("class0", "0.png")], by_name[os.path.join("class1", "0.png")])
+
+
+def test_training_reads_a_16_bit_png_as_its_8_bit_original_and_skips_a_broken_image_by_name(data, caplog):
+    eight_bit = np.asarray(Image.open(data / "train" / "class0" / "0.png").convert("L"))
+    Image.fromarray(eight_bit.astype(np.uint16) * 257).save(data / "train" / "class0" / "0.png")  # mode I;16
+    Image.fromarray(eight_bit).save(data / "train" / "class1" / "0.png")
+    (data / "train" / "class2" / "0.png").write_bytes(b"<html>not an image</html>")
+    dataset = cls_common.TrainImageFolder(str(data / "train"), class_map=cls_common.class_map_for(str(data), "val"))
+    dataset.transform = np.asarray
+    images = {os.path.relpath(dataset.filename(i, absolute=True), data / "train"): dataset[i] for i in range(len(dataset))}
+    sixteen, eight = images[os.path.join("class0", "0.png")], images[os.path.join("class1", "0.png")]
+    np.testing.assert_array_equal(sixteen[0], eight[0])
+    assert sixteen[0].dtype == np.uint8 and sixteen[0].shape[-1] == 3 and sixteen[1] == 0
+    # the broken one gives way to the next image (timm's rule), and the warning names it
+    broken, following = images[os.path.join("class2", "0.png")], images[os.path.join("class2", "1.png")]
+    np.testing.assert_array_equal(broken[0], following[0])
+    assert f"skipped unreadable training image {data / 'train' / 'class2' / '0.png'}" in caplog.text

@@ -120,7 +120,21 @@ def training_class_map(data_dir: str, train_split: str, val_split: str) -> dict:
     return class_map_for(data_dir, val_split)
 
 
-class EvalImageFolder(ImageDataset):
+class _Rgb8ImageFolder(ImageDataset):
+    """timm's ImageDataset reading its images with ``to_rgb8``: a 16-bit PNG keeps its brightness,
+    where Pillow's ``convert("RGB")`` would clip it almost white."""
+
+    # PIL reports some broken PNGs as SyntaxError
+    READ_ERRORS = (OSError, SyntaxError)
+
+    def read(self, index):
+        """(8-bit RGB image, target) of item ``index``; raises one of READ_ERRORS if unreadable."""
+        file, target = self.reader[index][:2]
+        with file:
+            return to_rgb8(Image.open(file), self.filename(index, absolute=True)), target
+
+
+class EvalImageFolder(_Rgb8ImageFolder):
     """An ImageFolder split where each image counts exactly once.
 
     timm's ImageDataset answers an unreadable image with the next one (counted twice, the warning
@@ -128,30 +142,25 @@ class EvalImageFolder(ImageDataset):
     """
 
     def __getitem__(self, index):
-        file, target = self.reader[index][:2]
         try:
-            with file:
-                image = to_rgb8(Image.open(file), self.filename(index, absolute=True))
-        except (OSError, SyntaxError) as err:  # PIL reports some broken PNGs as SyntaxError
+            image, target = self.read(index)
+        except self.READ_ERRORS as err:
             raise UsageError(f"cannot read image {self.filename(index, absolute=True)} ({err}). Every image of "
                              f"an evaluation counts once: repair or remove the file, then run again") from None
         return self.transform(image), target
 
 
-class TrainImageFolder(ImageDataset):
-    """timm's ImageDataset for training, reading its images as the evaluation does (``to_rgb8``):
-    a 16-bit PNG keeps its brightness, where Pillow's ``convert("RGB")`` would clip it almost white.
-    As in timm, an unreadable image is skipped for the next one, with a warning that names it."""
+class TrainImageFolder(_Rgb8ImageFolder):
+    """The training split: as in timm, an unreadable image is skipped for the next one, with a
+    warning that names it."""
 
     def __getitem__(self, index):
         for _ in range(self._max_retries):
-            file, target = self.reader[index][:2]
-            name = self.filename(index, absolute=True)
             try:
-                with file:
-                    image = to_rgb8(Image.open(file), name)
+                image, target = self.read(index)
                 break
-            except (OSError, SyntaxError) as err:  # PIL reports some broken PNGs as SyntaxError
+            except self.READ_ERRORS as err:
+                name = self.filename(index, absolute=True)
                 _logger.warning(f"skipped unreadable training image {name} ({err}); the next one takes its place")
                 index = (index + 1) % len(self.reader)
         else:

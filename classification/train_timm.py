@@ -14,9 +14,9 @@ override them.  Without ``--lr`` the rate is ``lr_base * global_batch / lr_base_
 Resuming is exact: every checkpoint holds the random state of every process, and each epoch's
 sample order and data-loading workers are seeded from (seed, epoch, rank) alone, so a run
 interrupted after an epoch and resumed ends with the weights of the uninterrupted run.  SIGTERM
-(a scheduler's preemption notice) stops training at the next logged step with a recovery
-checkpoint (``recovery-EPOCH-STEP.pth.tar``); resuming from it draws that epoch's first STEP
-batches again without training on them, so it is exact too.
+(a scheduler's preemption notice) stops training after the next optimizer step (with several
+processes, the one after) with a recovery checkpoint (``recovery-EPOCH-STEP.pth.tar``); resuming
+from it draws that epoch's first STEP batches again without training on them, so it is exact too.
 ``--auto-resume`` continues from the newest intact checkpoint of ``--output`` (rank 0 picks it for
 all processes, see ``runtime.run_folder``); when training ends rank 0 writes ``FINISHED`` there.
 Checkpoints also hold ``class_names``, the class folder names in label order.
@@ -322,21 +322,29 @@ class CheckpointContents:
 
 class StopOnSigterm:
     """SIGTERM (what SLURM sends before preempting a job, and what torchrun passes on when it is
-    stopped) asks training to stop.  The ranks agree on it at each check (a max over a flag), so all
-    stop after the same step: a rank that stopped alone would leave the others waiting in their
-    next all-reduce."""
+    stopped) asks training to stop after the current step.  Several ranks must stop after the same
+    step (a rank that stopped alone would leave the others waiting in their next all-reduce), so
+    they agree on it: each step starts an all-reduce (max) of the flag without waiting for it and
+    reads the previous step's, which has long arrived, so the check costs no device sync; the ranks
+    then stop one step after the first of them saw the signal."""
 
     def __init__(self, device, distributed):
         self.device, self.distributed, self.signalled = device, distributed, False
+        self.in_flight = None  # the previous step's all-reduce: (work, flag)
         signal.signal(signal.SIGTERM, self._note_signal)
 
     def _note_signal(self, signum, frame):
         self.signalled = True
 
     def agreed(self) -> bool:
+        if not self.distributed:
+            return self.signalled
         flag = torch.tensor([int(self.signalled)], device=self.device)
-        if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        previous, self.in_flight = self.in_flight, (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        if previous is None:
+            return False
+        work, flag = previous
+        work.wait()
         return bool(flag.item())
 
 
@@ -447,13 +455,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_st
         losses.update(loss.detach(), images.size(0))  # a tensor: no device sync per step
         run["progress"].step_time.update(time.time() - end)
         end = time.time()
-        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
-            if args.rank == 0:
-                run["progress"].log(epoch, step, float(losses.val), float(losses.avg),
-                                    optimizer.param_groups[0]["lr"], images.size(0))
-            # checked where the log syncs anyway: a check is a collective and waits for the device
-            if need_update and step + 1 < len(loader) and run["stop"].agreed():
-                return {"stopped_after": step + 1}
+        if ((step + 1) % args.log_interval == 0 or step + 1 == len(loader)) and args.rank == 0:
+            run["progress"].log(epoch, step, float(losses.val), float(losses.avg),
+                                optimizer.param_groups[0]["lr"], images.size(0))
+        # every update: torchrun leaves its workers 30 s after the signal
+        if need_update and step + 1 < len(loader) and run["stop"].agreed():
+            return {"stopped_after": step + 1}
     mean_loss = losses.avg.detach().float()
     if args.distributed:
         mean_loss = reduce_tensor(mean_loss, args.world_size)

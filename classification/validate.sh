@@ -32,4 +32,5 @@ CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--pin-mem --channels-last --amp --workers 8)
 
 paca_torchrun "" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
-    --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}"
+    --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}" ||
+    paca_evaluation_failed $?

@@ -321,6 +321,19 @@ paca_training_failed() {
     exit 1
 }
 
+# paca_evaluation_failed RC: the launcher's last word on an evaluation (validate / test) that did
+# not finish (exits with RC).  A signal gets one line of its own instead of torchrun's traceback:
+# an evaluation keeps nothing to resume from, it is launched again.
+paca_evaluation_failed() {
+    local rc="$1"
+    if [[ -n "$PACA_STOPPED_BY" ]]; then
+        echo "stopped by $PACA_STOPPED_BY: the evaluation did not finish; launch it again" >&2
+        [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
+        exit 143
+    fi
+    exit "$rc"
+}
+
 # ---------------------------------------------------------------------------------------------
 # The run folder's life, the same for the three training launchers (runtime/run_folder.py is the
 # Python side).  Its path is paca_run_dir's; training's rank 0 writes FINISHED into it when
@@ -330,7 +343,8 @@ paca_training_failed() {
 # --yes), and keeps it otherwise: RESUME=1 (the default) continues it, RESUME=0 refuses a folder
 # that holds anything.  Which checkpoint to resume from is decided by the processes' rank 0 and
 # shared with every rank of every node.  On several nodes sharing the folder, node 0 alone locks
-# and removes it; the others leave it as it is.
+# and removes it; the others leave it as it is.  A run that the official code (or this repository
+# before the FINISHED mark) moved to <Exp_name>/TrainingFinished/<name>/ counts as finished too.
 PACA_FINISHED_MARK="FINISHED"
 
 # paca_run_dir TASK EXP_NAME SUBJECT TAG: <work_dirs>/<task>/<Exp_name>/<subject>_<Tag>, the
@@ -346,6 +360,13 @@ paca_prepare_experiment() {
     if [[ -e "$dir/$PACA_FINISHED_MARK" ]]; then
         [[ "$remove_old" == 1 ]] && paca_die "$dir is a finished experiment and is never retrained or overwritten: choose another Exp_name/Tag, or delete it by hand to train again"
         echo "$dir is a finished experiment; nothing to do (a finished run is never retrained)"
+        exit 0
+    fi
+    local moved
+    moved="$(dirname "$dir")/TrainingFinished/$(basename "$dir")"
+    if [[ -d "$moved" ]]; then
+        [[ "$remove_old" == 1 ]] && paca_die "$moved is this run, finished and moved there by the official code's layout; it is never retrained or overwritten: choose another Exp_name/Tag, or delete it by hand to train again"
+        echo "$dir was trained to the end and moved to $moved (the official code's layout); nothing to do (a finished run is never retrained)"
         exit 0
     fi
     if [[ "${NODE_RANK:-0}" != 0 ]]; then
@@ -421,5 +442,6 @@ paca_openmmlab_test() {
     shift 5
     paca_take_flags "$@"
     paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
-    paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}"
+    paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}" ||
+        paca_evaluation_failed $?
 }

@@ -15,7 +15,8 @@ What this adds on top of mmengine's Runner:
   without CUDA), ``--auto-scale-lr``; rank 0
   chooses the checkpoint and tells the other ranks, so every node of a run resumes from the same one
   (``runtime.run_folder``), and marks the run ``FINISHED`` at the end;
-* SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops;
+* SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops, and an
+  epoch-based run resumed from it goes on after the saved iteration (``MidEpochResumableTrainLoop``);
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
   loading (resume), while arbitrary pickled callables are still refused;
@@ -35,6 +36,8 @@ from typing import Optional, Sequence
 
 import torch
 from mmengine.hooks import Hook
+from mmengine.registry import LOOPS
+from mmengine.runner import EpochBasedTrainLoop
 
 from models import PRETRAINED
 from models.checkpoint import (
@@ -238,6 +241,8 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     elif cfg.get("load_from"):
         cfg.load_from = fine_tuning_weights(cfg.load_from, args.config)
     cfg.resume = resume_from is not None
+    if cfg.train_cfg.get("type") == "EpochBasedTrainLoop":
+        cfg.train_cfg.type = "MidEpochResumableTrainLoop"  # CheckpointOnSigterm saves within epochs
     runner = Runner.from_cfg(cfg)
     if resume_from:
         refuse_unfit_resume(_unwrapped(runner.model), resume_from)
@@ -309,6 +314,30 @@ class CheckpointOnSigterm(Hook):
         with open(os.path.join(runner.work_dir, "last_checkpoint"), "w") as pointer:
             pointer.write(path)
         raise SystemExit(f"stopped by SIGTERM after iteration {iteration}; saved {path} to resume from")
+
+
+@LOOPS.register_module()
+class MidEpochResumableTrainLoop(EpochBasedTrainLoop):
+    """mmengine's epoch loop, except that a run resumed from a checkpoint saved within an epoch
+    (``CheckpointOnSigterm``'s) goes on after the saved iteration: mmengine's own loop would train
+    that epoch again from its first batch, and the run would end with more iterations than one
+    never interrupted.  The epoch's batches come in the same order again (the sampler is seeded by
+    the epoch), and those trained before the stop are drawn and left out, as mmengine's
+    iteration-based loop does on resume."""
+
+    def run_epoch(self) -> None:
+        done = self._iter - self._epoch * len(self.dataloader)
+        if done <= 0:
+            return super().run_epoch()
+        self.runner.call_hook("before_train_epoch")
+        self.runner.model.train()
+        batches = iter(self.dataloader)
+        for _ in range(done):
+            next(batches)
+        for idx, data_batch in enumerate(batches, start=done):
+            self.run_iter(idx, data_batch)
+        self.runner.call_hook("after_train_epoch")
+        self._epoch += 1
 
 
 def _collective_device() -> torch.device:

@@ -65,6 +65,29 @@ def test_validate_reproduces_the_trainers_last_evaluation(finished_run, cls_env,
     assert metrics["loss"] == pytest.approx(float(last_eval["eval_loss"]), abs=1e-3)
 
 
+def test_validate_stopped_by_sigterm_says_so_in_its_own_line(finished_run, cls_env, tmp_path):
+    _, done_dir = finished_run
+    log = tmp_path / "validate.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([str(c) for c in (CLS_DIR / "validate.sh", MODEL, done_dir / "last.pth.tar", "TINY",
+                                                 32, 0, 1)],
+                               env=cls_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while "torch.distributed.run" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # torchrun has started its worker, which is still importing torch
+        assert job.poll() is None, "validation ended before it could be interrupted"
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    output = log.read_text()
+    assert job.returncode == 143
+    assert "SignalException" not in output and "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1] == "stopped by SIGTERM: the evaluation did not finish; launch it again"
+
+
 def test_finished_experiment_is_never_retrained(finished_run, cls_env):
     _, done_dir = finished_run
     before = (done_dir / "last.pth.tar").stat().st_mtime_ns

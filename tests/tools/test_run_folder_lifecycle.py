@@ -49,6 +49,19 @@ def test_a_finished_run_is_never_retrained_or_removed(tmp_path, node_rank):
     assert sorted(p.name for p in run.iterdir()) == ["FINISHED", "last.pth.tar"]
 
 
+def test_a_run_the_official_layout_moved_to_training_finished_counts_as_finished(tmp_path):
+    run = tmp_path / "exp" / "IMNET_224_pacavit_tiny_p2cconv_100_0_t1"
+    moved = tmp_path / "exp" / "TrainingFinished" / run.name
+    moved.mkdir(parents=True)
+    (moved / "model_best.pth.tar").write_bytes(b"weights")
+    again = launch_common('paca_prepare_experiment "$1" 0; echo "not reached"', dict(os.environ, PACAVIT_YES="1"), str(run))
+    assert again.returncode == 0 and f"{run} was trained to the end and moved to {moved}" in again.stdout
+    assert "nothing to do" in again.stdout and "not reached" not in again.stdout
+    removed = launch_common('paca_prepare_experiment "$1" 1', dict(os.environ, PACAVIT_YES="1"), str(run))
+    assert removed.returncode == 2 and "is never retrained or overwritten" in removed.stderr
+    assert not run.exists() and [p.name for p in moved.iterdir()] == ["model_best.pth.tar"]
+
+
 def test_resume_0_refuses_an_existing_run_and_other_nodes_leave_the_folder_alone(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -19,10 +19,8 @@ round's length more); each iteration is timed (``--min-round-seconds``: for at l
 round, so that fast models get as many seconds as slow ones), and a round's figure is
 the median of its iterations, so that one interrupted iteration does not move it.  A row reports
 the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
-which holds that one model only.  Within a round the reference is measured before and after every
-other model (R A R B R ...), and a model's efficiency is the median over the rounds of its ratio to
-the reference measured around it: the host's speed drifts over tens of seconds when other work
-shares it, which a ratio taken a whole round apart would count as a difference.  The host (CPU model and instruction sets, threads, OpenMP waiting,
+which holds that one model only; its efficiency is the median over the rounds of its ratio to the
+reference in the same round.  The host (CPU model and instruction sets, threads, OpenMP waiting,
 library versions) is printed and written with every row.
 
 ``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
@@ -446,75 +444,35 @@ def comparison_groups(specs: list) -> list:
     return list(groups.values())
 
 
-def round_order(specs: list, reference: Optional[dict], phases) -> list:
-    """The (spec, phase) measurements of one round, phase by phase.  Where the group holds the
-    reference, it is measured before and after every other model (R A R B R ...): each model is then
-    compared with the reference measured seconds before and after it, not a whole round away, so that
-    the host's speed drifting within a round (other work on it; here by 10-25% over tens of seconds)
-    does not count as a difference between them."""
-    order = []
-    for phase in ("infer", "train"):
-        measured = [spec for spec in specs if phase in phases(spec)]
-        others = [spec for spec in measured if spec is not reference]
-        if reference in measured and others:
-            order.append((reference, phase))
-            for spec in others:
-                order += [(spec, phase), (reference, phase)]
-        else:
-            order += [(spec, phase) for spec in measured]
-    return order
-
-
-def bracketed_pairs(measurements: list, reference: Optional[dict]) -> list:
-    """(spec, phase, seconds, reference seconds) for each measurement of a round but the reference's:
-    the reference's seconds are the geometric mean of its measurements just before and after."""
-    pairs = []
-    for k, (spec, phase, seconds) in enumerate(measurements):
-        if spec is reference:
-            continue
-        around = [measurements[j][2] for j in (k - 1, k + 1)
-                  if 0 <= j < len(measurements) and measurements[j][:2] == (reference, phase)]
-        if len(around) == 2:
-            pairs.append((spec, phase, seconds, statistics.geometric_mean(around)))
-    return pairs
-
-
-def measure_group(specs: list, args, device, argv, times: dict, paired: dict):
-    """Start a process per spec, then ``args.rounds`` rounds over them (``round_order``).  Every
-    measurement's seconds go to ``times``; (seconds, the reference's around them) to ``paired``."""
-    reference = next((s for s in specs if s["model"] == args.reference and not s["official"]), None)
-    workers = {}
+def measure_group(specs: list, args, device, argv, times: dict):
+    """Start a process per spec, then ``args.rounds`` rounds over them; the seconds go to ``times``."""
+    workers = []
     try:
         for spec in specs:
-            workers[id(spec)] = Worker(spec, argv)
-            spec["row"] = workers[id(spec)].ask()  # built: params and GFLOPs
-        order = round_order(specs, reference, lambda spec: ("infer", "train") if trains(spec, args, device) else ("infer",))
+            workers.append(Worker(spec, argv))
+            spec["row"] = workers[-1].ask()  # built: params and GFLOPs
         for round_index in range(args.rounds):
-            measurements = []
-            for spec, phase in order:
-                result = workers[id(spec)].ask(phase)
-                measurements.append((spec, phase, result["seconds"]))
-                times[id(spec)][phase].append(result["seconds"])
-                spec["row"][f"{phase}_peak_mem_MB"] = max(spec["row"].get(f"{phase}_peak_mem_MB", 0),
-                                                         result["peak_mem_MB"])
-                _logger.info(f"round {round_index + 1}/{args.rounds} {label(spec)} {phase}: "
-                             f"{args.batch_size / result['seconds']:.2f} img/s, peak {result['peak_mem_MB']} MB")
-            for spec, phase, seconds, reference_seconds in bracketed_pairs(measurements, reference):
-                paired[id(spec)][phase].append((seconds, reference_seconds))
+            for spec, worker in zip(specs, workers):
+                for phase in ("infer", "train") if trains(spec, args, device) else ("infer",):
+                    result = worker.ask(phase)
+                    times[id(spec)][phase].append(result["seconds"])
+                    spec["row"][f"{phase}_peak_mem_MB"] = max(spec["row"].get(f"{phase}_peak_mem_MB", 0),
+                                                             result["peak_mem_MB"])
+                    _logger.info(f"round {round_index + 1}/{args.rounds} {label(spec)} {phase}: "
+                                 f"{args.batch_size / result['seconds']:.2f} img/s, peak {result['peak_mem_MB']} MB")
     finally:
-        for worker in workers.values():
+        for worker in workers:
             worker.close()
 
 
 def benchmark_classifiers(names, args, device, argv) -> Tuple[list, list]:
     """Measure every spec in its own process, ``args.rounds`` rounds interleaved over the processes
     of one comparison group (see ``comparison_groups``), one group after the other.  Returns the
-    rows and, for each, its (seconds, the reference's seconds around them) per round and phase."""
+    rows and, for each, its seconds per batch round by round ({phase: [seconds]})."""
     specs = run_specs(names, args, device)
     times = {id(spec): {"infer": [], "train": []} for spec in specs}
-    paired = {id(spec): {"infer": [], "train": []} for spec in specs}
     for group in comparison_groups(specs):
-        measure_group(group, args, device, argv, times, paired)
+        measure_group(group, args, device, argv, times)
     rows = []
     for spec in specs:
         row = {"model": spec["model"], "official": spec["official"], "compile": spec["compile"],
@@ -529,7 +487,7 @@ def benchmark_classifiers(names, args, device, argv) -> Tuple[list, list]:
                             f"{phase}_ms_per_batch": round(median * 1e3, 2),
                             f"{phase}_spread_pct": round((max(seconds) - min(seconds)) / median * 100, 1)})
         rows.append(row)
-    return rows, [paired[id(spec)] for spec in specs]
+    return rows, [times[id(spec)] for spec in specs]
 
 
 def create_backbone(name, img_size):
@@ -600,9 +558,9 @@ def main(argv=None):
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model, "
                  f"timed by the {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
-    rows, paired = benchmark_classifiers(names, args, device, _worker_argv(argv, args))
+    rows, round_seconds = benchmark_classifiers(names, args, device, _worker_argv(argv, args))
     rows = [{**common, **row} for row in rows]
-    add_efficiency(rows, args.reference, paired)
+    add_efficiency(rows, args.reference, round_seconds)
     append_rows(args.results_csv, rows)
     _print_table(rows, host)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
@@ -631,32 +589,31 @@ def _worker_argv(argv, args) -> list:
     return [*argv, "--device", args.device, "--threads", str(torch.get_num_threads())]
 
 
-def add_efficiency(rows, reference, paired: Optional[list] = None):
+def add_efficiency(rows, reference, round_seconds: Optional[list] = None):
     """Work rate (img/s x GFLOPs per image) of each model, and its ratio to the reference model's
     (this repository's, same compile setting and precision): how well a model turns its FLOPs into
     throughput on this machine.
 
-    With ``paired`` (per row, {phase: [(seconds per batch, the reference's seconds measured around
-    them)]}, see ``round_order``), the ratio is taken measurement by measurement and the row gets
-    the median of those: a model and the reference are compared over the same stretch of time, so
-    that the host speeding up or slowing down does not count as a difference between them."""
+    With ``round_seconds`` (per row, {phase: seconds per batch in each round}, as measured in the
+    same rounds), the ratio is taken round by round and the row gets the median of those: a model
+    and the reference are then compared over the same stretch of time, so that the host speeding up
+    or slowing down between rounds does not count as a difference between them."""
     for row in rows:
         for phase in ("infer", "train"):
             if f"{phase}_img_per_s" in row:
                 row[f"{phase}_gflops_per_s"] = round(row[f"{phase}_img_per_s"] * row["gflops"], 2)
     for i, row in enumerate(rows):
-        ref = next((r for r in rows if r["model"] == reference and not r.get("official")
-                    and r["compile"] == row["compile"] and r.get("precision") == row.get("precision")), None)
-        if ref is None:
+        j = next((j for j, r in enumerate(rows) if r["model"] == reference and not r.get("official")
+                  and r["compile"] == row["compile"] and r.get("precision") == row.get("precision")), None)
+        if j is None:
             continue
+        ref = rows[j]
         for phase in ("infer", "train"):
             if f"{phase}_gflops_per_s" not in row or f"{phase}_gflops_per_s" not in ref:
                 continue
-            pairs = paired[i][phase] if paired else []
-            if row is ref:
-                ratio = 1.0
-            elif pairs:
-                ratio = statistics.median(theirs / own for own, theirs in pairs) * row["gflops"] / ref["gflops"]
+            own, theirs = (round_seconds[k][phase] if round_seconds else [] for k in (i, j))
+            if own and len(own) == len(theirs):
+                ratio = statistics.median(t / s for s, t in zip(own, theirs)) * row["gflops"] / ref["gflops"]
             else:
                 ratio = row[f"{phase}_gflops_per_s"] / ref[f"{phase}_gflops_per_s"]
             row[f"{phase}_efficiency"] = round(ratio, 3)

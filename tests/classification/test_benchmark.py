@@ -173,24 +173,3 @@ def test_rows_that_efficiency_compares_are_measured_together_one_group_at_a_time
     assert [{(p, c) for _, p, c, _ in group} for group in groups] == [
         {("fp32", False)}, {("fp32", True)}, {("autocast-bf16", False)}, {("autocast-bf16", True)}]
     assert groups[0] == [(TINY, "fp32", False, False), (TINY, "fp32", False, True), ("convnext_tiny", "fp32", False, False)]
-
-
-def test_the_reference_is_measured_before_and_after_every_other_model_of_a_round():
-    ours, plain, official, ref = ({"model": m} for m in ("paca", "paca plain", "official", "convnext_tiny"))
-    phases = lambda spec: ("infer",) if spec in (plain, official) else ("infer", "train")
-    order = [(spec["model"], phase) for spec, phase in benchmark.round_order([ours, plain, ref, official], ref, phases)]
-    assert order == [("convnext_tiny", "infer"), ("paca", "infer"), ("convnext_tiny", "infer"), ("paca plain", "infer"),
-                     ("convnext_tiny", "infer"), ("official", "infer"), ("convnext_tiny", "infer"),
-                     ("convnext_tiny", "train"), ("paca", "train"), ("convnext_tiny", "train")]
-    # no reference in the group: each model once
-    assert benchmark.round_order([ours, plain], None, phases) == [(ours, "infer"), (plain, "infer"), (ours, "train")]
-
-    # a model's ratio is to the geometric mean of the reference's seconds just before and after it
-    measurements = [(ref, "infer", 1.0), (ours, "infer", 3.0), (ref, "infer", 4.0), (plain, "infer", 5.0),
-                    (ref, "infer", 4.0), (ref, "train", 9.0), (ours, "train", 7.0), (ref, "train", 1.0)]
-    pairs = benchmark.bracketed_pairs(measurements, ref)
-    assert [(spec["model"], phase, seconds) for spec, phase, seconds, _ in pairs] == [
-        ("paca", "infer", 3.0), ("paca plain", "infer", 5.0), ("paca", "train", 7.0)]
-    assert [around for *_, around in pairs] == pytest.approx([2.0, 4.0, 3.0])
-    # a model with the reference on one side only (the round's edge) gets no pair
-    assert benchmark.bracketed_pairs(measurements[1:4], ref) == []

@@ -301,8 +301,7 @@ paca_training_failed() {
         else
             echo "stopped by $PACA_STOPPED_BY before the run's first checkpoint: launch it again" >&2
         fi
-        [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
-        exit 143
+        _paca_signal_exit
     fi
     error="$(grep -aoE '(^|: )error: .*' "$PACA_TORCHRUN_LOG" | tail -n 1 | sed 's/^: //' || true)"
     if [[ -n "$error" ]]; then
@@ -328,10 +327,14 @@ paca_evaluation_failed() {
     local rc="$1"
     if [[ -n "$PACA_STOPPED_BY" ]]; then
         echo "stopped by $PACA_STOPPED_BY: the evaluation did not finish; launch it again" >&2
-        [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
-        exit 143
+        _paca_signal_exit
     fi
     exit "$rc"
+}
+
+_paca_signal_exit() {  # the exit status of a process stopped by $PACA_STOPPED_BY: 128 + its number
+    [[ "$PACA_STOPPED_BY" == SIGINT ]] && exit 130
+    exit 143
 }
 
 # ---------------------------------------------------------------------------------------------

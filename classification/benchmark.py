@@ -565,7 +565,7 @@ def main(argv=None):
     _print_table(rows, host)
     _logger.info(f"appended {len(rows)} row(s) to {args.results_csv}")
     if any("infer_efficiency" in row for row in rows):
-        title = f"img/s x GFLOPs relative to {args.reference}, batch {args.batch_size}\n{_host_line(host)}"
+        title = f"img/s x GFLOPs relative to {args.reference}, batch {args.batch_size}\n{host_line(host)}"
         _logger.info(f"efficiency plot: {plot_efficiency(rows, args.efficiency_plot, title)}")
 
     if args.img_sizes:
@@ -580,7 +580,7 @@ def main(argv=None):
             (small, first), (large, last) = points[0], points[-1]
             _logger.info(f"{name}: latency x{last / first:.2f} from {small}^2 to {large}^2 "
                          f"(pixels x{(large / small) ** 2:.0f})")
-        title = f"backbone latency vs resolution, batch 1, fp32\n{_host_line(host)}"
+        title = f"backbone latency vs resolution, batch 1, fp32\n{host_line(host)}"
         _logger.info(f"latency plot: {plot_latency_vs_pixels(curves, args.plot, title)}")
 
 
@@ -625,7 +625,7 @@ def _device_name(device) -> str:
     return f"cpu x{torch.get_num_threads()} threads"
 
 
-def _host_line(host) -> str:
+def host_line(host) -> str:
     waiting = "" if host["omp_wait_policy"] == "default" else f" (OMP_WAIT_POLICY={host['omp_wait_policy']})"
     return f"{host['host']} ({host['isa']}), {host['threads']} threads{waiting}, torch {host['torch']}"
 
@@ -635,10 +635,10 @@ def _print_table(rows, host):
                "infer_spread_pct", "train_img_per_s", "train_spread_pct", "infer_efficiency", "train_efficiency",
                "infer_peak_mem_MB", "train_peak_mem_MB")
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    print(f"host: {_host_line(host)}")
+    print(f"host: {host_line(host)}")
     for line in [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), file=sys.stdout)
-    print(f"\nas a README table ({_host_line(host)}, batch {rows[0]['batch_size']} at {rows[0]['img_size']}, "
+    print(f"\nas a README table ({host_line(host)}, batch {rows[0]['batch_size']} at {rows[0]['img_size']}, "
           f"median of {rows[0]['rounds']} rounds, +- spread):\n")
     print("| model | precision | GFLOPs | inference img/s | training img/s | inference efficiency | "
           "training efficiency | peak MB (inference) |\n|:---|:---|---:|---:|---:|---:|---:|---:|")

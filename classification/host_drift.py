@@ -17,7 +17,7 @@ import time
 import torch
 import timm
 
-from classification.benchmark import _host_line, host_info
+from classification.benchmark import host_line, host_info
 from runtime.cli import run_main
 
 
@@ -41,7 +41,7 @@ def windows(samples, window: float):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"host: {_host_line(host_info(torch.device('cpu')))}")
+    print(f"host: {host_line(host_info(torch.device('cpu')))}")
     model = timm.create_model(args.model).eval()
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     samples = []

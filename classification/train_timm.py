@@ -324,12 +324,13 @@ class StopOnSigterm:
     """SIGTERM (what SLURM sends before preempting a job, and what torchrun passes on when it is
     stopped) asks training to stop after the current step.  Several ranks must stop after the same
     step (a rank that stopped alone would leave the others waiting in their next all-reduce), so
-    they agree on it: each step starts an all-reduce (max) of the flag without waiting for it and
-    reads the previous step's, which has long arrived, so the check costs no device sync; the ranks
-    then stop one step after the first of them saw the signal."""
+    they agree on it: each step starts an all-reduce (max) of the flag and reads the previous
+    step's, and the ranks stop one step after the first of them saw the signal.  The flag stays on
+    the CPU, in a gloo group of its own, so that on GPUs the check never waits for the device."""
 
-    def __init__(self, device, distributed):
-        self.device, self.distributed, self.signalled = device, distributed, False
+    def __init__(self, distributed: bool):
+        self.signalled = False
+        self.group = dist.new_group(backend="gloo") if distributed else None
         self.in_flight = None  # the previous step's all-reduce: (work, flag)
         signal.signal(signal.SIGTERM, self._note_signal)
 
@@ -337,10 +338,11 @@ class StopOnSigterm:
         self.signalled = True
 
     def agreed(self) -> bool:
-        if not self.distributed:
+        if self.group is None:
             return self.signalled
-        flag = torch.tensor([int(self.signalled)], device=self.device)
-        previous, self.in_flight = self.in_flight, (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        flag = torch.tensor([int(self.signalled)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        previous, self.in_flight = self.in_flight, (work, flag)
         if previous is None:
             return False
         work, flag = previous
@@ -661,7 +663,7 @@ def main(argv=None):
                channels_last=channels_last, mixup=mixup, random_erasing=build_random_erasing(args, device),
                scaler=scaler, scheduler=scheduler,
                model_ema=model_ema, progress=Progress(args.world_size, len(loader_train), num_epochs),
-               stop=StopOnSigterm(device, args.distributed),
+               stop=StopOnSigterm(args.distributed),
                after_skip=lambda: restore_rng_states(args, saved_rng_states))
     if args.resume and not skip_steps:
         restore_rng_states(args, saved_rng_states)

@@ -3,7 +3,6 @@ import json
 import os
 import signal
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -15,7 +14,7 @@ from .cls_helpers import free_port
 def _rank_main(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    stop = StopOnSigterm(torch.device("cpu"), distributed=True)
+    stop = StopOnSigterm(distributed=True)
     answers = []
     for step in range(8):
         if rank == 1 and step == 3:
@@ -37,7 +36,7 @@ def test_ranks_agree_on_the_step_after_the_signal(tmp_path):
 def test_one_process_stops_after_the_step_that_saw_the_signal():
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        stop = StopOnSigterm(torch.device("cpu"), distributed=False)
+        stop = StopOnSigterm(distributed=False)
         assert not stop.agreed()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.agreed()

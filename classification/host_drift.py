@@ -14,10 +14,10 @@ import statistics
 import sys
 import time
 
-import torch
 import timm
+import torch
 
-from classification.benchmark import host_line, host_info
+from classification.benchmark import host_info, host_line
 from runtime.cli import run_main
 
 

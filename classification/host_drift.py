@@ -7,7 +7,8 @@ Prints, for each window of ``--window`` seconds, the median wall-clock and CPU t
 their ratio (about the thread count while the process has its cores to itself), then how far the
 window medians lie apart.  A shared VM whose wall and CPU time move together is running slower,
 not being paused: benchmark figures taken minutes apart then differ although the code did not
-change, which is why benchmark.py compares every model with the reference measured around it.
+change, which is why benchmark.py compares each model with the reference measured in the same
+rounds.
 """
 import argparse
 import statistics

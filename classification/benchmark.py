@@ -72,7 +72,7 @@ FIELDS = (
     "infer_img_per_s", "infer_spread_pct", "infer_ms_per_batch", "infer_peak_mem_MB",
     "train_img_per_s", "train_spread_pct", "train_ms_per_batch", "train_peak_mem_MB",
     "infer_gflops_per_s", "train_gflops_per_s", "infer_efficiency", "train_efficiency",
-    "host", "isa", "threads", "omp_wait_policy", "python", "torch", "timm",
+    "host", "isa", "threads", "omp_wait_policy", "malloc", "python", "torch", "timm",
 )
 # how a batch is timed: wall time, or the CPU time of the measuring process (all threads)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -179,6 +179,7 @@ def host_info(device: torch.device) -> dict:
     # about a fifth here, PaCa's many short parallel regions most
     info = {"host": model_name, "isa": " ".join(isa), "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
+            "malloc": "freed memory kept" if _glibc() else "system default",
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
     if device.type == "cuda":
         info["host"] += f" + {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, " \
@@ -218,12 +219,32 @@ def peak_memory_mb(device) -> float:
     return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
 
 
+def _glibc():
+    """The C library when it is glibc (whose malloc tuning the measuring processes use), else None."""
+    libc = ctypes.util.find_library("c") if platform.system() == "Linux" else None
+    library = ctypes.CDLL(libc) if libc else None
+    return library if library is not None and hasattr(library, "mallopt") else None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory a batch frees for the next batch (no mmap'ed chunks, no trimming
+    at free).  By default glibc maps every block above 32 MB (the largest mmap threshold) afresh and
+    unmaps it on free, so each batch page-faults and zeroes such blocks again: convnext_tiny (batch
+    8, fp32) took 96,000 minor faults per batch here, a fifth of its time, and what a fault costs
+    varies with the VM host's load.  A figure should measure the model, not glibc's mmap policy
+    (jemalloc and tcmalloc keep such memory too).  Returns whether glibc took the settings."""
+    libc = _glibc()
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(libc) and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def release_free_memory():
-    """Hand freed heap pages back to the OS (glibc) after a round: every round starts from the same
-    state, and a process waiting for its next round holds little memory."""
-    libc = ctypes.util.find_library("c")
-    if platform.system() == "Linux" and libc:
-        ctypes.CDLL(libc).malloc_trim(0)
+    """Hand freed heap pages back to the OS (glibc) after a round: a process waiting for its next
+    round holds little memory, and every round starts from the same state (its warm-up maps again
+    what the timed batches then reuse)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def time_iterations(step, device, warmup, iters, clock="wall", min_seconds=0.0) -> list:
@@ -336,6 +357,7 @@ def worker_main(args, spec: dict):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train_timm.py trains
+    keep_freed_memory()
     if spec.get("curve"):
         _answer({"curve": latency_curve(spec["model"], spec["curve"], args, device)})
         return
@@ -554,7 +576,7 @@ def main(argv=None):
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
               "channels_last": args.channels_last, "clock": args.clock, **host}
     _logger.info(f"host: {host['host']}; ISA: {host['isa']}; {host['threads']} threads; "
-                 f"OpenMP waiting {host['omp_wait_policy']}; python {host['python']}, torch {host['torch']}, timm {host['timm']}")
+                 f"OpenMP waiting {host['omp_wait_policy']}; malloc {host['malloc']}; python {host['python']}, torch {host['torch']}, timm {host['timm']}")
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model, "
                  f"timed by the {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")

@@ -18,7 +18,7 @@ from runtime.cli import UsageError, run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEY = ("model", "official", "precision", "compile", "plain_ops", "device", "batch_size", "img_size")
-HOST_KEY = ("host", "isa", "threads", "omp_wait_policy", "torch", "timm")
+HOST_KEY = ("host", "isa", "threads", "omp_wait_policy", "malloc", "torch", "timm")
 FIGURES = ("infer_img_per_s", "train_img_per_s", "infer_efficiency", "train_efficiency")
 
 

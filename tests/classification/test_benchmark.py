@@ -3,6 +3,8 @@ every row, fused kernels claimed only where they run, bf16 rows where the CPU ha
 the official implementation measured from a checkout the user gives."""
 import csv
 import io
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -111,12 +113,41 @@ def test_a_cuda_worker_benchmarks_cudnn_as_training_does(monkeypatch, capsys):
             self.row = {"params_M": 1.0}
 
     monkeypatch.setattr(benchmark, "ClassifierBench", FakeBench)
+    monkeypatch.setattr(benchmark, "keep_freed_memory", lambda: seen.setdefault("keep_freed_memory", True))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     args = benchmark.parse_args(["--model", TINY, "--device", "cuda"])
     benchmark.worker_main(args, {"model": TINY, "official": False})
-    assert seen == {"cudnn.benchmark": True, "device": torch.device("cuda")}
+    assert seen == {"cudnn.benchmark": True, "device": torch.device("cuda"), "keep_freed_memory": True}
     assert capsys.readouterr().out == benchmark.RESULT_PREFIX + '{"params_M": 1.0}\n'
+
+
+FAULTS_PER_BLOCK = """
+import resource, sys, torch
+from classification import benchmark
+kept = benchmark.keep_freed_memory() if sys.argv[1] == "keep" else False
+def block():  # 64 MB, above glibc's largest mmap threshold (32 MB), as convnext_tiny's MLP activations
+    torch.empty(16 * 2**20).fill_(1.0)
+for _ in range(3):  # the heap settles on the blocks it reuses
+    block()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    block()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(benchmark._glibc() is None, reason="glibc's malloc settings: Linux with glibc only")
+def test_a_measuring_process_reuses_freed_memory_instead_of_page_faulting_it_again():
+    def faults_per_block(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_BLOCK, mode], cwd=benchmark.REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    assert faults_per_block("keep") == (True, pytest.approx(0, abs=200))
+    kept, faults = faults_per_block("default")  # glibc maps the block afresh each time: 16384 pages
+    assert not kept and faults > 10_000
+    assert benchmark.host_info(torch.device("cpu"))["malloc"] == "freed memory kept"
 
 
 def test_only_bfloat16_asked_on_a_cpu_without_it_is_one_clear_error(monkeypatch):

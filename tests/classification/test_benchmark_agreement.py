@@ -3,7 +3,8 @@ import pytest
 
 from classification import benchmark, benchmark_agreement
 
-HOST = {"host": "AMD EPYC", "isa": "AVX2 AVX-512", "threads": 2, "omp_wait_policy": "default", "torch": "2.14.1",
+HOST = {"host": "AMD EPYC", "isa": "AVX2 AVX-512", "threads": 2, "omp_wait_policy": "default", "malloc": "freed memory kept",
+        "torch": "2.14.1",
         "timm": "1.0.31", "device": "cpu x2 threads", "batch_size": 8, "img_size": 224, "compile": False, "plain_ops": False,
         "official": False, "precision": "fp32"}
 

@@ -17,11 +17,13 @@ model, then round 2, ...), one group of compared rows (same precision and compil
 time, each round warming up with the same untimed iterations first (a process's first round for a
 round's length more); each iteration is timed (``--min-round-seconds``: for at least so long in a
 round, so that fast models get as many seconds as slow ones), and a round's figure is
-the median of its iterations, so that one interrupted iteration does not move it.  A row reports
-the median over the rounds, their spread ((max - min) / median) and the process's peak memory,
-which holds that one model only; its efficiency is the median over the rounds of its ratio to the
-reference in the same round.  The host (CPU model and instruction sets, threads, OpenMP waiting,
-library versions) is printed and written with every row.
+the median of its iterations, so that one interrupted iteration does not move it.  Every process
+keeps the memory a batch frees for the next one (``keep_freed_memory``), so that no batch pays
+page faults whose cost follows the host's load.  A row reports the median over the rounds, their
+spread ((max - min) / median) and the process's peak memory, which holds that one model only; its
+efficiency is the median over the rounds of its ratio to the reference in the same round.  The
+host (CPU model and instruction sets, threads, OpenMP waiting, malloc setting, library versions)
+is printed and written with every row.
 
 ``--official PATH`` (or $PACAVIT_OFFICIAL) also measures the official implementation's models of
 the run's PaCa models from a checkout of https://github.com/iVMCL/PaCaViT (its models/paca_vit.py,

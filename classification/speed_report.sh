@@ -5,8 +5,8 @@
 #
 # Every model is measured in a process of its own, in rounds interleaved over the processes of the
 # rows compared with one another (same precision); rows give the median and spread over the rounds
-# and name the host (CPU model, ISA, threads, OpenMP waiting, versions).  OpenMP waits its default
-# way (a brief spin, then sleep) unless you set OMP_WAIT_POLICY.
+# and name the host (CPU model, ISA, threads, OpenMP waiting, malloc setting, versions).  OpenMP
+# waits its default way (a brief spin, then sleep) unless you set OMP_WAIT_POLICY.
 # With $PACAVIT_OFFICIAL pointing at a checkout of https://github.com/iVMCL/PaCaViT, the official
 # PaCa models are measured beside these (inference); without it their rows are skipped.
 # CPU: batch 8 at 224, 5 rounds of at least 5 batches and 2 s (training: 3 steps).  fp32:

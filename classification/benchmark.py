@@ -233,8 +233,9 @@ def keep_freed_memory() -> bool:
     at free).  By default glibc maps every block above 32 MB (the largest mmap threshold) afresh and
     unmaps it on free, so each batch page-faults and zeroes such blocks again: convnext_tiny (batch
     8, fp32) took 93,990 page faults per batch here (``host_drift.py --malloc default``), a fifth of
-    its time, and what a fault costs varies with the VM host's load.  A figure should measure the model, not glibc's mmap policy
-    (jemalloc and tcmalloc keep such memory too).  Returns whether glibc took the settings."""
+    its time, and what a fault costs varies with the VM host's load.  A figure should measure the
+    model, not glibc's mmap policy (jemalloc and tcmalloc keep such memory too).  Returns whether
+    glibc took the settings."""
     libc = _glibc()
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
     return bool(libc) and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))

@@ -579,7 +579,8 @@ def main(argv=None):
               "num_classes": args.num_classes, "device": _device_name(device), "batch_size": args.batch_size,
               "channels_last": args.channels_last, "clock": args.clock, **host}
     _logger.info(f"host: {host['host']}; ISA: {host['isa']}; {host['threads']} threads; "
-                 f"OpenMP waiting {host['omp_wait_policy']}; malloc {host['malloc']}; python {host['python']}, torch {host['torch']}, timm {host['timm']}")
+                 f"OpenMP waiting {host['omp_wait_policy']}; malloc {host['malloc']}; "
+                 f"python {host['python']}, torch {host['torch']}, timm {host['timm']}")
     _logger.info(f"benchmarking {', '.join(names)} at {args.img_size}x{args.img_size}, batch {args.batch_size}, "
                  f"{args.rounds} round(s) of {args.iters} iterations on {common['device']}, one process per model, "
                  f"timed by the {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")

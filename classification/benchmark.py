@@ -3,8 +3,10 @@
 
 Each measured model appends one row to work_dirs/classification/all_benchmark_results.csv.
 ``--compare`` adds timm peers to the same run; ``--img-sizes 224,448,896`` also times the
-backbone (batch 1) at several resolutions and draws latency against pixels on log-log axes,
-where linear complexity shows as a line parallel to the slope-1 guide.  With the reference model
+backbone (batch 1) at several resolutions, in rounds interleaved over the models' processes as
+the table's, and draws latency against pixels on log-log axes (median and range over the rounds),
+where linear complexity shows as a line parallel to the slope-1 guide; the points go to
+latency_vs_resolution.csv next to the plot.  With the reference model
 (``--reference``, default convnext_tiny) in the run, efficiency.png next to the CSV compares how
 many FLOPs per second each model achieves relative to it.
 
@@ -362,7 +364,10 @@ def worker_main(args, spec: dict):
         torch.backends.cudnn.benchmark = True  # as train_timm.py trains
     keep_freed_memory()
     if spec.get("curve"):
-        _answer({"curve": latency_curve(spec["model"], spec["curve"], args, device)})
+        curve = CurveBench(spec["model"], spec["curve"], args, device)
+        _answer({})
+        for line in sys.stdin:  # "curve SIZE"
+            _answer(curve.measure(int(line.split()[1])))
         return
     bench = ClassifierBench(spec, args, device)
     _answer(bench.row)
@@ -524,23 +529,84 @@ def create_backbone(name, img_size):
     return timm.create_model(name, features_only=True, **({"img_size": img_size} if fixed else {}))
 
 
-def latency_curve(name, sizes, args, device) -> list:
-    """(img_size, ms per image) at batch 1 for each size, fp32."""
-    points = []
-    for size in sizes:
-        model = create_backbone(name, size).eval()
+class CurveBench:
+    """One model's backbone at batch 1 and fp32 at each of ``sizes``, timed on demand (a process
+    of its own, as ``ClassifierBench``)."""
+
+    def __init__(self, name: str, sizes: list, args, device):
+        self.args, self.device = args, device
         fused = args.fused_settings[0] and name.startswith("pacavit_")
-        model, memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device)
-        image = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        self.models, self.images = {}, {}
+        for size in sizes:
+            model = create_backbone(name, size).eval()
+            self.models[size], memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device)
+            self.images[size] = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        self.measured = set()
+
+    def measure(self, size: int) -> dict:
+        """One round at one size: ms per image, the median of the round's iterations (a size's
+        first round warms up for a round's length longer, as ``ClassifierBench.measure``)."""
+        model, image = self.models[size], self.images[size]
 
         def infer():
             with torch.inference_mode():
                 model(image)
 
-        ms = statistics.median(time_iterations(infer, device, args.warmup, args.iters, args.clock)) * 1e3
-        _logger.info(f"{name} backbone at {size}x{size}: {ms:.1f} ms/image")
-        points.append((size, round(ms, 2)))
-    return points
+        warmup = self.args.warmup + (0 if size in self.measured else self.args.iters)
+        self.measured.add(size)
+        seconds = time_iterations(infer, self.device, warmup, self.args.iters, self.args.clock,
+                                  self.args.min_round_seconds)
+        release_free_memory()
+        return {"ms": statistics.median(seconds) * 1e3}
+
+
+def measure_curves(names: list, sizes: list, args, argv) -> dict:
+    """Backbone latency against resolution: a process per model, ``args.rounds`` rounds
+    interleaved over them as the table's rows are (round 1 of every model at every size, then round
+    2, ...).  Returns {model: {size: [ms per image in each round]}}."""
+    workers, rounds = [], {name: {size: [] for size in sizes} for name in names}
+    try:
+        for name in names:
+            workers.append(Worker({"model": name, "curve": sizes}, argv))
+            workers[-1].ask()  # built
+        for round_index in range(args.rounds):
+            for size in sizes:
+                for name, worker in zip(names, workers):
+                    ms = worker.ask(f"curve {size}")["ms"]
+                    rounds[name][size].append(ms)
+                    _logger.info(f"round {round_index + 1}/{args.rounds} {name} backbone at {size}x{size}: "
+                                 f"{ms:.1f} ms/image")
+    finally:
+        for worker in workers:
+            worker.close()
+    return rounds
+
+
+def curve_points(per_size: dict) -> list:
+    """[(size, median ms, min ms, max ms)] over the rounds, by size."""
+    return [(size, round(statistics.median(ms), 2), round(min(ms), 2), round(max(ms), 2))
+            for size, ms in sorted(per_size.items())]
+
+
+def growth(per_size: dict) -> tuple:
+    """(median, min, max) over the rounds of the latency ratio between the largest and the smallest
+    size, each round's ratio taken within that round (so that the host's drift between rounds
+    does not count)."""
+    small, large = min(per_size), max(per_size)
+    ratios = [b / a for a, b in zip(per_size[small], per_size[large])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def write_curves(path: str, rounds: dict, common: dict):
+    """The latency curve's points, one CSV row per model and size (rewritten by every run)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("model", "img_size", "rounds", "median_ms", "min_ms", "max_ms", "date", "host", "isa",
+                         "threads", "torch"))
+        for name, per_size in rounds.items():
+            for size, median, low, high in curve_points(per_size):
+                writer.writerow((name, size, len(per_size[size]), median, low, high, common["date"], common["host"],
+                                 common["isa"], common["threads"], common["torch"]))
 
 
 def append_rows(path, rows):
@@ -597,16 +663,18 @@ def main(argv=None):
     if args.img_sizes:
         sizes = [int(s) for s in args.img_sizes.split(",")]
         curve_models = [m for m in args.curve_models.split(",") if m] or names
-        curves = {}
-        for name in curve_models:  # each in its own process too
-            worker = Worker({"model": name, "curve": sizes}, _worker_argv(argv, args))
-            curves[name] = [tuple(point) for point in worker.ask()["curve"]]
-            worker.close()
-        for name, points in curves.items():
-            (small, first), (large, last) = points[0], points[-1]
-            _logger.info(f"{name}: latency x{last / first:.2f} from {small}^2 to {large}^2 "
-                         f"(pixels x{(large / small) ** 2:.0f})")
-        title = f"backbone latency vs resolution, batch 1, fp32\n{host_line(host)}"
+        rounds = measure_curves(curve_models, sizes, args, _worker_argv(argv, args))
+        for name, per_size in rounds.items():
+            median, low, high = growth(per_size)
+            (small, first, *_), *_, (large, last, *_) = curve_points(per_size)
+            _logger.info(f"{name}: latency x{median:.2f} (rounds x{low:.2f}-x{high:.2f}) from {small}^2 to {large}^2 "
+                         f"(pixels x{(large / small) ** 2:.0f}): {first} -> {last} ms, medians over "
+                         f"{len(per_size[small])} round(s)")
+        curves_csv = os.path.splitext(args.plot)[0] + ".csv"
+        write_curves(curves_csv, rounds, common)
+        _logger.info(f"latency points: {curves_csv}")
+        title = f"backbone latency vs resolution, batch 1, fp32, median of {args.rounds} round(s)\n{host_line(host)}"
+        curves = {name: curve_points(per_size) for name, per_size in rounds.items()}
         _logger.info(f"latency plot: {plot_latency_vs_pixels(curves, args.plot, title)}")
 
 

@@ -46,19 +46,21 @@ def plot_training_curves(summary_csv: str, png: str = "") -> str:
 def plot_latency_vs_pixels(curves: Dict[str, Sequence[tuple]], png: str, title: str) -> str:
     """Log-log latency against input pixels, one line per model, with a slope-1 (linear) guide.
 
-    ``curves`` maps a model name to (img_size, latency_ms) pairs.  A model whose cost grows
+    ``curves`` maps a model name to (img_size, latency_ms) or (img_size, median_ms, min_ms, max_ms)
+    points; the latter draw the range over the rounds as error bars.  A model whose cost grows
     linearly with the number of pixels runs parallel to the dashed guide; quadratic attention
     bends upwards towards slope 2.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     anchor = None
     for name, points in curves.items():
-        pixels = [s * s for s, _ in points]
-        latency = [ms for _, ms in points]
-        ax.plot(pixels, latency, "o-", label=name)
+        pixels = [p[0] ** 2 for p in points]
+        latency = [p[1] for p in points]
+        ranges = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]] if len(points[0]) == 4 else None
+        ax.errorbar(pixels, latency, yerr=ranges, fmt="o-", capsize=3, label=name)
         anchor = anchor or (pixels[0], latency[0])
     if anchor:
-        xs = sorted({s * s for points in curves.values() for s, _ in points})
+        xs = sorted({p[0] ** 2 for points in curves.values() for p in points})
         ax.plot(xs, [anchor[1] * x / anchor[0] for x in xs], "k--", alpha=0.5, label="linear in pixels")
     ax.set(xscale="log", yscale="log", xlabel="input pixels (H x W)", ylabel="latency per image (ms)", title=title)
     ax.grid(alpha=0.3, which="both")

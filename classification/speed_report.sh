@@ -17,14 +17,15 @@
 #      classification/benchmark_agreement.py says how far the two runs agree, row by row.
 # CUDA: bf16 autocast, channels_last, batch 128, PaCa-Tiny/Small/Base against convnext_tiny/small/
 #       base and swin_tiny, each model eager and torch.compile'd.
-# Both then time the backbones of PaCa-Tiny, pvt_v2_b1 and convnext_tiny at batch 1 from 224 to 896.
+# Both then time the backbones of PaCa-Tiny, pvt_v2_b1 and convnext_tiny at batch 1 from 224 to 896
+# in as many interleaved rounds (latency_vs_resolution.csv: median, min and max per point).
 # Appends the rows to work_dirs/classification/all_benchmark_results.csv and draws efficiency.png
 # and latency_vs_resolution.png next to it.  [others] go to benchmark.py (e.g. --rounds 2).
 set -euo pipefail
 source "$(dirname "$0")/../runtime/launch_common.sh"
 
 if (( $# < 1 )); then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 GPU=$1

@@ -204,3 +204,53 @@ def test_rows_that_efficiency_compares_are_measured_together_one_group_at_a_time
     assert [{(p, c) for _, p, c, _ in group} for group in groups] == [
         {("fp32", False)}, {("fp32", True)}, {("autocast-bf16", False)}, {("autocast-bf16", True)}]
     assert groups[0] == [(TINY, "fp32", False, False), (TINY, "fp32", False, True), ("convnext_tiny", "fp32", False, False)]
+
+
+def test_the_latency_curve_interleaves_rounds_over_the_models_and_reports_each_points_median_and_range(
+        monkeypatch, tmp_path):
+    asked = []
+    # scripted ms per image: model "b" is slowed down in round 2 (the host, not the model)
+    scripted = {("a", 32): [10, 20, 12], ("a", 64): [40, 80, 44], ("b", 32): [10, 30, 11], ("b", 64): [90, 250, 99]}
+
+    class FakeWorker:
+        def __init__(self, spec, argv):
+            self.name, self.calls = spec["model"], {}
+            assert spec["curve"] == [32, 64]
+
+        def ask(self, line=""):
+            if not line:
+                return {}
+            size = int(line.split()[1])
+            asked.append((self.name, size))
+            k = self.calls[size] = self.calls.get(size, -1) + 1
+            return {"ms": scripted[self.name, size][k]}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(benchmark, "Worker", FakeWorker)
+    args = benchmark.parse_args(["--model", TINY, "--rounds", "3"])
+    rounds = benchmark.measure_curves(["a", "b"], [32, 64], args, [])
+    # round 1 of every model at every size, then round 2, ...
+    assert asked == [("a", 32), ("b", 32), ("a", 64), ("b", 64)] * 3
+    assert benchmark.curve_points(rounds["b"]) == [(32, 11, 10, 30), (64, 99, 90, 250)]
+    # the growth is taken within each round: b's slow round 2 gives x8.33, not 250/10
+    median, low, high = benchmark.growth(rounds["b"])
+    assert (round(median, 2), round(low, 2), round(high, 2)) == (9.0, 8.33, 9.0)
+    assert benchmark.growth(rounds["a"])[0] == pytest.approx(4.0)
+    csv_path = tmp_path / "curve.csv"
+    benchmark.write_curves(csv_path, rounds, {"date": "d", "host": "h", "isa": "i", "threads": 2, "torch": "t"})
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["img_size"], r["rounds"], r["median_ms"], r["min_ms"], r["max_ms"]) for r in rows] == [
+        ("a", "32", "3", "12", "10", "20"), ("a", "64", "3", "44", "40", "80"),
+        ("b", "32", "3", "11", "10", "30"), ("b", "64", "3", "99", "90", "250")]
+
+
+def test_a_curve_worker_builds_every_size_once_and_times_the_asked_one(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("curve 64\ncurve 32\ncurve 64\n"))
+    args = benchmark.parse_args(["--model", TINY, "--device", "cpu", "--iters", "1", "--warmup", "0"])
+    benchmark.worker_main(args, {"model": "pvt_v2_b1", "curve": [32, 64]})
+    answers = [line for line in capsys.readouterr().out.splitlines() if line.startswith(benchmark.RESULT_PREFIX)]
+    assert answers[0] == benchmark.RESULT_PREFIX + "{}"  # built
+    assert len(answers) == 4 and all('"ms": ' in a for a in answers[1:])

@@ -6,6 +6,7 @@ import torch
 
 import models
 from models.layers import PaCaStage
+from models.layers import fused
 from models.layers.fused import BatchChunkedStage
 
 SMALL = dict(depths=(2, 1, 1, 1))
@@ -51,13 +52,32 @@ def test_grouped_stages_compute_the_whole_batch(stage1_batches, name):
     torch.testing.assert_close(out, plain.forward_intermediates(x, intermediates_only=True), rtol=1e-4, atol=1e-4)
 
 
-def test_groups_of_at_least_one_image_by_tokens_per_thread():
-    stage = BatchChunkedStage(PaCaStage([]))
-    threads = torch.get_num_threads()
-    assert stage.group_size(56 * 56) == max(1, 1024 * threads // (56 * 56))
-    assert stage.group_size(7 * 7) == 1024 * threads // 49
-    stage.tokens_per_group = 1000
-    assert stage.group_size(56 * 56) == 1 and stage.group_size(100) == 10
+def test_float32_groups_hold_about_1024_tokens_per_thread_in_nearly_equal_groups(monkeypatch):
+    stage = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert stage.group_size(8, 56 * 56) == 1  # at least one image
+    assert stage.group_size(8, 28 * 28) == 2
+    assert stage.group_size(7, 28 * 28) == 2  # 2 + 2 + 2 + 1
+    assert stage.group_size(8, 14 * 14) == 8  # 2048 tokens take 10 images: the whole batch
+    assert stage.group_size(13, 14 * 14) == 7  # 7 + 6, not 10 + 3
+    stage.tokens_per_group = 1000  # an explicit size in tokens instead
+    assert stage.group_size(8, 56 * 56) == 1 and stage.group_size(25, 100) == 9  # 9 + 8 + 8
+
+
+def test_bfloat16_groups_keep_the_largest_activation_below_glibcs_mmap_threshold():
+    model = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0"))
+    stage1, stage4 = model.stage1, model.stage4
+    # stage 1 at 224: 56x56 tokens, the MLP's 384 hidden channels are the widest (2 heads x 100 clusters: 200)
+    assert stage1.widest_activation(56 * 56) == 384
+    image_bytes = 56 * 56 * 384 * 2  # 2.4 MB per bfloat16 image: at most 13 images stay below 32 MiB
+    assert 13 * image_bytes < fused.MMAP_THRESHOLD_MAX < 14 * image_bytes
+    assert stage1.group_size(8, 56 * 56, torch.bfloat16) == 8
+    assert stage1.group_size(16, 56 * 56, torch.bfloat16) == 8  # 8 + 8, not 13 + 3
+    # stage 4 has no clusters: its scores (16 heads x all patches) outgrow the MLP at high resolution
+    assert stage4.widest_activation(7 * 7) == 1536 and stage4.widest_activation(28 * 28) == 16 * 28 * 28
+    scores_bytes = 16 * (28 * 28) ** 2 * 2
+    assert scores_bytes < fused.MMAP_THRESHOLD_MAX < 2 * scores_bytes
+    assert stage4.group_size(8, 28 * 28, torch.bfloat16) == 1
 
 
 def test_whole_batch_for_training_and_tracing(stage1_batches):

@@ -361,16 +361,21 @@ def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(p
         assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))
 
 
-def test_a_bfloat16_stage_groups_the_same_bytes_twice_the_tokens(monkeypatch):
-    stage = fused.BatchChunkedStage(models.paca_vit.PaCaStage([]))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert stage.group_size(784, torch.float32.itemsize) == 2048 // 784
-    assert stage.group_size(784, torch.bfloat16.itemsize) == 4096 // 784
+def test_bfloat16_stages_and_bfloat16_autocast_group_by_the_bfloat16_rule(monkeypatch):
+    stage = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage1
     seen = []
     monkeypatch.setattr(models.paca_vit.PaCaStage, "forward", lambda self, x, *rest: seen.append(x.shape[0]) or x)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.zeros(16, 56, 56, 96)
     with torch.inference_mode():
-        stage(torch.zeros(8, 28, 28, 4, dtype=torch.bfloat16))
-    assert seen == [5, 3]
+        stage(x)  # float32: 2048 tokens, one 56x56 image per group
+        assert seen == [1] * 16
+        seen.clear()
+        stage(x.bfloat16())  # 13 images below 32 MiB: two groups of 8
+        with autocast_bf16():
+            stage(x)  # float32 input, bfloat16 compute: the same
+    assert seen == [8, 8, 8, 8]
+    assert fused.compute_dtype(x) == torch.float32
 
 
 def test_a_model_made_bfloat16_under_inference_mode_runs(probe):

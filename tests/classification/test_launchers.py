@@ -237,7 +237,10 @@ def test_speed_report_makes_the_performance_section_in_one_command(cls_env, tmp_
     # training never uses the fused kernels, so it is timed once per model
     assert all(float(row["infer_efficiency"]) > 0 and row["train_img_per_s"] == "" for row in plain_ops)
     for curve_model in (MODEL, "pvt_v2_b1", "convnext_tiny"):
-        assert f"{curve_model} backbone at 64x64" in result.stderr
+        assert f"round 1/1 {curve_model} backbone at 64x64" in result.stderr
+    with open(tmp_path / "latency_vs_resolution.csv", newline="") as f:
+        points = [(row["model"], row["img_size"], row["rounds"]) for row in csv.DictReader(f)]
+    assert points == [(name, size, "1") for name in (MODEL, "pvt_v2_b1", "convnext_tiny") for size in ("32", "64")]
     for png in ("efficiency.png", "latency_vs_resolution.png"):
         assert (tmp_path / png).stat().st_size > 10_000, png
 

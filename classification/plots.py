@@ -63,11 +63,11 @@ def plot_latency_vs_pixels(curves: Dict[str, Sequence[tuple]], png: str, title: 
         xs = sorted({p[0] ** 2 for points in curves.values() for p in points})
         ax.plot(xs, [anchor[1] * x / anchor[0] for x in xs], "k--", alpha=0.5, label="linear in pixels")
     ax.set(xscale="log", yscale="log", xlabel="input pixels (H x W)", ylabel="latency per image (ms)", title=title)
+    ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return png
 

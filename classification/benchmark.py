@@ -666,7 +666,8 @@ def main(argv=None):
         rounds = measure_curves(curve_models, sizes, args, _worker_argv(argv, args))
         for name, per_size in rounds.items():
             median, low, high = growth(per_size)
-            (small, first, *_), *_, (large, last, *_) = curve_points(per_size)
+            points = curve_points(per_size)
+            (small, first), (large, last) = points[0][:2], points[-1][:2]
             _logger.info(f"{name}: latency x{median:.2f} (rounds x{low:.2f}-x{high:.2f}) from {small}^2 to {large}^2 "
                          f"(pixels x{(large / small) ** 2:.0f}): {first} -> {last} ms, medians over "
                          f"{len(per_size[small])} round(s)")

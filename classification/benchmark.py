@@ -268,6 +268,17 @@ def time_iterations(step, device, warmup, iters, clock="wall", min_seconds=0.0) 
     return seconds
 
 
+def time_round(step, key, measured: set, args, device, iters: int) -> float:
+    """One round of ``step``: the median seconds of its iterations, which one interrupted iteration
+    does not move.  The first round of each ``key`` (a phase, an image size) in a process warms up
+    for a round's length longer: the first calls build what later ones reuse (oneDNN primitives,
+    kept bf16 weights, the allocator's pools)."""
+    warmup = args.warmup + (0 if key in measured else iters)
+    measured.add(key)
+    seconds = time_iterations(step, device, warmup, iters, args.clock, args.min_round_seconds)
+    return statistics.median(seconds)
+
+
 def prepare(model, args, device, compiled=False):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -340,17 +351,11 @@ class ClassifierBench:
         reset_peak_memory(self.device)
         step = self.infer if phase == "infer" else self.train_step
         iters = self.args.iters if phase == "infer" else self.args.train_iters
-        warmup = self.args.warmup
-        if phase not in self.measured:
-            # a process's first calls build what later ones reuse (oneDNN primitives, kept bf16
-            # weights, the allocator's pools): its first round warms up for a round's length longer
-            warmup += iters
-            self.measured.add(phase)
-        seconds = time_iterations(step, self.device, warmup, iters, self.args.clock, self.args.min_round_seconds)
+        seconds = time_round(step, phase, self.measured, self.args, self.device, iters)
         peak = peak_memory_mb(self.device)
         self.optimizer = None
         release_free_memory()  # idle until its next round, the process holds little memory
-        return {"seconds": statistics.median(seconds), "peak_mem_MB": round(peak, 1)}
+        return {"seconds": seconds, "peak_mem_MB": round(peak, 1)}
 
 
 def _answer(message: dict):
@@ -544,20 +549,16 @@ class CurveBench:
         self.measured = set()
 
     def measure(self, size: int) -> dict:
-        """One round at one size: ms per image, the median of the round's iterations (a size's
-        first round warms up for a round's length longer, as ``ClassifierBench.measure``)."""
+        """One round at one size: ms per image (``time_round``)."""
         model, image = self.models[size], self.images[size]
 
         def infer():
             with torch.inference_mode():
                 model(image)
 
-        warmup = self.args.warmup + (0 if size in self.measured else self.args.iters)
-        self.measured.add(size)
-        seconds = time_iterations(infer, self.device, warmup, self.args.iters, self.args.clock,
-                                  self.args.min_round_seconds)
+        seconds = time_round(infer, size, self.measured, self.args, self.device, self.args.iters)
         release_free_memory()
-        return {"ms": statistics.median(seconds) * 1e3}
+        return {"ms": seconds * 1e3}
 
 
 def measure_curves(names: list, sizes: list, args, argv) -> dict:

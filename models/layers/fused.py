@@ -310,10 +310,8 @@ MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype in which the fused layers compute on ``x``: CPU autocast's bfloat16 where it is on."""
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return torch.bfloat16
-    return x.dtype
+    """The dtype in which the layers compute on ``x``: CPU autocast's where it is on."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 class BatchChunkedStage(PaCaStage):

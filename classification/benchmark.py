@@ -381,13 +381,13 @@ def worker_main(args, spec: dict):
 
 
 class Worker:
-    """The parent's handle on one model's process."""
+    """The parent's handle on one model's process (``script``: the measuring script it runs)."""
 
-    def __init__(self, spec: dict, argv: list):
+    def __init__(self, spec: dict, argv: list, script: str = __file__):
         self.spec = spec
         # the libraries' deprecation notes would repeat once per process: the parent's own show once
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", json.dumps(spec)]
+        command = [sys.executable, os.path.abspath(script), *argv, "--worker", json.dumps(spec)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, line: str = "") -> dict:

@@ -98,3 +98,30 @@ def plot_efficiency(rows: Sequence[dict], png: str, title: str) -> str:
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return png
+
+
+def plot_layer_times(per_model: Dict[str, Dict[str, float]], png: str, title: str) -> str:
+    """Stacked horizontal bars: each model's ms per image, split by kind of layer (``layer_times.py``);
+    a kind keeps its colour across the models."""
+    kinds = list(dict.fromkeys(kind for times in per_model.values() for kind in times))
+    colours = dict(zip(kinds, plt.get_cmap("tab10").colors * 2))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(per_model)))
+    for row, (name, times) in enumerate(per_model.items()):
+        left = 0.0
+        for kind, ms in times.items():
+            ax.barh(row, ms, left=left, color=colours[kind], label=kind, edgecolor="white", linewidth=0.5)
+            if ms >= 0.06 * sum(times.values()):
+                ax.text(left + ms / 2, row, f"{ms:.1f}", ha="center", va="center", fontsize=7, color="white")
+            left += ms
+        ax.text(left, row, f" {left:.1f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(per_model)), list(per_model), fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="ms per image", title=title)
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="x")
+    by_label = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per kind
+    ax.legend(by_label.values(), by_label.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return png

@@ -35,7 +35,14 @@ from torch import nn
 
 from classification import cls_common
 from classification.benchmark import (
-    REPO_ROOT, Worker, _answer, cpu_bfloat16_supported, host_info, host_line, keep_freed_memory, release_free_memory,
+    REPO_ROOT,
+    Worker,
+    _answer,
+    cpu_bfloat16_supported,
+    host_info,
+    host_line,
+    keep_freed_memory,
+    release_free_memory,
 )
 from classification.plots import plot_layer_times
 from models import fuse_for_cpu_inference

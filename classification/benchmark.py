@@ -629,12 +629,19 @@ def append_rows(path, rows):
         writer.writerows(rows)
 
 
-def main(argv=None):
+def start_run(argv, parse) -> Tuple[list, argparse.Namespace]:
+    """A measuring script's command line (``parse``: its parser), with logging on and the threads
+    set: in the parent and in each model's process alike."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parse_args(argv)
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return argv, args
+
+
+def main(argv=None):
+    argv, args = start_run(argv, parse_args)
     if args.worker:
         return worker_main(args, json.loads(args.worker))
     device = torch.device(args.device)

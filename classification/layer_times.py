@@ -43,6 +43,7 @@ from classification.benchmark import (
     host_line,
     keep_freed_memory,
     release_free_memory,
+    start_run,
 )
 from classification.plots import plot_layer_times
 from models import fuse_for_cpu_inference
@@ -275,11 +276,7 @@ def write_rows(path: str, results: Dict[str, dict], common: dict):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    argv, args = start_run(argv, parse_args)
     if args.worker:
         return worker_main(args, json.loads(args.worker)["model"])
     names = [n for n in args.models.split(",") if n]

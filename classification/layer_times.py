@@ -63,7 +63,8 @@ NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "ReLU", "ReLU6", "SiLU", "Swish", "Hardswish", "HardSwish", "Mish",
                "Sigmoid", "Tanh"}
 FIELDS = ("date", "model", "precision", "fused_kernels", "batch_size", "img_size", "rounds", "kind", "ms_per_batch",
-          "share_pct", "gflops_per_image", "gflops_per_s", "hooked_ms", "plain_ms", "host", "isa", "threads", "omp_wait_policy", "malloc", "torch", "timm")
+          "share_pct", "gflops_per_image", "gflops_per_s", "hooked_ms", "plain_ms",
+          "host", "isa", "threads", "omp_wait_policy", "malloc", "torch", "timm")
 
 
 def parse_args(argv=None):

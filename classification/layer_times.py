@@ -205,8 +205,8 @@ class LayerTimesBench:
         self.forwards(warmup)
         plain = self.forwards(self.args.iters)
         release_free_memory()
-        return {"kinds": kinds, "hooked_ms": 1e3 * statistics.median(hooked), "plain_ms": 1e3 * statistics.median(plain),
-                "fused": self.fused}
+        return {"kinds": kinds, "hooked_ms": 1e3 * statistics.median(hooked),
+                "plain_ms": 1e3 * statistics.median(plain), "fused": self.fused}
 
 
 def worker_main(args, name: str):
@@ -270,7 +270,8 @@ def write_rows(path: str, results: Dict[str, dict], common: dict):
             total = sum(entry["ms"] for entry in result["kinds"].values())
             for kind, entry in result["kinds"].items():
                 writer.writerow({**common, "model": name, "fused_kernels": result["fused"], "kind": kind,
-                                 "ms_per_batch": round(entry["ms"], 2), "share_pct": round(100 * entry["ms"] / total, 1),
+                                 "ms_per_batch": round(entry["ms"], 2),
+                                 "share_pct": round(100 * entry["ms"] / total, 1),
                                  "gflops_per_image": round(entry["gflops"], 4),
                                  "gflops_per_s": round(rate(entry, common["batch_size"]), 1),
                                  "hooked_ms": round(result["hooked_ms"], 2), "plain_ms": round(result["plain_ms"], 2)})
@@ -289,11 +290,13 @@ def main(argv=None):
     host = host_info(torch.device("cpu"))
     _logger.info(f"host: {host_line(host)}")
     _logger.info(f"timing the layers of {', '.join(names)} ({args.precision}, batch {args.batch_size} at "
-                 f"{args.img_size}x{args.img_size}), {args.rounds} round(s) of {args.iters} forwards, a process per model")
+                 f"{args.img_size}x{args.img_size}), {args.rounds} round(s) of {args.iters} forwards, "
+                 "a process per model")
     results = measure(names, args, [*argv, "--threads", str(torch.get_num_threads())])
     for name, result in results.items():
         total = sum(entry["ms"] for entry in result["kinds"].values())
-        print(f"\n{name} ({args.precision}{', fused' if result['fused'] else ''}): forward {result['hooked_ms']:.1f} ms "
+        fused_note = ", fused" if result["fused"] else ""
+        print(f"\n{name} ({args.precision}{fused_note}): forward {result['hooked_ms']:.1f} ms "
               f"with hooks, {result['plain_ms']:.1f} ms without\n  {'kind':36s} {'ms/batch':>8s} {'share':>6s} "
               f"{'GFLOPs/image':>12s} {'GFLOP/s':>8s}")
         for kind, entry in result["kinds"].items():

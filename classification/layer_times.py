@@ -47,7 +47,7 @@ from classification.benchmark import (
 )
 from classification.plots import plot_layer_times
 from models import fuse_for_cpu_inference
-from models.flops import flop_handles
+from models.flops import flops_by_module
 from models.layers import fused
 from runtime.cli import UsageError, run_main
 
@@ -107,7 +107,7 @@ class ModuleTimer:
     """Times every module of ``model`` through forward hooks while in use (``with timer:``)."""
 
     def __init__(self, model: nn.Module, clock: Callable[[], float] = time.perf_counter):
-        self.model, self.clock = model, clock
+        self.clock = clock
         self.children = {m: list(m.children()) for m in model.modules()}
         self.seconds: Dict[nn.Module, float] = {}
         self._started: Dict[nn.Module, List[float]] = {}
@@ -153,10 +153,7 @@ class ModuleTimer:
 def gflops_by_kind(model: nn.Module, img_size: int) -> Dict[str, float]:
     """GFLOPs (multiply-adds) of one image by kind, from each module's own count (fvcore's, with
     the attention's); the fused transform keeps every kind's layers, so the plain model's count holds."""
-    from fvcore.nn import FlopCountAnalysis
-
-    analysis = FlopCountAnalysis(model, torch.zeros(1, 3, img_size, img_size)).set_op_handle(**flop_handles())
-    per_module = analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).by_module()
+    per_module = flops_by_module(model, (1, 3, img_size, img_size))
     kinds: Dict[str, float] = {}
     for name, module in model.named_modules():
         own = per_module.get(name, 0) - sum(per_module.get(f"{name}.{child}" if name else child, 0)

@@ -6,7 +6,7 @@ missing from the count.  The official code computed them with explicit ``bmm`` i
 which fvcore does count, so registering the handle keeps the figures comparable.
 """
 import math
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ def flop_handles() -> dict:
     return {op: sdpa_flop_jit for op in SDPA_OPS}
 
 
-def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Tuple, Sequence[int]]) -> int:
-    """FLOPs (multiply-adds) of one forward of ``model`` in eval mode.
+def flops_by_module(model: nn.Module, inputs: Union[torch.Tensor, Tuple, Sequence[int]]) -> Dict[str, int]:
+    """FLOPs (multiply-adds) of one forward of ``model`` in eval mode, by module name: each name
+    counts its own operations and its submodules' ("" is the whole model).
 
     ``inputs`` is a tensor, a tuple of forward arguments, or an input shape such as (1, 3, 224, 224).
     """
@@ -46,9 +47,14 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Tuple, Sequence[in
         with torch.no_grad():
             analysis = FlopCountAnalysis(model, inputs).set_op_handle(**flop_handles())
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return int(analysis.total())
+            return dict(analysis.by_module())
     finally:
         model.train(was_training)
+
+
+def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Tuple, Sequence[int]]) -> int:
+    """FLOPs (multiply-adds) of one forward of ``model`` in eval mode (``inputs`` as ``flops_by_module``'s)."""
+    return int(flops_by_module(model, inputs)[""])
 
 
 def count_params(model: nn.Module) -> int:

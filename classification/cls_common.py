@@ -21,6 +21,7 @@ import models  # noqa: F401  (registers the PaCa-ViT models with timm)
 from models import check_model_name
 from runtime.cli import UsageError
 from runtime.images import to_rgb8
+from runtime.loader_workers import end_workers_with_parent
 
 _logger = logging.getLogger("pacavit")
 
@@ -179,7 +180,8 @@ def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_mem
     dataset.transform = create_transform(**data_config, is_training=False)
     if dist.is_available() and dist.is_initialized():
         dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    return end_workers_with_parent(
+        DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory))
 
 
 # ---------------------------------------------------------------------------------------------

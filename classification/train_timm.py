@@ -63,6 +63,7 @@ from timm.utils import (
 
 from classification import cls_common
 from runtime.cli import UsageError, run_main
+from runtime.loader_workers import end_workers_with_parent
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
 from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished
@@ -219,7 +220,7 @@ def configure_cuda_backends(device) -> None:
 
 def build_train_loader(args, dataset, data_config, device):
     use_prefetcher = device.type == "cuda"  # normalise on the GPU
-    return create_loader(
+    loader = create_loader(
         dataset,
         input_size=data_config["input_size"],
         batch_size=args.batch_size,
@@ -243,6 +244,7 @@ def build_train_loader(args, dataset, data_config, device):
         # carry their random state over, which a resumed run could not reproduce
         persistent_workers=False,
     )
+    return end_workers_with_parent(loader)
 
 
 def seed_loader_for_epoch(loader, seed, epoch, rank) -> None:

@@ -17,6 +17,8 @@ What this adds on top of mmengine's Runner:
   (``runtime.run_folder``), and marks the run ``FINISHED`` at the end;
 * SIGTERM (a scheduler's preemption notice) saves a resumable checkpoint before the run stops, and an
   epoch-based run resumed from it goes on after the saved iteration (``MidEpochResumableTrainLoop``);
+* loader worker processes end with the process they load for, whenever it is killed
+  (``runtime.loader_workers``): no orphan keeps the launcher waiting or the run folder locked;
 * checkpoints load with ``torch.load(weights_only=True)``: :func:`register_checkpoint_safe_globals`
   allows the plain data types that mmengine itself writes into checkpoints for the Runner's own
   loading (resume), while arbitrary pickled callables are still refused;
@@ -37,13 +39,14 @@ from typing import Optional, Sequence
 import torch
 from mmengine.hooks import Hook
 from mmengine.registry import LOOPS
-from mmengine.runner import EpochBasedTrainLoop
+from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from models import PRETRAINED
 from models.checkpoint import (
     CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
     release_url, resolve_checkpoint,
 )
+from runtime.loader_workers import end_workers_with_parent
 from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished, run_folder_path, work_dirs_root
 
 
@@ -215,7 +218,6 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     """Entry point of ``train_<mm>.py``: train ``config`` with automatic resume; rank 0 marks the
     work dir ``FINISHED`` when training returns."""
     from mmengine.dist import is_main_process
-    from mmengine.runner import Runner
 
     args = _train_parser(task).parse_args(argv)
     if args.amp and not torch.cuda.is_available():
@@ -243,7 +245,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     cfg.resume = resume_from is not None
     if cfg.train_cfg.get("type") == "EpochBasedTrainLoop":
         cfg.train_cfg.type = "MidEpochResumableTrainLoop"  # CheckpointOnSigterm saves within epochs
-    runner = Runner.from_cfg(cfg)
+    runner = RunnerWithBoundWorkers.from_cfg(cfg)
     if resume_from:
         refuse_unfit_resume(_unwrapped(runner.model), resume_from)
     runner.register_hook(CheckpointOnSigterm())
@@ -275,6 +277,15 @@ def refuse_unfit_resume(model: torch.nn.Module, checkpoint: str) -> None:
         fit_state_dict(extract_state_dict(read_checkpoint(checkpoint)), model, source=str(checkpoint))
     except CheckpointError as err:
         raise SystemExit(f"error: cannot resume: {err}") from err
+
+
+class RunnerWithBoundWorkers(Runner):
+    """mmengine's Runner, except that its loaders' worker processes end when the training or test
+    process is killed (``runtime.loader_workers``), whenever it dies."""
+
+    @staticmethod
+    def build_dataloader(dataloader, seed=None, diff_rank_seed=False):
+        return end_workers_with_parent(Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed))
 
 
 class CheckpointOnSigterm(Hook):
@@ -387,8 +398,6 @@ def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = 
 
 def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``test_<mm>.py``: evaluate ``checkpoint`` with the config's test evaluator."""
-    from mmengine.runner import Runner
-
     args = _test_parser(task).parse_args(argv)
     cfg = load_config(args.config, default_scope, args.cfg_options)
     cfg.work_dir = args.work_dir or _default_work_dir(task, "test", Path(args.config).stem)
@@ -406,7 +415,7 @@ def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = Non
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from err
     _prepare_environment(cfg, cfg.launcher)
-    runner = Runner.from_cfg(cfg)
+    runner = RunnerWithBoundWorkers.from_cfg(cfg)
     try:
         load_model_checkpoint(_unwrapped(runner.model), checkpoint, name=source)
     except CheckpointError as err:

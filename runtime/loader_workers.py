@@ -20,8 +20,9 @@ ORPHANED_EXIT_CODE = 3
 
 
 def end_with_parent() -> None:
-    """In a process started by ``multiprocessing``: be killed with its parent (Linux; elsewhere
-    PyTorch's own check is all there is)."""
+    """In a process that ``multiprocessing`` started with ``fork`` or ``spawn`` (its parent is the
+    process that started it): be killed with that process (Linux; elsewhere PyTorch's own check is
+    all there is)."""
     parent = multiprocessing.parent_process()
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -46,10 +47,18 @@ class EndWithParent:
             self.init_fn(worker_id)
 
 
+def _start_method(data_loader) -> str:
+    context = data_loader.multiprocessing_context  # None: multiprocessing's default
+    if context is not None:
+        return context.get_start_method()
+    return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+
+
 def end_workers_with_parent(loader):
     """``loader`` (a DataLoader, or timm's PrefetchLoader around one) with workers that end with
-    this process; returned for chaining."""
+    this process; returned for chaining.  Only for workers this process starts itself (``fork``,
+    ``spawn``): a ``forkserver`` worker is the server's child, which PyTorch's own check watches."""
     data_loader = getattr(loader, "loader", loader)
-    if not isinstance(data_loader.worker_init_fn, EndWithParent):
+    if _start_method(data_loader) in ("fork", "spawn") and not isinstance(data_loader.worker_init_fn, EndWithParent):
         data_loader.worker_init_fn = EndWithParent(data_loader.worker_init_fn)
     return loader

@@ -108,6 +108,15 @@ def test_loaders_keep_their_own_worker_init_and_are_wrapped_once():
     assert [int(x) for x in loader] == [0, 1]  # the workers start (and run the loader's own init there)
 
 
+def test_spawned_workers_are_guarded_and_forkserver_ones_left_to_pytorch():
+    spawned = end_workers_with_parent(DataLoader(range(2), num_workers=1, multiprocessing_context="spawn"))
+    assert isinstance(spawned.worker_init_fn, EndWithParent)
+    assert [int(x) for x in spawned] == [0, 1]  # the guard pickles, and a live parent passes it
+    served = end_workers_with_parent(DataLoader(range(2), num_workers=1, multiprocessing_context="forkserver"))
+    assert served.worker_init_fn is None  # the server is the worker's parent: nothing of this process to watch
+    assert [int(x) for x in served] == [0, 1]
+
+
 def test_every_project_loader_has_the_guard(tmp_path):
     from classification import cls_common, train_timm
     from runtime.openmmlab import RunnerWithBoundWorkers

@@ -78,6 +78,25 @@ def wait_gone(pids, timeout=30) -> None:
         time.sleep(0.1)
 
 
+def wait_ended(job: subprocess.Popen, timeout: float) -> int:
+    """``job``'s exit code (it was started with ``start_new_session``); after ``timeout`` seconds, a
+    failure naming the processes of its session that are still there, i.e. what keeps it going."""
+    try:
+        return job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if proc.name.isdigit() and int(fields[3]) == job.pid:  # fields: state ppid pgrp session
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    left.append(f"pid {proc.name} ppid {fields[1]} state {fields[0]}: {command[:300]}")
+            except (OSError, IndexError, ValueError):
+                continue
+        raise AssertionError(f"{job.args[0]} has not ended after {timeout} s; its session still has:\n"
+                             + "\n".join(left)) from None
+
+
 def _state(pid) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

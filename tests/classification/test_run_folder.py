@@ -16,7 +16,7 @@ import torch
 from classification import cls_common
 import models  # noqa: F401  (registers the pacavit_* names with timm)
 from classification.make_digits_dataset import export
-from tests.run_folder_checks import refused_while_running, wait_gone
+from tests.run_folder_checks import refused_while_running, wait_ended, wait_gone
 
 from .cls_helpers import CLS_DIR, MODEL, run, run_folder, train_cmd, write_colour_dataset
 
@@ -75,7 +75,7 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(digits_env
         assert job.poll() is None, "training ended before it could be killed"
         for pid in worker_pids(run_dir):  # kill -9 the training process itself, mid-run
             os.kill(pid, signal.SIGKILL)
-        assert job.wait(timeout=120) != 0
+        assert wait_ended(job, timeout=120) != 0
         # its data-loading processes notice the death within seconds; until then they hold the run
         wait_gone(worker_pids(run_dir))
     finally:

@@ -16,16 +16,19 @@ from tests.run_folder_checks import wait_gone
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "PYTHONPATH": REPO}
 
-# A training process whose loader's worker is slow to start: the test kills the process while the
-# worker's init runs, before PyTorch's worker has read its parent's pid for its own check.
+# A training process killed while its loader's worker starts: the worker's init returns only once the
+# process is gone, before PyTorch's worker has read its parent's pid for its own check.
 KILLED_WHILE_WORKER_STARTS = """
 import os, sys, time
 from torch.utils.data import DataLoader
 from runtime.loader_workers import end_workers_with_parent
 
 def slow_start(worker_id):
+    parent = os.getppid()
     print(os.getpid(), flush=True)
-    time.sleep(1)
+    deadline = time.time() + 60
+    while os.getppid() == parent and time.time() < deadline:
+        time.sleep(0.01)
 
 loader = DataLoader(range(4), num_workers=1, worker_init_fn=slow_start)
 if sys.argv[1] == "guarded":
@@ -83,7 +86,7 @@ def test_without_the_guard_such_a_worker_would_live_on():
     parent = start(KILLED_WHILE_WORKER_STARTS, "plain")
     worker = kill_parent_and_read_worker(parent)
     try:
-        time.sleep(8)  # the sleeping init (1 s), then more than PyTorch's 5-s status check interval
+        time.sleep(8)  # more than PyTorch's 5-s status check interval
         assert alive(worker)
     finally:
         os.kill(worker, signal.SIGKILL)

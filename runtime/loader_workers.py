@@ -5,8 +5,8 @@ reads only after the loader's ``worker_init_fn`` has run.  A parent killed in th
 killer or ``kill -9`` while an epoch's workers start) leaves a worker that takes its new parent
 for the old one and waits for batches forever, holding the launcher's output pipe (the launcher
 never returns) and the run folder's lock (no relaunch).  :func:`end_with_parent`, run first in
-every worker, closes the gap on Linux: the kernel kills the worker when its parent dies, and a
-parent already dead ends the worker at once.
+every worker that the process forks or spawns itself, closes the gap on Linux: the kernel kills
+the worker when its parent dies, and a parent already dead ends the worker at once.
 """
 import ctypes
 import multiprocessing

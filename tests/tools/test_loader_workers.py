@@ -7,6 +7,7 @@ import time
 from functools import partial
 
 import torch
+from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader
 
 from runtime.loader_workers import EndWithParent, end_with_parent, end_workers_with_parent
@@ -133,6 +134,9 @@ def test_every_project_loader_has_the_guard(tmp_path):
     train = train_timm.build_train_loader(args, dataset, data_config, torch.device("cpu"))
     assert isinstance(train.worker_init_fn, EndWithParent)
     assert isinstance(train.worker_init_fn.init_fn, partial)  # timm's per-worker seeding still runs
+    prefetching = end_workers_with_parent(PrefetchLoader(DataLoader(range(2), num_workers=1),
+                                                         device=torch.device("cpu")))
+    assert isinstance(prefetching.loader.worker_init_fn, EndWithParent)  # timm's wrapper on CUDA
     evaluation = cls_common.build_eval_loader(str(root), "val", data_config, 2, 1)
     assert isinstance(evaluation.worker_init_fn, EndWithParent)
     openmmlab = RunnerWithBoundWorkers.build_dataloader(DataLoader(range(2), num_workers=1))

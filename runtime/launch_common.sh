@@ -225,7 +225,9 @@ _paca_stderr_filter() {
             traceback=("$line")
         elif (( ${#traceback[@]} )); then
             traceback+=("$line")
-            if [[ "$line" != [[:space:]]* ]]; then  # the exception line ends the traceback
+            # the exception line ends the traceback; an empty line does not (Python prints one
+            # for a frame stopped on some statements, e.g. torchrun's when SIGTERM arrives)
+            if [[ -n "$line" && "$line" != [[:space:]]* ]]; then
                 [[ "$line" == *SignalException* ]] || _paca_emit "$copy" "${traceback[@]}"
                 traceback=()
             fi

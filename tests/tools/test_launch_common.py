@@ -1,6 +1,7 @@
 """runtime/launch_common.sh on a cluster, on this GPU-less machine: the devices a launcher gives its
 processes (8 simulated GPUs, a job's inherited CUDA_VISIBLE_DEVICES) and the checks of a
-several-node launch."""
+several-node launch; and the filter that keeps torchrun's own traceback of a signal off the
+launcher's output."""
 import os
 import subprocess
 import sys
@@ -117,3 +118,33 @@ def test_several_nodes_need_master_addr(gpu_env, tmp_path, task):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: NNODES=2 needs MASTER_ADDR: set it on every node to node 0's address" in result.stderr
     assert not work_dirs.exists()
+
+
+# torchrun's report of a SIGTERM as CI once caught it: a frame stopped on a `def` line prints an
+# empty line inside the traceback
+SIGTERM_TRACEBACK = """\
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 984, in _poll
+    self._capture_process_failures(done_local_ranks)
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 967, in _capture
+    def _capture_process_failures(self, done_local_ranks: set[int]):
+
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 12362 got signal: 15
+"""
+WORKER_TRACEBACK = """\
+Traceback (most recent call last):
+  File "train_timm.py", line 10, in <module>
+    main()
+ValueError: a worker's own error
+"""
+
+
+def test_stderr_filter_drops_torchruns_signal_traceback_and_keeps_the_rest(tmp_path):
+    copy = tmp_path / "errors"
+    stream = "starting\n" + SIGTERM_TRACEBACK + "train_timm.py: error: bad option\n" + WORKER_TRACEBACK + "last\n"
+    result = subprocess.run(["bash", "-c", f'source {REPO}/runtime/launch_common.sh; _paca_stderr_filter "$1"',
+                             "filter", str(copy)], input=stream, capture_output=True, text=True, timeout=60)
+    assert result.stderr == "starting\ntrain_timm.py: error: bad option\n" + WORKER_TRACEBACK + "last\n"
+    assert copy.read_text() == "train_timm.py: error: bad option\nValueError: a worker's own error\n"

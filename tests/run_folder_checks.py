@@ -71,9 +71,14 @@ def kill(pids) -> None:
             pass
 
 
+def alive(pid) -> bool:
+    """The process exists and has not ended (a zombie has ended, its parent just has not reaped it)."""
+    return _stat_fields(pid)[0] != "Z"
+
+
 def wait_gone(pids, timeout=30) -> None:
     deadline = time.time() + timeout
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+    while any(alive(pid) for pid in pids):
         assert time.time() < deadline, f"processes {pids} did not end"
         time.sleep(0.1)
 
@@ -86,22 +91,26 @@ def wait_ended(job: subprocess.Popen, timeout: float) -> int:
     except subprocess.TimeoutExpired:
         left = []
         for proc in Path("/proc").iterdir():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                if proc.name.isdigit() and int(fields[3]) == job.pid:  # fields: state ppid pgrp session
-                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    left.append(f"pid {proc.name} ppid {fields[1]} state {fields[0]}: {command[:300]}")
-            except (OSError, IndexError, ValueError):
+            if not proc.name.isdigit():
                 continue
+            state, ppid, _, session = _stat_fields(proc.name)[:4]
+            if session == str(job.pid):
+                try:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:  # it ended meanwhile
+                    continue
+                left.append(f"pid {proc.name} ppid {ppid} state {state}: {command[:300]}")
         raise AssertionError(f"{job.args[0]} has not ended after {timeout} s; its session still has:\n"
                              + "\n".join(left)) from None
 
 
-def _state(pid) -> str:
+def _stat_fields(pid) -> list:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, ...; a process that is
+    gone reads as a zombie with no parent."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return "Z"
+        return ["Z", "0", "0", "0"]
 
 
 def relaunch(cmd, env, cwd=None) -> subprocess.CompletedProcess:

@@ -76,7 +76,7 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(digits_env
         for pid in worker_pids(run_dir):  # kill -9 the training process itself, mid-run
             os.kill(pid, signal.SIGKILL)
         assert wait_ended(job, timeout=120) != 0
-        # its data-loading processes notice the death within seconds; until then they hold the run
+        # the killed processes and their loader workers (killed with them) take a moment to go
         wait_gone(worker_pids(run_dir))
     finally:
         if job.poll() is None:

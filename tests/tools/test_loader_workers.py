@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from runtime.loader_workers import EndWithParent, end_with_parent, end_workers_with_parent
 from tests.classification.cls_helpers import MODEL, write_colour_dataset
-from tests.run_folder_checks import wait_gone
+from tests.run_folder_checks import alive, wait_gone
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -59,14 +59,6 @@ time.sleep(60)
 def start(script, *args):
     return subprocess.Popen([sys.executable, "-c", script, *args], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                             text=True)
-
-
-def alive(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_parent_and_read_worker(parent):

@@ -98,7 +98,7 @@ def layer_kind(module: nn.Module) -> str:
         return NORM
     if type(module).__name__ in ACTIVATIONS:
         return ACTIVATION
-    # the fused transform swaps classes (BatchChunkedStage, BFloat16MatmulAttention): name the model's own
+    # the fused transform swaps classes (BatchChunkedStage, BFloat16CpuAttention): name the model's own
     own = next(cls for cls in type(module).__mro__ if cls.__module__ != fused.__name__)
     return f"{own.__name__}'s own ops"
 

@@ -16,8 +16,9 @@ changes:
 - ``ChannelMajorLinear`` / ``ChannelMajorConv2d``: the clustering output projection computed as
   ``W @ x^T``, so that the (B, M, N) logits come out contiguous for the softmax over the patches
   (a transposing copy costs more than the GEMM).
-- ``BFloat16MatmulAttention``: in bfloat16, the patch-to-cluster attention as two batched
-  matmuls instead of PyTorch's fused CPU attention kernel (see the class).
+- ``BFloat16CpuAttention``: in bfloat16, the patch-to-cluster attention the way this CPU runs it
+  fastest: PyTorch's fused CPU attention kernel with AMX, two batched matmuls without (see the
+  class).
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches and small enough for glibc's malloc to reuse them instead of page-faulting
   them afresh on every call (see the class).  This does not depend on the instruction set.
@@ -66,6 +67,13 @@ def cpu_fusion_support() -> FrozenSet[torch.dtype]:
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return frozenset({torch.float32, torch.bfloat16})
     return frozenset({torch.float32})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (Intel Sapphire Rapids and later), with which
+    PyTorch's fused CPU attention kernel computes its bfloat16 GEMMs.  Probed once per process."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def _eager() -> bool:
@@ -286,18 +294,26 @@ def _watched(module: nn.Module) -> bool:
     return bool(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-class BFloat16MatmulAttention(PaCaAttention):
-    """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs as two batched
-    matmuls around a softmax: with M = 100 keys of 32 channels per head these GEMMs run about 1.8x
-    faster than PyTorch's fused CPU attention kernel in bfloat16 (which wins in float32).
+class BFloat16CpuAttention(PaCaAttention):
+    """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs the faster of
+    two equivalent ways for this CPU, which ``cpu_has_amx_bf16()`` tells apart:
 
-    The scores are formed as (keys, queries), so the softmax over the M keys runs down the columns,
-    vectorised over the many queries, where along rows of only M = 100 values it takes about 1.4x
-    longer; the keys rather than the far more numerous queries take the scale."""
+    - with AMX, PyTorch's fused CPU attention kernel, whose AMX GEMMs work on blocks of queries
+      whose scores stay in the caches: PaCa-Tiny's attention took 23 ms of a 93-ms batch-8 forward,
+      against 30 of 99 ms with the matmuls below (``classification/layer_times.py --precision
+      bf16``, 2 threads of an Intel Xeon VM with AMX);
+    - without AMX (AVX-512 BF16 only, e.g. AMD Zen 4 / 5), two batched matmuls around a softmax:
+      with M = 100 keys of 32 channels per head they ran about 1.8x faster than the fused kernel
+      there (which wins in float32).  The scores are formed as (keys, queries), so the softmax over
+      the M keys runs down the columns, vectorised over the many queries, where along rows of only
+      M = 100 values it takes about 1.4x longer; the keys rather than the far more numerous queries
+      take the scale."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+            if cpu_has_amx_bf16():
+                return F.scaled_dot_product_attention(q, k, v)
             scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
             return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
         return super().attend(q, k, v, dropout_p)
@@ -384,7 +400,7 @@ def _fuse_attention(attn: PaCaAttention):
         if type(getattr(attn, name)) is nn.Linear:
             setattr(attn, name, FusedLinear(getattr(attn, name)))
     # it only adds a method: the module keeps its identity, parameters and hooks
-    attn.__class__ = BFloat16MatmulAttention
+    attn.__class__ = BFloat16CpuAttention
 
 
 def _fuse_mlp(mlp: ConvMlp):

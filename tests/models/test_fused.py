@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -335,19 +336,25 @@ def attention_ops(fn) -> set:
     return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or e.key in ("aten::matmul",)}
 
 
-def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(probe):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512_bf16", "amx"])
+def test_bfloat16_attention_takes_this_cpus_faster_way_and_float32_keeps_the_fused_kernel(probe, monkeypatch, amx):
     probe(BOTH_DTYPES)
+    monkeypatch.setattr(fused, "cpu_has_amx_bf16", lambda: amx)  # either way runs on any host
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
     attn = fused_model.stage1[0].attn
-    assert isinstance(attn, fused.BFloat16MatmulAttention) and isinstance(attn, models.paca_vit.PaCaAttention)
+    assert isinstance(attn, fused.BFloat16CpuAttention) and isinstance(attn, models.paca_vit.PaCaAttention)
+    way = lambda ops: "fused kernel" if "aten::scaled_dot_product_attention" in ops else "matmuls"  # noqa: E731
+    bf16_way = "fused kernel" if amx else "matmuls"
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 2, 49, 32), torch.randn(2, 2, 10, 32), torch.randn(2, 2, 10, 32)
     with torch.inference_mode():
         expected = nn.functional.scaled_dot_product_attention(q, k, v)
         assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))
         with autocast_bf16():
-            assert "aten::scaled_dot_product_attention" not in attention_ops(lambda: attn.attend(q, k, v, 0.0))
+            assert way(attention_ops(lambda: attn.attend(q, k, v, 0.0))) == bf16_way
             out = attn.attend(q, k, v, 0.0)
+        attn.bfloat16()  # a bfloat16 model
+        assert way(attention_ops(lambda: attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0))) == bf16_way
         bf16_out = attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.0)
         # in the block q, k, v are head views of (B, N, C) projections: strided, not contiguous
         heads_view = lambda t: t.bfloat16().transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
@@ -359,6 +366,15 @@ def test_bfloat16_attention_runs_as_matmuls_and_float32_keeps_the_fused_kernel(p
     probe({torch.float32})  # a CPU without bfloat16 kernels: the fused SDPA kernel, as the plain model
     with torch.inference_mode(), autocast_bf16():
         assert "aten::scaled_dot_product_attention" in attention_ops(lambda: attn.attend(q, k, v, 0.0))
+
+
+def test_the_amx_probe_reads_the_cpus_flags():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert fused.cpu_has_amx_bf16() == ("amx_bf16" in flags)
 
 
 def test_bfloat16_stages_and_bfloat16_autocast_group_by_the_bfloat16_rule(monkeypatch):

@@ -302,7 +302,7 @@ class BFloat16CpuAttention(PaCaAttention):
       whose scores stay in the caches: PaCa-Tiny's attention took 23 ms of a 93-ms batch-8 forward,
       against 30 of 99 ms with the matmuls below (``classification/layer_times.py --precision
       bf16``, 2 threads of an Intel Xeon VM with AMX);
-    - without AMX (AVX-512 BF16 only, e.g. AMD Zen 4 / 5), two batched matmuls around a softmax:
+    - without AMX (AVX-512 BF16 only: measured on AMD Zen 5), two batched matmuls around a softmax:
       with M = 100 keys of 32 channels per head they ran about 1.8x faster than the fused kernel
       there (which wins in float32).  The scores are formed as (keys, queries), so the softmax over
       the M keys runs down the columns, vectorised over the many queries, where along rows of only
@@ -313,7 +313,7 @@ class BFloat16CpuAttention(PaCaAttention):
         if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
             if cpu_has_amx_bf16():
-                return F.scaled_dot_product_attention(q, k, v)
+                return super().attend(q, k, v, dropout_p)
             scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
             return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
         return super().attend(q, k, v, dropout_p)

@@ -23,8 +23,8 @@ changes:
   in the CPU caches and small enough for glibc's malloc to reuse them instead of page-faulting
   them afresh on every call (see the class).  This does not depend on the instruction set.
 
-What the transform gains, plain -> fused, with the host and the command that measured it: the
-README's Performance section (``classification/speed_report.sh``).
+What the transform gains, plain -> fused, with the host and the command that measured it:
+``classification/PERFORMANCE.md`` (``classification/speed_report.sh``).
 
 The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
 fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,

@@ -3,8 +3,12 @@
 ``fuse_for_cpu_inference(model)`` replaces, inside the PaCa stages, the plain ``nn.Linear`` /
 ``nn.Conv2d`` layers (and the GELU after them), and the stages themselves, by the modules below.
 They hold the same parameter tensors under the same names (the state_dict is unchanged) and are
-called as modules, so hooks still see every layer; the model computes the same function.  What
-changes:
+called as modules; the model computes the same function.  Hooks registered after the transform
+fire on every fused layer (it refuses a model whose replaced layers already have hooks, which would
+stop firing).  A layer with its GELU folded in returns the activated values, and an ``nn.Identity``
+takes the GELU's place (as ``torch.ao.quantization.fuse_modules`` does); the MLP's depthwise conv
+returns ``x + conv(x)``: hooks that need each plain layer's own output belong on the plain model.
+What changes:
 
 - ``FusedLinear`` / ``FusedConv2d`` / ``FusedPointwiseConv2d``: oneDNN computes the layer, its
   bias and the following GELU in one kernel as the output is written
@@ -28,7 +32,7 @@ What the transform gains, plain -> fused, with the host and the command that mea
 
 The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
 fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,
-TorchScript and compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU
+TorchScript (a scripted fused model runs the plain ops) and compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU
 (bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module runs the
 plain PyTorch ops.  The plain model (without the transform) never calls these kernels.
 
@@ -36,9 +40,10 @@ Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a fused module computes in
 autocast's linear / conv would (bfloat16 output), but from a bfloat16 copy of its weight and bias
 that it keeps between calls, where autocast casts the float32 weight again on every call.  The copy
 is made again when the parameter changes: an in-place update (optimizer step, ``load_state_dict``)
-moves its version counter, ``.to()`` / ``.data =`` give it new storage.  A write through ``.data``
-(``p.data.copy_(...)``) is invisible to both; after one, call ``fuse_for_cpu_inference`` again or
-``model.apply(fused.drop_weight_caches)``.
+moves its version counter, ``.to()`` / ``.data =`` give it new storage, and ``load_state_dict`` drops
+the copy.  A write through ``.data`` (``p.data.copy_(...)``) is invisible to both, and so is an
+in-place update of a parameter made under ``torch.inference_mode`` (it has no version counter);
+after one, call ``model.apply(fused.drop_weight_caches)``.
 """
 import functools
 from typing import Callable, Dict, FrozenSet, Optional, Tuple, Type
@@ -51,7 +56,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from .attention import PaCaAttention
 from .clustering import ConvClustering, LinearClustering, MlpClustering
 from .layout import nchw_to_tokens, tokens_to_nchw
-from .mlp import ConvMlp
+from .mlp import ConvMlp, DWConv
 from .stage import PaCaStage
 
 
@@ -131,11 +136,17 @@ class WeightCache(nn.Module):
 
     def weights_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The kept weights where the kernels may run (under autocast: no cast per call), else the
-        parameters themselves (autograd, tracing)."""
-        dtype = kernel_dtype(x, self.weight)
-        if dtype is None:
-            return self.kernel_weight(self.weight), self.bias
-        return self.kernel_weights(dtype)
+        parameters themselves (autograd, tracing, TorchScript)."""
+        if not torch.jit.is_scripting():
+            dtype = kernel_dtype(x, self.weight)
+            if dtype is not None:
+                return self.kernel_weights(dtype)
+        return self.kernel_weight(self.weight), self.bias
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # parameters made under inference_mode have no version counter to show the in-place copy
+        self._cached = None
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def drop_weight_caches(module: nn.Module) -> None:
@@ -168,9 +179,10 @@ class FusedLinear(WeightCache):
         self.post_op = _post_op(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = kernel_dtype(x, self.weight)
-        if dtype is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *self.kernel_weights(dtype), *self.post_op)
+        if not torch.jit.is_scripting():
+            dtype = kernel_dtype(x, self.weight)
+            if dtype is not None:
+                return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *self.kernel_weights(dtype), *self.post_op)
         return self.act(F.linear(x, self.weight, self.bias))
 
 
@@ -204,12 +216,13 @@ class FusedConv2d(WeightCache):
         return weight + self.identity if self.residual else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = kernel_dtype(x, self.weight)
-        if dtype is not None:
-            weight, bias = self.kernel_weights(dtype)
-            return torch.ops.mkldnn._convolution_pointwise(
-                x.to(dtype), weight, bias, self.padding, [1, 1], [1, 1], self.groups, *self.post_op
-            )
+        if not torch.jit.is_scripting():
+            dtype = kernel_dtype(x, self.weight)
+            if dtype is not None:
+                weight, bias = self.kernel_weights(dtype)
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x.to(dtype), weight, bias, self.padding, [1, 1], [1, 1], self.groups, *self.post_op
+                )
         y = F.conv2d(x, self.weight, self.bias, padding=self.padding, groups=self.groups)
         return self.act(y + x if self.residual else y)
 
@@ -230,12 +243,13 @@ class FusedPointwiseConv2d(WeightCache):
         return weight.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = kernel_dtype(x, self.weight)
-        if dtype is not None:
-            nhwc = torch.ops.mkldnn._linear_pointwise(
-                x.to(dtype).permute(0, 2, 3, 1), *self.kernel_weights(dtype), *self.post_op
-            )
-            return nhwc.permute(0, 3, 1, 2)
+        if not torch.jit.is_scripting():
+            dtype = kernel_dtype(x, self.weight)
+            if dtype is not None:
+                nhwc = torch.ops.mkldnn._linear_pointwise(
+                    x.to(dtype).permute(0, 2, 3, 1), *self.kernel_weights(dtype), *self.post_op
+                )
+                return nhwc.permute(0, 3, 1, 2)
         return self.act(F.conv2d(x, self.weight, self.bias))
 
 
@@ -256,7 +270,8 @@ class ChannelMajorLinear(WeightCache):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channel_major_linear(x, *self.weights_for(x)).transpose(1, 2)
+        weight, bias = self.weights_for(x)
+        return _channel_major_linear(x, weight, bias).transpose(1, 2)
 
 
 class ChannelMajorConv2d(WeightCache):
@@ -274,7 +289,8 @@ class ChannelMajorConv2d(WeightCache):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
-        return _channel_major_linear(nchw_to_tokens(x), *self.weights_for(x)).view(B, -1, H, W)
+        weight, bias = self.weights_for(x)
+        return _channel_major_linear(nchw_to_tokens(x), weight, bias).view(B, -1, H, W)
 
 
 class FusedDWConv(nn.Module):
@@ -310,13 +326,13 @@ class BFloat16CpuAttention(PaCaAttention):
       take the scale."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
-            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-            if cpu_has_amx_bf16():
-                return super().attend(q, k, v, dropout_p)
-            scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
-            return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
-        return super().attend(q, k, v, dropout_p)
+        if not torch.jit.is_scripting():
+            if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
+                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+                if not cpu_has_amx_bf16():
+                    scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
+                    return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 # glibc's malloc serves blocks below its largest mmap threshold (32 MiB on 64-bit) from its heap,
@@ -377,14 +393,23 @@ class BatchChunkedStage(PaCaStage):
     def forward(
         self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        if not _eager():
-            return super().forward(x, teacher_logits, shortcut)
-        group = self.group_size(x.shape[0], x.shape[1] * x.shape[2], compute_dtype(x)) if len(self) else x.shape[0]
+        if not torch.jit.is_scripting():
+            if self.runs_in_groups(x):
+                return self.run_in_groups(x, teacher_logits, shortcut)
+        return self.run_blocks(x, teacher_logits, shortcut)
+
+    def runs_in_groups(self, x: torch.Tensor) -> bool:
+        if not _eager() or not len(self) or x.device.type != "cpu" or _watched(self):
+            return False
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if group >= x.shape[0] or x.device.type != "cpu" or needs_grad or _watched(self):
-            return super().forward(x, teacher_logits, shortcut)
+        return not needs_grad and self.group_size(x.shape[0], x.shape[1] * x.shape[2], compute_dtype(x)) < x.shape[0]
+
+    def run_in_groups(
+        self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor], shortcut: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        group = self.group_size(x.shape[0], x.shape[1] * x.shape[2], compute_dtype(x))
         parts = [
-            super(BatchChunkedStage, self).forward(
+            self.run_blocks(
                 x[i : i + group],
                 None if teacher_logits is None else teacher_logits[i : i + group],
                 None if shortcut is None else shortcut[i : i + group],
@@ -452,6 +477,30 @@ FUSERS: Dict[Type[nn.Module], Callable[[nn.Module], None]] = {
 }
 
 
+# the layers that the transform replaces by fused modules (the blocks, attention, MLP and
+# clustering modules keep their identity)
+REPLACED_TYPES = (nn.Linear, nn.Conv2d, nn.GELU, DWConv, PaCaStage)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _refuse_hooks_on_replaced_layers(model: nn.Module) -> None:
+    """A hook on a layer that the transform replaces would silently stop firing: say so first."""
+    hooked = set()
+    for stage_name, stage in model.named_modules():
+        if type(stage) is PaCaStage:
+            hooked.update(f"{stage_name}.{name}".rstrip(".") for name, module in stage.named_modules()
+                          if type(module) in REPLACED_TYPES and _has_hooks(module))
+    if hooked:
+        raise ValueError(
+            f"fuse_for_cpu_inference replaces layers that have hooks, which would stop firing: "
+            f"{', '.join(sorted(hooked))}. Register the hooks after fusing, or keep the plain model"
+        )
+
+
 def fuse_for_cpu_inference(model: nn.Module) -> nn.Module:
     """Swap the fused modules into ``model`` (in place) and return it; a no-op when this CPU has
     no oneDNN fused kernels, and when applied twice.  For inference: the fused modules run the
@@ -459,6 +508,7 @@ def fuse_for_cpu_inference(model: nn.Module) -> nn.Module:
     """
     if not cpu_fusion_support():
         return model
+    _refuse_hooks_on_replaced_layers(model)
     for module in list(model.modules()):
         fuse = FUSERS.get(type(module))
         if fuse is not None:

@@ -19,6 +19,11 @@ class PaCaStage(nn.ModuleList):
     def forward(
         self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        return self.run_blocks(x, teacher_logits, shortcut)
+
+    def run_blocks(
+        self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """x: (B, H, W, C).  teacher_logits: (B, M, H*W) cluster logits from the ConvMixer teacher;
         shortcut: the teacher's (B, C, H, W) stage features, added to the output.  Returns
         (B, H, W, C), before the stage norm."""

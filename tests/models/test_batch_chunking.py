@@ -16,14 +16,14 @@ SMALL = dict(depths=(2, 1, 1, 1))
 def stage1_batches(monkeypatch):
     """The batch size of each run of stage 1's blocks (the whole batch, or one group)."""
     sizes = []
-    run_blocks = PaCaStage.forward
+    run_blocks = PaCaStage.run_blocks
 
     def recording(self, x, *args):
         if x.shape[-1] == 96:  # stage 1 of the tiny models
             sizes.append(int(x.shape[0]))
         return run_blocks(self, x, *args)
 
-    monkeypatch.setattr(PaCaStage, "forward", recording)
+    monkeypatch.setattr(PaCaStage, "run_blocks", recording)
     return sizes
 
 

@@ -376,7 +376,7 @@ def test_the_amx_probe_reads_the_cpus_flags():
 def test_bfloat16_stages_and_bfloat16_autocast_group_by_the_bfloat16_rule(monkeypatch):
     stage = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage1
     seen = []
-    monkeypatch.setattr(models.paca_vit.PaCaStage, "forward", lambda self, x, *rest: seen.append(x.shape[0]) or x)
+    monkeypatch.setattr(models.paca_vit.PaCaStage, "run_blocks", lambda self, x, *rest: seen.append(x.shape[0]) or x)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     x = torch.zeros(16, 56, 56, 96)
     with torch.inference_mode():
@@ -398,3 +398,36 @@ def test_a_model_made_bfloat16_under_inference_mode_runs(probe):
         logits = fused_model.to(torch.bfloat16)(x.bfloat16())
         expected = plain(x)
     assert torch.nn.functional.cosine_similarity(logits.float().flatten(), expected.flatten(), dim=0) > 0.999
+
+
+def test_load_state_dict_renews_the_kept_weights_of_a_model_made_under_inference_mode(probe):
+    probe(BOTH_DTYPES)
+    plain, _ = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():  # inference-tensor parameters: no version counter shows the copy
+        fused_model = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval())
+        fused_model(x)  # keeps the folded depthwise kernels of its random weights
+        fused_model.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_scripted_fused_model_runs_the_plain_ops(probe, name):
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair(name)
+    scripted = torch.jit.script(fused_model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert onednn_ops(lambda: scripted(x)) == set()
+        torch.testing.assert_close(scripted(x), plain(x))
+
+
+@pytest.mark.parametrize("layer", ["stage1.0.attn.q", "stage1.0.mlp.act", "stage2"])
+def test_the_transform_refuses_hooks_that_would_stop_firing(probe, layer):
+    probe(BOTH_DTYPES)
+    model = timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval()
+    model.get_submodule(layer).register_forward_hook(lambda *args: None)
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=rf"replaces layers that have hooks.*{layer}.*Register the hooks after"):
+        models.fuse_for_cpu_inference(model)
+    assert [type(m) for m in model.modules()] == kinds  # left as it was

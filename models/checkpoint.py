@@ -399,7 +399,7 @@ def _unsafe_globals(path: str) -> str:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # only for the message; the refusal itself stands
         return ""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals() if not isinstance(g, tuple)}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
     names = [n for n in names if n not in allowed]
     return f" (it asks for {', '.join(names)})" if names else ""
 
@@ -459,9 +459,7 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False) -> Dict[str, 
     return tensors
 
 
-def _reinit_matcher(reinit: Sequence[str], model: nn.Module):
-    if isinstance(reinit, str):
-        reinit = (reinit,)
+def _reinit_matcher(reinit: Tuple[str, ...], model: nn.Module):
     prefixes = tuple(f"{path}." for name in reinit for path in (REINIT_GROUPS[name](model) if name in REINIT_GROUPS else [name]))
     return lambda key: key.startswith(prefixes)
 
@@ -505,6 +503,7 @@ def fit_state_dict(
     """Match ``state_dict`` to ``model`` under the policy of :func:`load_checkpoint` without
     loading it: returns the tensors to load and the report.  Raises on a mismatch."""
     own = model.state_dict()
+    reinit = (reinit,) if isinstance(reinit, str) else tuple(reinit)
     in_reinit = _reinit_matcher(reinit, model)
     report = LoadReport(source=source, loaded=[])
     state_dict = _backbone_subset(dict(state_dict), own, report.dropped)
@@ -548,7 +547,7 @@ def fit_state_dict(
         )
     report.loaded = list(fitted)
     if reinit_log:
-        _logger.warning("%s: re-initialised (named in reinit=%s): %s", source, tuple(reinit), ", ".join(reinit_log))
+        _logger.warning("%s: re-initialised (named in reinit=%s): %s", source, reinit, ", ".join(reinit_log))
     if report.adapted:
         _logger.info("%s: adapted to the input channels: %s", source, ", ".join(report.adapted))
     if report.dropped:

@@ -155,6 +155,15 @@ def test_pickled_code_is_refused(tmp_path):
         read_checkpoint(str(path))
 
 
+def test_the_refusal_names_only_what_is_not_allowed(tmp_path):
+    path = tmp_path / "payload.pth"
+    torch.save({"state_dict": {}, "extra": np.array([print], dtype=object)}, path)  # code inside a numpy array
+    with pytest.raises(CheckpointError, match="weights_only") as refused:
+        read_checkpoint(str(path))
+    asked = str(refused.value).split("(it asks for ")[1].split(")")[0]
+    assert "builtins.print" in asked and "multiarray" not in asked  # numpy's array rebuilding is allowed
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(_official_checkpoint("pacavit_small_p2cconv_100_0"), path)
@@ -348,6 +357,17 @@ def test_exact_unless_the_layer_is_named(tmp_path, caplog):
         load_checkpoint(clusters, path, reinit=("head",))
     report = load_checkpoint(clusters, path, reinit=("head", "clustering"))
     assert [k for k in report.reinitialised if "clustering" in k] == ["stage1.0.attn.clustering.clustering.4.weight"]
+
+
+def test_reinit_takes_one_name_as_a_string(tmp_path, caplog):
+    path = tmp_path / "imnet.pth"
+    torch.save(_official_checkpoint(NAME), path)
+    with caplog.at_level(logging.WARNING):
+        report = load_checkpoint(timm.create_model(NAME, num_classes=10), path, reinit="head")
+    assert report.reinitialised == ["head.weight", "head.bias"] and "reinit=('head',)" in caplog.text
+    clusters = timm.create_model(NAME, num_classes=10, num_clusters=(50, 100, 100, 0))
+    with pytest.raises(CheckpointError, match=r"; only head may differ here"):
+        load_checkpoint(clusters, path, reinit="head")
 
 
 def test_unexpected_tensors_are_an_error_unless_named(tmp_path):

@@ -310,6 +310,7 @@ def explain(subject: Subject, source: str, out: Path, settings: Settings, device
     maps, head_maps = (_records_to_cpu(r) for r in run_captured(subject, model_input(subject, image).to(device)))
     views = cluster_views(maps, head_maps, subject.class_names)
     out.mkdir(parents=True, exist_ok=True)
+    remove_earlier_run(out)
     # the figures show the same crop at no less than their own resolution
     display = image if settings.img_size >= figures.PANEL else load_image(source, figures.PANEL)
     written, notes = draw_image(subject, views, display, out, settings)
@@ -326,6 +327,21 @@ def explain(subject: Subject, source: str, out: Path, settings: Settings, device
     for note in notes:
         _logger.info("  %s", note)
     return written + [out / "maps.pt", out / "notes.txt"]
+
+
+# what explain() writes into an image's folder; maps.pt marks a folder as one of its own
+OWN_FILES = ("*_soft.png", "*_hard.png", "*_query.png", "overview.png", "notes.txt", "maps.pt")
+
+
+def remove_earlier_run(out: Path) -> None:
+    """Delete the files an earlier run wrote into ``out``, so that none of its figures (e.g. of a
+    stage this model does not draw) stays beside the new ones."""
+    if not (out / "maps.pt").is_file():
+        return
+    stale = sorted({path for pattern in OWN_FILES for path in out.glob(pattern)})
+    for path in stale:
+        path.unlink()
+    _logger.info("  replaced the %d files of an earlier run in %s", len(stale), out)
 
 
 def _records_to_cpu(records: List[dict]) -> List[dict]:

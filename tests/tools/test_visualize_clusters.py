@@ -157,6 +157,16 @@ def test_clustering_variants(photo, tmp_path, name, overrides, blocks, files):
     assert ("no clusters" in (tmp_path / "notes.txt").read_text()) == (overrides["num_clusters"][3] == 0)
 
 
+def test_a_second_run_into_the_same_folder_replaces_the_first(photo, tmp_path):
+    convmixer = create("pacavit_convmixer_tiny_100", depths=(1, 1, 1, 1), teacher_depths=(1, 1, 1, 1),
+                       num_clusters=(3, 3, 3, 3))
+    explain(convmixer, "convmixer", photo, tmp_path, topk=2)
+    assert (tmp_path / "stage4_block0_soft.png").is_file()
+    (tmp_path / "mine.txt").write_text("a file of the user's")
+    written, _, _ = explain(create("pacavit_tiny_p2cconv_100_0", num_clusters=(3, 3, 3, 0)), "tiny", photo, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in written} | {"mine.txt"}  # no stage-4 figure left
+
+
 def test_segmentation_head_clusters_are_the_classes(photo, tmp_path):
     config = REPO / "segmentation/configs/paca_vit/paca_head/pacahead_pacavit_tiny_p2cconv_100_0_512x512_160k_ade20k.py"
     torch.manual_seed(0)

@@ -37,6 +37,8 @@ class _BlockRecorder:
         self.k = out.detach()
 
     def record(self, module, args, kwargs, output):
+        if torch._C._current_graph_task_id() != -1:
+            return  # gradient checkpointing runs the block again during backward: recorded already
         hw = tuple(args[1] if len(args) > 1 else kwargs["hw"])
         assignments = output[1]
         self.sink.append({

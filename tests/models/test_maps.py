@@ -60,3 +60,12 @@ def test_capture_maps_leaves_no_hooks_behind():
         model(torch.randn(1, 3, 64, 64))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert models.capture_maps is capture_maps
+
+
+def test_gradient_checkpointing_records_each_block_once():
+    torch.manual_seed(0)
+    model = timm.create_model("pacavit_tiny_p2cconv_100_0", num_classes=10, depths=(1, 1, 2, 1)).train()
+    model.set_grad_checkpointing(True)
+    with capture_maps(model) as maps:
+        model(torch.randn(1, 3, 64, 64)).sum().backward()  # the backward runs each block again
+    assert [(r["stage"], r["block"]) for r in maps] == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]

@@ -47,7 +47,7 @@ from models.checkpoint import (
     release_url, resolve_checkpoint,
 )
 from runtime.loader_workers import end_workers_with_parent
-from runtime.run_folder import agreed_resume_point, hold_workers_lock, mark_finished, run_folder_path, work_dirs_root
+from runtime.run_folder import agreed_resume_point, claim_run_folder, mark_finished, run_folder_path, work_dirs_root
 
 
 def register_plugin() -> None:
@@ -234,7 +234,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
             raise SystemExit(f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}")
         cfg.auto_scale_lr.enable = True
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
-    hold_workers_lock()
+    claim_run_folder(cfg.work_dir, "--work-dir")
     _prepare_environment(cfg, cfg.launcher)
     resume_from = agreed_resume_point("openmmlab", cfg.work_dir, args.resume)
     # a resume wins over the config's load_from (fine-tuning weights), which mmengine loads when no run resumes

@@ -4,13 +4,15 @@ it resumes from, the workers' lock and the mark of a finished run.
 * Layout: ``<work_dirs>/<task>/<Exp_name>/<subject>_<Tag>/`` (:func:`run_folder_path`), the subject being
   ``<Dataset>_<Img_size>_<Model>`` for classification and the config's name for detection and
   segmentation.  The launchers build the same path (``paca_run_dir`` in launch_common.sh).
+* Locks: one launcher per folder (``paca_lock_run`` in launch_common.sh); training processes
+  started with or without a launcher hold the folder too (:func:`claim_run_folder`).
 * Resume: rank 0 alone chooses the run's newest checkpoint whose zip records pass their CRC32
   check (``models.checkpoint.verify_checkpoint``, nothing unpickled) and tells every rank of every
   node (:func:`agreed_resume_point`).  A truncated or corrupt one (a full disk, a copy cut short)
   is named and the one before it is taken; when none is intact the error names the files to delete,
   so a relaunch never meets the same broken file again.
 * Finished: rank 0 writes ``FINISHED`` (:func:`mark_finished`) when training returns, whoever
-  started it (launcher or plain ``python``); the launchers never retrain a folder that has it.
+  started it (launcher or plain ``python``); nothing retrains a folder that has it.
 
 ``python -m runtime.run_folder resume-point classification|openmmlab RUN_DIR`` prints the file a
 resume would start from (nothing for a fresh start) and exits 2 when no intact checkpoint is left;
@@ -30,23 +32,48 @@ import torch
 from models.checkpoint import CheckpointError, verify_checkpoint
 
 WORKERS_LOCK_ENV = "PACAVIT_RUN_LOCK"
+# the lock files of launch_common.sh (paca_lock_run): the launcher's own, and its workers'
+LAUNCHER_LOCK, WORKERS_LOCK = ".launcher.lock", ".workers.lock"
 FINISHED_MARK = "FINISHED"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _held_locks = []  # open lock files, kept for the life of the process
 
 
-def hold_workers_lock() -> None:
-    """Share the run folder's workers lock (named by the launcher) until this process exits.
-
-    The launcher's own lock lives in torchrun, which does not hand it to its workers; holding
-    this one keeps a relaunch out while a worker orphaned by a killed launcher still trains.
-    """
-    path = os.environ.get(WORKERS_LOCK_ENV)
-    if not path:
-        return
+def _hold_shared(path) -> None:
     lock = open(path, "a")
     fcntl.flock(lock, fcntl.LOCK_SH)
     _held_locks.append(lock)
+
+
+def claim_run_folder(folder, option: str = "--output") -> None:
+    """Take the run folder ``folder`` (made if missing) for this training process until it exits.
+
+    Under a launcher, share the workers lock it names: the launcher's own lock lives in torchrun,
+    which does not hand it to its workers, and this one keeps a relaunch out while a worker
+    orphaned by a killed launcher still trains.  Started without a launcher (``python`` or a bare
+    ``torchrun``), refuse what a launcher refuses, a finished run and a folder a launcher is
+    training in, then hold the same workers lock, which keeps launchers out meanwhile (every rank
+    shares it, so the ranks of one run do not exclude each other).  ``option`` names the
+    command-line option that chose the folder, for the message.
+    """
+    launched = os.environ.get(WORKERS_LOCK_ENV)
+    if launched:
+        _hold_shared(launched)
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_finished(folder):
+        raise SystemExit(f"error: {folder} is a finished run ({FINISHED_MARK}) and is never retrained or "
+                         f"overwritten: choose another {option}, or delete it by hand to train again")
+    with open(folder / LAUNCHER_LOCK, "a+") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            probe.seek(0)
+            owner = probe.read().strip() or "details not written yet"
+            raise SystemExit(f"error: {folder} is in use by a launcher ({owner}): wait for it to finish, "
+                             f"or choose another {option}") from None
+    _hold_shared(folder / WORKERS_LOCK)
 
 
 def _numbered(run_dir: Path, pattern: str) -> List[Path]:

@@ -134,7 +134,7 @@ def runner_config(monkeypatch, tmp_path, path, task, *options, cuda=True):
     with monkeypatch.context() as patch, pytest.raises(Handed) as handed:
         patch.setattr(torch.cuda, "is_available", lambda: cuda)
         patch.setattr(openmmlab, "check_data_roots", lambda cfg, loaders: None)
-        patch.setattr(openmmlab, "hold_workers_lock", lambda *a, **k: None)
+        patch.setattr(openmmlab, "claim_run_folder", lambda *a, **k: None)
         patch.setattr(mmengine.runner.Runner, "from_cfg", classmethod(capture))
         openmmlab.train_main(SCOPE[task], task, [str(path), "--work-dir", str(tmp_path), *options])
     return handed.value.args[0]

@@ -176,3 +176,38 @@ def test_a_folder_with_files_but_no_checkpoint_starts_over_with_a_note(tmp_path)
     (tmp_path / "args.yaml").write_text("model: x\n")
     assert resume_point("classification", tmp_path, report=said.append) is None
     assert said == [f"note: {tmp_path} holds no checkpoint yet (args.yaml, train.log): this run starts from scratch there"]
+
+
+def test_a_run_started_without_a_launcher_refuses_a_finished_or_busy_folder(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.delenv(run_folder.WORKERS_LOCK_ENV, raising=False)
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    mark_finished(finished)
+    with pytest.raises(SystemExit, match=r"finished run \(FINISHED\) and is never retrained .* another --output"):
+        run_folder.claim_run_folder(finished)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / run_folder.LAUNCHER_LOCK, "w") as launcher:
+        fcntl.flock(launcher, fcntl.LOCK_EX)  # a launcher training in it
+        launcher.write("pid 1 on node0, started 2026-12-03T09:00:00Z: train_timm.sh ...")
+        launcher.flush()
+        with pytest.raises(SystemExit, match=r"in use by a launcher \(pid 1 on node0.*another --work-dir"):
+            run_folder.claim_run_folder(busy, "--work-dir")
+
+
+def test_a_launcher_stays_out_of_a_folder_a_direct_run_trains_in(tmp_path, monkeypatch):
+    monkeypatch.delenv(run_folder.WORKERS_LOCK_ENV, raising=False)
+    held = len(run_folder._held_locks)
+    run_folder.claim_run_folder(tmp_path / "run")  # as rank 0 of a direct run; a second rank shares it
+    run_folder.claim_run_folder(tmp_path / "run")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != run_folder.WORKERS_LOCK_ENV}
+        launcher = launch_common('paca_lock_run "$1"', env, str(tmp_path / "run"))
+        assert launcher.returncode != 0 and "are still running" in launcher.stderr
+    finally:
+        for lock in run_folder._held_locks[held:]:
+            lock.close()
+        del run_folder._held_locks[held:]
+    assert launch_common('paca_lock_run "$1"', env, str(tmp_path / "run")).returncode == 0  # free again

@@ -112,6 +112,20 @@ def class_map_for(data_dir: str, split: str) -> dict:
     return {name: index for index, name in enumerate(classes)}
 
 
+def checkpoint_class_map(data_dir: str, split: str, class_names: List[str], source: str) -> dict:
+    """Class-name -> index for a classifier trained on ``class_names`` (its output order), to
+    evaluate it on ``data_dir/split``, which may hold fewer of them; a folder not among them is an
+    error (the label of every image must be one the classifier was trained on)."""
+    split_dir = require_split(data_dir, split)
+    unknown = sorted(set(class_folders(split_dir)) - set(class_names))
+    if unknown:
+        shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
+        raise UsageError(f"{source} was trained on other classes: {split_dir} has {', '.join(unknown[:5])}"
+                         f"{', ...' if len(unknown) > 5 else ''}, which are not among its {len(class_names)} "
+                         f"({shown}); give a checkpoint trained on these classes")
+    return {name: index for index, name in enumerate(class_names)}
+
+
 def training_class_map(data_dir: str, train_split: str, val_split: str) -> dict:
     """``class_map_for(data_dir, val_split)``, with the training split checked as well when it is not ``train/``
     (which ``class_map_for`` checks itself)."""
@@ -170,13 +184,14 @@ class TrainImageFolder(_Rgb8ImageFolder):
         return self.transform(image), target
 
 
-def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False):
+def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False, class_map=None):
     """Deterministic evaluation loader; under torch.distributed each rank gets a disjoint shard.
 
     Shards are strided without padding, so summing counts over ranks gives the exact accuracy
-    of the whole split (a padded sampler would count some images twice).
+    of the whole split (a padded sampler would count some images twice).  The labels follow
+    ``class_map`` (default: :func:`class_map_for`).
     """
-    dataset = EvalImageFolder(require_split(data_dir, split), class_map=class_map_for(data_dir, split))
+    dataset = EvalImageFolder(require_split(data_dir, split), class_map=class_map or class_map_for(data_dir, split))
     dataset.transform = create_transform(**data_config, is_training=False)
     if dist.is_available() and dist.is_initialized():
         dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))

@@ -306,11 +306,13 @@ def all_rng_states(args) -> list:
 
 class CheckpointContents:
     """What the checkpoints hold besides timm's epoch/optimizer/scaler entries: the weights, the
-    EMA weights, ``class_names`` and ``rng_states``.  timm's CheckpointSaver asks its ``task`` for
-    these through ``get_checkpoint_state``."""
+    EMA weights, ``class_names``, ``data_config`` (the evaluation input, for predict.py) and
+    ``rng_states``.  timm's CheckpointSaver asks its ``task`` for these through
+    ``get_checkpoint_state``."""
 
-    def __init__(self, model, model_ema, class_names):
+    def __init__(self, model, model_ema, class_names, data_config):
         self.model, self.model_ema, self.class_names = model, model_ema, class_names
+        self.data_config = dict(data_config)
         self.rng_states = None  # set before each save
         self.steps_done = 0  # steps of its epoch a recovery checkpoint has trained (0: a whole epoch)
 
@@ -319,7 +321,7 @@ class CheckpointContents:
             return {} if self.model_ema is None else {"state_dict_ema": get_state_dict(self.model_ema, unwrap_fn)}
         steps = {"epoch_steps_done": self.steps_done} if self.steps_done else {}
         return {"state_dict": get_state_dict(self.model, unwrap_fn), "class_names": self.class_names,
-                "rng_states": self.rng_states, **steps}
+                "data_config": self.data_config, "rng_states": self.rng_states, **steps}
 
 
 class StopOnSigterm:
@@ -627,7 +629,7 @@ def main(argv=None):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader_train = build_train_loader(args, dataset_train, data_config, device)
-    checkpoint_contents = CheckpointContents(model, model_ema, class_names)
+    checkpoint_contents = CheckpointContents(model, model_ema, class_names, data_config)
     loader_eval = cls_common.build_eval_loader(args.data_dir, args.val_split, data_config,
                                                args.validation_batch_size or args.batch_size, args.workers,
                                                pin_memory=args.pin_mem)

@@ -2,7 +2,9 @@
 """Top-1 / top-5 accuracy of a classifier on ``<data-dir>/val`` (an ImageFolder).
 
 The checkpoint is a local file, a URL, or ``pretrained`` for the released ImageNet weights of
-the model name; the number of classes comes from the data.  Usually started by validate.sh:
+the model name.  A checkpoint of train_timm.py labels the images through the class names it
+stores (the split may hold a subset of them); without names, the sorted class folders are its
+classes.  Usually started by validate.sh:
 
     python validate.py --model pacavit_tiny_p2cconv_100_0 --checkpoint pretrained --data-dir ../datasets/IMNET
 """
@@ -18,7 +20,7 @@ from timm.data import resolve_data_config
 from timm.utils import init_distributed_device, setup_default_logging
 
 from classification import cls_common
-from models import check_model_name, create_classifier, fuse_for_cpu_inference
+from models import PRETRAINED, check_model_name, create_classifier, fuse_for_cpu_inference
 from models.layers.fused import cpu_fusion_support
 from runtime.cli import UsageError, run_main
 
@@ -52,10 +54,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(args, num_classes):
-    """The classifier with the requested weights (``models.create_classifier``: the model name, the file
-    and the classes are checked there)."""
-    return create_classifier(args.model, args.checkpoint, num_classes=num_classes, use_ema=args.use_ema)[0]
+def build_model(args):
+    """The classifier with the requested weights and the class map of its outputs.
+
+    A checkpoint that stores its class names (train_timm.py's) labels the images through them, so
+    a dataset whose folders are another set, another order or a subset is evaluated right or
+    refused; without names (the released ImageNet files) the folders, sorted, are its classes.
+    ``models.create_classifier`` checks the model name, the file and the classifier's width.
+    """
+    class_map = cls_common.class_map_for(args.data_dir, args.split)  # the data checked before any download
+    released = args.checkpoint == PRETRAINED
+    model, weights = create_classifier(args.model, args.checkpoint, num_classes=len(class_map) if released else None,
+                                       use_ema=args.use_ema)
+    if weights.class_names is not None:
+        return model, cls_common.checkpoint_class_map(args.data_dir, args.split, weights.class_names, weights.source)
+    if len(class_map) != model.num_classes:
+        raise UsageError(f"the classifier in {weights.source} has {model.num_classes} classes and stores no class "
+                         f"names, but {args.data_dir} has {len(class_map)}: give a checkpoint trained on these classes")
+    return model, class_map
 
 
 def amp_context(args, device):
@@ -76,15 +92,16 @@ def main(argv=None):
         _logger.setLevel(logging.WARNING)
     check_model_name(args.model)  # before the data is read
     autocast = amp_context(args, device)
-    num_classes = len(cls_common.class_map_for(args.data_dir, args.split))
-    model = fuse_for_cpu_inference(build_model(args, num_classes))  # oneDNN layers where this CPU has them
+    model, class_map = build_model(args)
+    num_classes = model.num_classes
+    model = fuse_for_cpu_inference(model)  # oneDNN layers where this CPU has them
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if args.compile:
         model.compile()
     loader = cls_common.build_eval_loader(args.data_dir, args.split, data_config, args.batch_size,
-                                          args.workers, pin_memory=args.pin_mem)
+                                          args.workers, pin_memory=args.pin_mem, class_map=class_map)
     start = time.time()
     metrics = cls_common.evaluate(model, loader, device, autocast,
                                   channels_last, log_every=20)

@@ -26,10 +26,13 @@ class ClassifierWeights:
 
     ``source``: the file or URL loaded (``pretrained`` resolved), None for random weights;
     ``class_names``: the names a training run stored (train_timm.py writes them), else None;
+    ``data_config``: the evaluation input (timm's data config: ``input_size``, ``crop_pct``, ...) a
+    training run stored, else None;
     ``checkpoint``: the whole checkpoint dict ({} for random weights)."""
 
     source: Optional[str] = None
     class_names: Optional[List[str]] = None
+    data_config: Optional[dict] = None
     checkpoint: dict = field(default_factory=dict)
 
 
@@ -100,4 +103,5 @@ def create_classifier(
     if class_names is not None and len(class_names) != width:
         raise CheckpointError(f"{source} stores {len(class_names)} class names for a {width}-class classifier")
     names = None if class_names is None else [str(n) for n in class_names]
-    return model, ClassifierWeights(source=source, class_names=names, checkpoint=checkpoint)
+    return model, ClassifierWeights(source=source, class_names=names, data_config=checkpoint.get("data_config"),
+                                    checkpoint=checkpoint)

@@ -5,7 +5,7 @@
     python tools/predict.py detect   IMAGE_OR_DIR... --config CONFIG --checkpoint PATH|URL --out DIR [--score-thr T]
     python tools/predict.py segment  IMAGE_OR_DIR... --config CONFIG --checkpoint PATH|URL --out DIR
 
-Folders are searched recursively for jpg, jpeg, png, bmp and webp files.  For each image it writes
+Folders are searched recursively for jpg, jpeg, png, bmp, webp, tif and tiff files.  For each image it writes
 ``DIR/<stem>.png`` (the predictions drawn on the image; segmentation also ``DIR/<stem>_labels.png``,
 the class index of every pixel) and, for the whole run, ``DIR/predictions.json``.  An image that
 cannot be read is reported by name and skipped (exit code 1 at the end); the others are predicted.
@@ -82,7 +82,7 @@ def build_predictor(args: argparse.Namespace):
         if args.bf16 and torch.device(args.device).type == "cpu" and torch.bfloat16 not in cpu_fusion_support():
             raise UsageError("--bf16: this CPU has no bfloat16 kernels (lscpu: avx512_bf16 or amx_bf16); "
                              "leave --bf16 out to predict in float32")
-        return tasks.Classifier(args.model, args.checkpoint, args.device, args.clusters, args.bf16)
+        return tasks.Classifier(args.model, args.checkpoint, args.device, args.clusters, args.bf16, args.img_size)
     if args.task == "detect":
         return tasks.Detector(args.config, args.checkpoint, args.device, args.clusters, args.score_thr,
                               args.cfg_options)
@@ -216,6 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     classify.add_argument("--checkpoint", help="a file, a URL, or 'pretrained' (the released ImageNet weights); "
                                                "without it the weights are random (seed --seed)")
     classify.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    classify.add_argument("--img-size", type=int, default=None,
+                          help="input size (default: the one a train_timm.py checkpoint was evaluated at, else the "
+                               "model's default, 224)")
     classify.add_argument("--bf16", action="store_true",
                           help="bfloat16 autocast: on CUDA, or on a CPU with bfloat16 kernels (avx512_bf16, amx_bf16)")
 
@@ -232,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if getattr(args, "img_size", None) is not None and args.img_size < 1:
+        parser.error("--img-size must be at least 1")
     return args
 
 

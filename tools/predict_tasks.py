@@ -98,7 +98,7 @@ class Classifier:
     task = "classify"
 
     def __init__(self, model_name: str, checkpoint: Optional[str], device: str, clusters: bool = False,
-                 bf16: bool = False):
+                 bf16: bool = False, img_size: Optional[int] = None):
         model, weights = create_classifier(model_name, checkpoint)
         self.model_name, self.checkpoint = model_name, weights.source
         self.random_weights = checkpoint is None
@@ -108,7 +108,11 @@ class Classifier:
         self.clusters = clusters
         self.bf16 = bf16  # bfloat16 autocast
         self.title = model_name + weights_note(self.random_weights)
-        self.data_config = resolve_data_config({}, model=self.model)
+        # the evaluation input of the training run (train_timm.py stores it), unless asked otherwise
+        trained = dict(weights.data_config or {})
+        if img_size:
+            trained["input_size"] = (3, img_size, img_size)
+        self.data_config = resolve_data_config(trained, model=self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
 
     def header(self) -> dict:

@@ -1,15 +1,19 @@
 """What an ImageFolder must not do silently: symlink loops and empty class folders (refused with the
 path named), 16-bit PNGs (read at their real brightness)."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import timm
+import torch
 from PIL import Image
 from timm.data import create_dataset
 
-from classification import cls_common
+from classification import cls_common, validate
 from .cls_helpers import CLS_DIR, MODEL, write_colour_dataset
 
 TRAIN_IMAGES = 3 * 2  # write_colour_dataset(..., {"train": 2, "val": 1})
@@ -104,3 +108,30 @@ def test_training_reads_a_16_bit_png_as_its_8_bit_original_and_skips_a_broken_im
     broken, following = images[os.path.join("class2", "0.png")], images[os.path.join("class2", "1.png")]
     np.testing.assert_array_equal(broken[0], following[0])
     assert f"skipped unreadable training image {data / 'train' / 'class2' / '0.png'}" in caplog.text
+
+
+def _constant_classifier(path, class_names):
+    """A train_timm.py-style checkpoint whose classifier always answers its first class."""
+    model = timm.create_model(MODEL, num_classes=len(class_names))
+    torch.nn.init.zeros_(model.head.weight)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([10.0] + [0.0] * (len(class_names) - 1)))
+    torch.save({"state_dict": model.state_dict(), "class_names": class_names}, path)
+    return path
+
+
+def test_validate_labels_the_images_through_the_checkpoints_class_names(data, tmp_path):
+    checkpoint = _constant_classifier(tmp_path / "reversed.pth", ["class2", "class1", "class0"])
+    for image in (data / "val" / "class0").iterdir():
+        image.unlink()
+    (data / "val" / "class0").rmdir()  # a subset of the classes: class2 and class1, one image each
+    results = tmp_path / "results.json"
+    validate.main(["--model", MODEL, "--checkpoint", str(checkpoint), "--data-dir", str(data), "--img-size", "32",
+                   "-j", "0", "--results-file", str(results)])
+    scores = json.loads(results.read_text())
+    assert scores["top1"] == 50.0 and scores["num_classes"] == 3  # the class2 image is the checkpoint's class 0
+    shutil.rmtree(data / "train")  # a validation set alone, whose folder names are another set
+    (data / "val" / "class1").rename(data / "val" / "one")
+    with pytest.raises(cls_common.UsageError, match=r"reversed.pth was trained on other classes: .*val has one, "
+                                                    r"which are not among its 3 \(class2, class1, class0\)"):
+        validate.main(["--model", MODEL, "--checkpoint", str(checkpoint), "--data-dir", str(data), "--img-size", "32"])

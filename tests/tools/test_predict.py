@@ -27,15 +27,17 @@ DIGITS = [f"digit {k}" for k in range(10)]
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def classifier_checkpoint(path, num_classes: int, class_names=None, seed: int = 0):
+def classifier_checkpoint(path, num_classes: int, class_names=None, seed: int = 0, data_config=None):
     """A checkpoint as timm's CheckpointSaver writes it (``args`` is an argparse.Namespace);
-    ``class_names`` as train_timm.sh adds them."""
+    ``class_names`` and ``data_config`` as train_timm.sh adds them."""
     torch.manual_seed(seed)
     model = timm.create_model(MODEL, num_classes=num_classes)
     checkpoint = dict(epoch=3, arch=MODEL, state_dict=model.state_dict(), version=2, metric=50.0,
                       args=argparse.Namespace(model=MODEL, num_classes=num_classes))
     if class_names is not None:
         checkpoint["class_names"] = class_names
+    if data_config is not None:
+        checkpoint["data_config"] = data_config
     torch.save(checkpoint, path)
     return path
 
@@ -114,6 +116,17 @@ def test_classify_with_class_names_from_training(photos, tmp_path, capsys):
         width, height = entry["width"], entry["height"]
         # the photo, then the model's square input crop with the clusters, at the photo's height
         assert picture_size(out, os.path.splitext(name)[0]) == (width + height, height)
+
+
+def test_classify_takes_the_input_size_the_checkpoint_was_evaluated_at(tmp_path):
+    trained_at_32 = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                         std=(0.25, 0.25, 0.25), crop_pct=1.0, crop_mode="center")
+    checkpoint = classifier_checkpoint(tmp_path / "digits.pth.tar", 10, DIGITS, data_config=trained_at_32)
+    classifier = predict_tasks.Classifier(MODEL, str(checkpoint), "cpu")
+    assert classifier.data_config == trained_at_32 and classifier.header()["input_size"] == [3, 32, 32]
+    assert predict_tasks.Classifier(MODEL, str(checkpoint), "cpu", img_size=48).header()["input_size"] == [3, 48, 48]
+    older = classifier_checkpoint(tmp_path / "older.pth.tar", 10, DIGITS)  # before train_timm.py stored it
+    assert predict_tasks.Classifier(MODEL, str(older), "cpu").header()["input_size"] == [3, 224, 224]
 
 
 @pytest.mark.slow

@@ -150,6 +150,8 @@ def test_a_direct_python_run_is_marked_finished_and_auto_resumes(tmp_path):
     train_timm.main(args)
     output = tmp_path / "run"
     assert is_finished(output)
+    saved = torch.load(output / "last.pth.tar", weights_only=True)  # what predict.py needs beside the weights
+    assert saved["class_names"] == ["class0", "class1", "class2"] and saved["data_config"]["input_size"] == (3, 32, 32)
     (output / run_folder.FINISHED_MARK).unlink()
     train_timm.main([*args, "--epochs", "2", "--auto-resume"])
     assert "continuing at epoch 2" in (output / "train.log").read_text()

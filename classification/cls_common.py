@@ -86,6 +86,14 @@ def check_no_empty_class(split_dir: str, classes: List[str]) -> None:
                                  f"become a class that can never be predicted. Put its images in it or remove it")
 
 
+def check_least(parser, args, **least) -> None:
+    """``parser.error`` naming the option when an argument is below its least value (None: unset)."""
+    for name, bound in least.items():
+        value = getattr(args, name)
+        if value is not None and value < bound:
+            parser.error(f"--{name.replace('_', '-')} must be at least {bound}, got {value}")
+
+
 def class_map_for(data_dir: str, split: str) -> dict:
     """Class-name -> index mapping, taken from ``train/`` when it exists (as in training).
 

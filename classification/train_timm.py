@@ -184,6 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("data_dir", "model", "output"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required")
+    # from the command line or the config: out-of-range counts fail here, not at step 1
+    cls_common.check_least(parser, args, epochs=1, batch_size=1, validation_batch_size=1, grad_accumulation_steps=1,
+                           log_interval=1, img_size=1, workers=0, checkpoint_hist=1)
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        parser.error(f"--mixup / --cutmix mix pairs of images, so --batch-size must be even, got {args.batch_size}")
     if args.drop_path is None:
         args.drop_path = IMAGENET_DROP_PATH_RATE.get(args.model)
     return args

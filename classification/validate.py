@@ -51,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
     p.add_argument("--pin-mem", action=flag, default=False)
     p.add_argument("--results-file", default="", help="also write the metrics to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cls_common.check_least(p, args, batch_size=1, workers=0, img_size=1)
+    return args
 
 
 def build_model(args):

@@ -217,7 +217,7 @@ paca_default_omp_waiting() {
 # the processes it reports on.
 _paca_stderr_filter() {
     { set +ex; } 2>/dev/null  # the launcher traces the torchrun command, not this filter
-    trap '' TERM INT
+    trap '' TERM INT HUP
     local copy="$1" line traceback=()
     while IFS= read -r line || [[ -n "$line" ]]; do
         if [[ "$line" == "Traceback (most recent call last):" ]]; then
@@ -262,9 +262,12 @@ paca_rendezvous_port() {
 }
 
 # torchrun over a script: paca_torchrun PORT script.py args...  PORT may be empty (see
-# paca_rendezvous_port; MASTER_PORT wins).  Its stderr is kept in
-# PACA_TORCHRUN_LOG; a SIGTERM/SIGINT to the launcher is left in PACA_STOPPED_BY (torchrun,
-# in the same process group, gets it too and stops its workers, who save where they are).
+# paca_rendezvous_port; MASTER_PORT wins).  Its stderr is kept in PACA_TORCHRUN_LOG.
+# torchrun runs in a session of its own and the launcher passes signals on to it, once and as
+# SIGTERM, the stop that the workers save from: whether the signal came to the launcher alone
+# (docker stop, kill PID, a scheduler signalling the job's first process) or to its whole process
+# group (Ctrl-C, kill -- -PGID), and for SIGINT and SIGHUP too (torchrun would hand SIGINT to
+# its workers, who would stop without saving).  The signal is left in PACA_STOPPED_BY.
 paca_torchrun() {
     local port="$1" script="$2"
     shift 2
@@ -273,21 +276,41 @@ paca_torchrun() {
     port="$(paca_rendezvous_port "$port")" || exit 2
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
-    trap 'rm -f -- "$PACA_TORCHRUN_LOG"' EXIT
+    PACA_TORCHRUN_PID_FILE="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun-pid.XXXXXX")"
+    trap 'rm -f -- "$PACA_TORCHRUN_LOG" "$PACA_TORCHRUN_PID_FILE"' EXIT
     PACA_STOPPED_BY=""
-    trap '{ PACA_STOPPED_BY=SIGTERM; } 2>/dev/null' TERM
-    trap '{ PACA_STOPPED_BY=SIGINT; } 2>/dev/null' INT
+    trap '_paca_pass_on SIGTERM' TERM
+    trap '_paca_pass_on SIGINT' INT
+    trap '_paca_pass_on SIGHUP' HUP
     set -x
-    { "$py" -m torch.distributed.run \
-        --nnodes="${NNODES:-1}" \
-        --node_rank="${NODE_RANK:-0}" \
-        --nproc_per_node="$PACA_NPROC" \
-        --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-        --master_port="$port" \
-        "$script" "$@" 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"; } 3>&1
-    { rc=${PIPESTATUS[0]}; set +x; } 2>/dev/null
-    trap - TERM INT
+    {
+        # this waiting shell outlives a signal to the launcher's group; torchrun gets it from the trap
+        trap '' TERM INT HUP
+        set -o pipefail
+        # a pipeline member is no process group leader, so setsid makes this very process torchrun
+        ( trap - TERM INT HUP
+          echo "$BASHPID" >"$PACA_TORCHRUN_PID_FILE"
+          exec setsid "$py" -m torch.distributed.run \
+            --nnodes="${NNODES:-1}" \
+            --node_rank="${NODE_RANK:-0}" \
+            --nproc_per_node="$PACA_NPROC" \
+            --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+            --master_port="$port" \
+            "$script" "$@" ) 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"
+    } 3>&1 &
+    { local job=$!; set +x; } 2>/dev/null
+    # a trapped signal ends `wait` early: wait again until torchrun and the filter are done
+    while wait "$job"; rc=$?; kill -0 "$job" 2>/dev/null; do :; done
+    trap - TERM INT HUP
     return $rc
+}
+
+_paca_pass_on() {  # _paca_pass_on SIGNAL: note it, and stop torchrun with SIGTERM (once)
+    { [[ -n "$PACA_STOPPED_BY" ]] && return
+      PACA_STOPPED_BY="$1"
+      local pid
+      pid="$(cat "$PACA_TORCHRUN_PID_FILE" 2>/dev/null)"
+      [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true; } 2>/dev/null
 }
 
 # paca_training_failed TASK DIR RESUME_HINT: the launcher's last word on a training that
@@ -323,14 +346,17 @@ paca_training_failed() {
 }
 
 # paca_evaluation_failed RC: the launcher's last word on an evaluation (validate / test) that did
-# not finish (exits with RC).  A signal gets one line of its own instead of torchrun's traceback:
-# an evaluation keeps nothing to resume from, it is launched again.
+# not finish (exits with RC).  A signal gets one line of its own, and a reported `error:` (bad
+# checkpoint, dataset) is repeated below torchrun's report of the failed worker: an evaluation
+# keeps nothing to resume from, it is launched again.
 paca_evaluation_failed() {
-    local rc="$1"
+    local rc="$1" error
     if [[ -n "$PACA_STOPPED_BY" ]]; then
         echo "stopped by $PACA_STOPPED_BY: the evaluation did not finish; launch it again" >&2
         _paca_signal_exit
     fi
+    error="$(grep -aoE '(^|: )error: .*' "$PACA_TORCHRUN_LOG" | tail -n 1 | sed 's/^: //' || true)"
+    [[ -n "$error" ]] && echo "evaluation failed: $error" >&2
     exit "$rc"
 }
 

@@ -38,6 +38,21 @@ def test_command_line_overrides_the_config():
     assert (args.epochs, args.batch_size, args.amp, args.lr, args.weight_decay) == (3, 16, False, 0.01, 0.05)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
+    (["--grad-accumulation-steps", "0"], "--grad-accumulation-steps must be at least 1, got 0"),
+    (["-b", "0"], "--batch-size must be at least 1, got 0"),
+    (["--img-size", "0"], "--img-size must be at least 1, got 0"),
+    (["-j", "-1"], "--workers must be at least 0, got -1"),
+    (["-c", str(CLS_DIR / "configs" / "imagenet_vit_adamw.yml"), "-b", "9"], "--batch-size must be even, got 9"),
+])
+def test_out_of_range_counts_are_one_line_naming_the_option(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_timm.parse_args([*REQUIRED, *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_unknown_config_key_is_an_error(tmp_path, capsys):
     config = tmp_path / "bad.yml"
     config.write_text("epochs: 3\nlearning_rate: 0.1\n")

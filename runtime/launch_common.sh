@@ -143,9 +143,6 @@ paca_check_nodes() {
 paca_cuda_devices() {
     local gpus="$1" nb_gpus="$2" index allowed=() wanted=() chosen=()
     IFS=, read -ra wanted <<<"$gpus"
-    for index in "${wanted[@]}"; do
-        [[ "$index" =~ ^[0-9]+$ ]] || paca_die "gpus must list device numbers like 0,1,2,3, got '$gpus'"
-    done
     (( nb_gpus <= ${#wanted[@]} )) ||
         paca_die "Nb_gpus=$nb_gpus but gpus '$gpus' lists ${#wanted[@]} device(s): list at least $nb_gpus GPUs or lower Nb_gpus"
     if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
@@ -170,6 +167,8 @@ paca_cuda_devices() {
 paca_select_devices() {
     local gpus="$1" nb_gpus="$2" py usable=cpu
     [[ "$nb_gpus" =~ ^[0-9]+$ && "$nb_gpus" -ge 1 ]] || paca_die "Nb_gpus must be a positive integer, got '$nb_gpus'"
+    # on CPU-only hosts too: a command that works here must work on the GPU cluster
+    [[ "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]] || paca_die "gpus must list device numbers like 0,1,2,3, got '$gpus'"
     paca_check_nodes
     py="$(paca_python)"
     if [[ "${PACAVIT_DEVICE:-}" != "cpu" ]]; then

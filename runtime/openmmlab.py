@@ -46,6 +46,7 @@ from models.checkpoint import (
     CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
     release_url, resolve_checkpoint,
 )
+from runtime.cli import cfg_options_action
 from runtime.loader_workers import end_workers_with_parent
 from runtime.run_folder import agreed_resume_point, claim_run_folder, mark_finished, run_folder_path, work_dirs_root
 
@@ -85,11 +86,9 @@ def register_checkpoint_safe_globals() -> None:
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
-    from mmengine.config import DictAction
-
     parser.add_argument("config", help="config file")
     parser.add_argument(
-        "--cfg-options", nargs="+", action=DictAction, default={},
+        "--cfg-options", nargs="+", action=cfg_options_action(), default={},
         help="override config entries, e.g. model.backbone.init_cfg=None train_dataloader.batch_size=1",
     )
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<task>/...)")
@@ -472,6 +471,9 @@ def complexity(model: torch.nn.Module, height: int, width: int) -> dict:
     )
 
 
+MIN_FLOPS_SIDE = 32
+
+
 def flops_main(
     default_scope: str, task: str, argv: Optional[Sequence[str]] = None, default_shape: Sequence[int] = (1280, 800)
 ) -> dict:
@@ -490,7 +492,11 @@ def flops_main(
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2):
         parser.error("--shape takes one or two numbers")
+    if min(args.shape) < MIN_FLOPS_SIDE:
+        parser.error(f"--shape: each side must be at least {MIN_FLOPS_SIDE} (the backbone's stride), got {args.shape}")
     height, width = args.shape * 2 if len(args.shape) == 1 else args.shape
+    if not Path(args.config).is_file():
+        parser.error(f"config file not found: {args.config}")
     cfg = load_config(args.config, default_scope, args.cfg_options)
     model = MODELS.build(cfg.model)
     result = complexity(model, height, width)

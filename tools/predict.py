@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models import CheckpointError
 from models.layers.fused import cpu_fusion_support
-from runtime.cli import UsageError
+from runtime.cli import UsageError, cfg_options_action
 from runtime.images import IMAGE_SUFFIXES, SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, read_image
 from tools import predict_tasks as tasks
 from tools.visualize_clusters import output_folders
@@ -192,8 +192,6 @@ def remove_previous_run(out: Path) -> None:
 
 # -- command line -------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="task", required=True, metavar="{classify,detect,segment}")
@@ -227,7 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         sub.add_argument("--config", required=True, help="an mmdet / mmseg config of this repository")
         sub.add_argument("--checkpoint", required=True, help="a file or URL that fits the config's model exactly, or "
                                                            "'pretrained' (the config's released COCO / ADE20K file)")
-        sub.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+        sub.add_argument("--cfg-options", nargs="+", action=cfg_options_action(), default={},
                          help="override config entries, e.g. test_dataloader.dataset.pipeline.1.scale=(1024,512)")
         if name == "detect":
             sub.add_argument("--score-thr", type=float, default=0.3,
@@ -237,6 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be at least 1")
     if getattr(args, "img_size", None) is not None and args.img_size < 1:
         parser.error("--img-size must be at least 1")
+    if not 0.0 <= getattr(args, "score_thr", 0.0) <= 1.0:
+        parser.error(f"--score-thr is a score between 0 and 1, got {args.score_thr}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                     f"use --device cpu")
     return args
 
 

@@ -79,6 +79,14 @@ def test_more_processes_than_listed_gpus_is_an_error(gpu_env):
         "error: Nb_gpus=4 but gpus '0,1' lists 2 device(s): list at least 4 GPUs or lower Nb_gpus")
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_malformed_gpus_list_is_refused_on_any_host(gpu_env, device):
+    """The same command must not work on a laptop and fail on the cluster."""
+    result = select_devices(gpu_env, "x", 1, **({"PACAVIT_DEVICE": "cpu"} if device == "cpu" else {}))
+    assert result.returncode == 2 and "device=" not in result.stdout
+    assert result.stderr.strip() == "error: gpus must list device numbers like 0,1,2,3, got 'x'"
+
+
 def test_inherited_visible_devices_are_kept(gpu_env):
     """SLURM gave the job GPUs 4-7: gpus counts within them, and a GPU outside them is refused."""
     inside = select_devices(gpu_env, "0,1", 2, CUDA_VISIBLE_DEVICES="4,5,6,7")

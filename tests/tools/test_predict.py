@@ -251,3 +251,16 @@ def test_segment_label_maps_fractions_and_ade20k_names(photos, tmp_path, segment
             assert c["class_name"] == ade[c["label"]]
             assert c["fraction"] == pytest.approx(counts[c["label"]] / labels.size, abs=1e-6)
         assert sum(c["fraction"] for c in entry["classes"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["detect", "--config", "c.py", "--checkpoint", "w.pth", "--score-thr", "2"], "--score-thr is a score between 0 and 1, got 2.0"),
+    (["classify", "--model", MODEL, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here"),
+    (["classify", "--model", MODEL, "--img-size", "0"], "--img-size must be at least 1"),
+])
+def test_bad_option_values_are_one_usage_line(extra, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    task, *options = extra
+    with pytest.raises(SystemExit) as stop:
+        predict.parse_args([task, "photo.jpg", "--out", "out", *options])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -320,11 +320,12 @@ class CheckpointContents:
         self.data_config = dict(data_config)
         self.rng_states = None  # set before each save
         self.steps_done = 0  # steps of its epoch a recovery checkpoint has trained (0: a whole epoch)
+        self.epoch_partial = None  # and their mean loss, images per process and seconds (summary.csv)
 
     def get_checkpoint_state(self, ema=False, unwrap_fn=unwrap_model) -> dict:
         if ema:
             return {} if self.model_ema is None else {"state_dict_ema": get_state_dict(self.model_ema, unwrap_fn)}
-        steps = {"epoch_steps_done": self.steps_done} if self.steps_done else {}
+        steps = {"epoch_steps_done": self.steps_done, "epoch_partial": self.epoch_partial} if self.steps_done else {}
         return {"state_dict": get_state_dict(self.model, unwrap_fn), "class_names": self.class_names,
                 "data_config": self.data_config, "rng_states": self.rng_states, **steps}
 
@@ -417,11 +418,13 @@ class Progress:
         )
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_steps=0):
-    """One pass over the training data; returns {'loss': mean over all processes}, and
-    'stopped_after' (steps) when SIGTERM stopped it.  ``skip_steps``: the steps a recovery
-    checkpoint has trained already; their batches are drawn again (the same random augmentations)
-    and left out, then ``run['after_skip']`` puts the random state back where it was saved."""
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_steps=0, partial=None):
+    """One pass over the training data; returns {'loss': mean over all processes}, or when SIGTERM
+    stopped it 'stopped_after' (steps) and 'partial' (the mean loss so far and the images per
+    process it covers).  ``skip_steps``: the steps a recovery checkpoint has trained already; their
+    batches are drawn again (the same random augmentations) and left out, then ``run['after_skip']``
+    puts the random state back where it was saved; ``partial``: that checkpoint's loss so far, so
+    that the epoch's mean loss covers all its steps."""
     mixup, scaler, scheduler, model_ema = run["mixup"], run["scaler"], run["scheduler"], run["model_ema"]
     if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup.mixup_enabled = False
@@ -430,6 +433,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_st
     updates_per_epoch = math.ceil(len(loader) / accum)
     num_updates = epoch * updates_per_epoch + skip_steps // accum
     losses = AverageMeter()
+    if partial:
+        losses.update(partial["loss"], partial["images"])
     batches = iter(loader)
     if skip_steps:
         for _ in range(skip_steps):
@@ -471,11 +476,16 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, run, skip_st
                                 optimizer.param_groups[0]["lr"], images.size(0))
         # every update: torchrun leaves its workers 30 s after the signal
         if need_update and step + 1 < len(loader) and run["stop"].agreed():
-            return {"stopped_after": step + 1}
-    mean_loss = losses.avg.detach().float()
+            return {"stopped_after": step + 1, "partial": {"loss": mean_over_processes(losses.avg, args),
+                                                           "images": losses.count}}
+    return {"loss": mean_over_processes(losses.avg, args)}
+
+
+def mean_over_processes(value, args) -> float:
+    value = torch.as_tensor(value).detach().float()
     if args.distributed:
-        mean_loss = reduce_tensor(mean_loss, args.world_size)
-    return {"loss": mean_loss.item()}
+        value = reduce_tensor(value, args.world_size)
+    return value.item()
 
 
 def resume(args, model, optimizer, scaler, model_ema, class_names):
@@ -510,7 +520,8 @@ def resume(args, model, optimizer, scaler, model_ema, class_names):
     next_epoch = checkpoint["epoch"] + (0 if steps_done else 1)
     _logger.info(f"resumed from {args.resume}: continuing at epoch {next_epoch + 1}"
                  + (f" after its step {steps_done}" if steps_done else ""))
-    return next_epoch, steps_done, checkpoint.get("rng_states"), checkpoint.get("saver")
+    return (next_epoch, steps_done, checkpoint.get("epoch_partial") if steps_done else None,
+            checkpoint.get("rng_states"), checkpoint.get("saver"))
 
 
 def restore_rng_states(args, states) -> None:
@@ -568,11 +579,13 @@ def full_disk_reported(saver, epoch):
                          f"launchers), then launch again") from None
 
 
-def save_recovery_and_exit(args, saver, checkpoint_contents, epoch, steps_done):
+def save_recovery_and_exit(args, saver, checkpoint_contents, epoch, steps_done, partial):
     """After SIGTERM: the state after ``steps_done`` steps of ``epoch`` in a recovery checkpoint
-    (every rank's random state included), then the end of this process."""
+    (every rank's random state and the epoch's ``partial`` figures included), then the end of this
+    process."""
     checkpoint_contents.rng_states = all_rng_states(args)
     checkpoint_contents.steps_done = steps_done
+    checkpoint_contents.epoch_partial = partial
     if saver is None:  # not the primary process: it saves nothing
         raise SystemExit(128 + signal.SIGTERM)
     with full_disk_reported(saver, epoch):
@@ -624,10 +637,10 @@ def main(argv=None):
     use_amp = args.amp and device.type == "cuda"
     scaler = NativeScaler(device=device.type) if use_amp and args.amp_dtype == "float16" else None
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch, skip_steps, saved_rng_states, saver_history = 0, 0, None, None
+    start_epoch, skip_steps, partial, saved_rng_states, saver_history = 0, 0, None, None, None
     if args.resume:
-        start_epoch, skip_steps, saved_rng_states, saver_history = resume(args, model, optimizer, scaler, model_ema,
-                                                                          class_names)
+        start_epoch, skip_steps, partial, saved_rng_states, saver_history = resume(
+            args, model, optimizer, scaler, model_ema, class_names)
     if args.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     if args.distributed:
@@ -677,11 +690,13 @@ def main(argv=None):
         restore_rng_states(args, saved_rng_states)
     for epoch in range(start_epoch, num_epochs):
         seed_loader_for_epoch(loader_train, args.seed, epoch, args.rank)
-        epoch_start = time.time()
+        resumed = partial if epoch == start_epoch else None  # the steps a recovery checkpoint trained
+        epoch_start = time.time() - (resumed["seconds"] if resumed else 0.0)
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, loss_fn, args, run,
-                                        skip_steps if epoch == start_epoch else 0)
+                                        skip_steps if epoch == start_epoch else 0, resumed)
         if "stopped_after" in train_metrics:
-            save_recovery_and_exit(args, saver, checkpoint_contents, epoch, train_metrics["stopped_after"])
+            stopped = {**train_metrics["partial"], "seconds": round(time.time() - epoch_start, 2)}
+            save_recovery_and_exit(args, saver, checkpoint_contents, epoch, train_metrics["stopped_after"], stopped)
         if args.distributed:
             # once per epoch, the BatchNorm statistics that DDP would broadcast from rank 0 in every
             # forward: evaluation bypasses DDP, whose per-forward collective hangs when the ranks'

@@ -122,6 +122,7 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
     assert resume_point("classification", run_dir, report=pytest.fail) == recovery
     saved = torch.load(recovery, weights_only=True)
     assert (saved["epoch"], saved["epoch_steps_done"]) == (1, 1)
+    assert saved["epoch_partial"]["images"] == 9 and saved["epoch_partial"]["loss"] > 0  # the one step it trained
     assert not (run_dir / "FINISHED").exists()
 
     refused = run(train_cmd("resume", "t1", *flags), cls_env)
@@ -144,6 +145,9 @@ def test_sigterm_saves_a_recovery_checkpoint_and_the_resumed_run_is_exact(cls_en
     for key in ("state_dict", "state_dict_ema"):
         for name, tensor in expected[key].items():
             assert torch.equal(final[key][name], tensor), f"{key}.{name}"
+    # and so is the summary: the resumed epoch's loss covers its steps before the stop too
+    losses = lambda folder: [float(row["train_loss"]) for row in read_summary(folder)]  # noqa: E731
+    assert losses(done_dir) == pytest.approx(losses(run_folder(cls_env, "straight", "t1")), rel=1e-5)
 
 
 def test_remove_old_needs_yes_and_never_prompts(cls_env):
@@ -176,11 +180,17 @@ def test_unknown_model_and_mismatched_checkpoint_are_clear_errors(finished_run, 
                      cls_env)
     assert other_arch.returncode == 2
     assert "another architecture" in other_arch.stderr and "Traceback" not in other_arch.stderr
+    # a validation set of two of its three classes is scored through the names the checkpoint stores
     two_classes = write_colour_dataset(tmp_path / "TWO", {"val": 1})
     shutil.rmtree(two_classes / "val" / "class2")
+    subset = run(validate[:2] + ["--data-dir", two_classes, "--model", MODEL, "--img-size", 32,
+                                 "--checkpoint", done_dir / "last.pth.tar"], cls_env)
+    assert subset.returncode == 0 and "(2 images" in subset.stderr + subset.stdout, subset.stderr[-2000:]
+    (two_classes / "val" / "class1").rename(two_classes / "val" / "zebra")  # a class it never saw
     other_classes = run(validate[:2] + ["--data-dir", two_classes, "--model", MODEL,
                                         "--checkpoint", done_dir / "last.pth.tar"], cls_env)
-    assert other_classes.returncode == 2 and "does not fit the 2 classes" in other_classes.stderr
+    assert other_classes.returncode == 2 and "was trained on other classes" in other_classes.stderr
+    assert "has zebra, which are not among its 3 (class0, class1, class2)" in other_classes.stderr
 
 
 def test_benchmark_appends_rows_matching_the_model_zoo_and_plots_latency(cls_env):

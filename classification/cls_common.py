@@ -5,6 +5,7 @@ install.sh); ``import models`` registers the PaCa-ViT models with timm.
 """
 import logging
 import os
+import time
 from contextlib import nullcontext
 from functools import partial
 from typing import List
@@ -164,6 +165,18 @@ class EvalImageFolder(_Rgb8ImageFolder):
     names no file); here it stops the evaluation with an error naming the file.
     """
 
+    def unreadable(self, indices) -> List[str]:
+        """The files among ``indices`` whose image header cannot be read (not decoded: quick)."""
+        bad = []
+        for index in indices:
+            path = self.filename(index, absolute=True)
+            try:
+                with Image.open(path):
+                    pass
+            except self.READ_ERRORS:
+                bad.append(path)
+        return bad
+
     def __getitem__(self, index):
         try:
             image, target = self.read(index)
@@ -190,6 +203,20 @@ class TrainImageFolder(_Rgb8ImageFolder):
             raise UsageError(f"{self._max_retries} training images in a row are unreadable, the last {name}: "
                              "repair or remove them, then run again")
         return self.transform(image), target
+
+
+def check_evaluation_images(loader) -> None:
+    """Before training: a validation image that cannot be read would stop the run after its first
+    epoch of training, unsaved; say so now.  Each process checks its own shard."""
+    dataset = loader.dataset
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
+    start = time.time()
+    bad = base.unreadable(indices)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UsageError(f"{len(bad)} validation image(s) cannot be read: {shown}. Every image of an evaluation "
+                         f"counts once: repair or remove them before training")
+    _logger.info(f"validation images readable: {len(indices)} checked in {time.time() - start:.1f}s")
 
 
 def build_eval_loader(data_dir, split, data_config, batch_size, workers, pin_memory=False, class_map=None):

@@ -651,6 +651,7 @@ def main(argv=None):
     loader_eval = cls_common.build_eval_loader(args.data_dir, args.val_split, data_config,
                                                args.validation_batch_size or args.batch_size, args.workers,
                                                pin_memory=args.pin_mem)
+    cls_common.check_evaluation_images(loader_eval)
     mixup = build_mixup(args, num_classes)
     loss_fn = build_train_loss(args, mixup)
     updates_per_epoch = math.ceil(len(loader_train) / args.grad_accumulation_steps)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from timm.data import create_dataset
 
-from classification import cls_common, validate
+from classification import cls_common, train_timm, validate
 from .cls_helpers import CLS_DIR, MODEL, write_colour_dataset
 
 TRAIN_IMAGES = 3 * 2  # write_colour_dataset(..., {"train": 2, "val": 1})
@@ -135,3 +135,17 @@ def test_validate_labels_the_images_through_the_checkpoints_class_names(data, tm
     with pytest.raises(cls_common.UsageError, match=r"reversed.pth was trained on other classes: .*val has one, "
                                                     r"which are not among its 3 \(class2, class1, class0\)"):
         validate.main(["--model", MODEL, "--checkpoint", str(checkpoint), "--data-dir", str(data), "--img-size", "32"])
+
+
+def test_training_checks_the_validation_images_before_its_first_epoch(data, tmp_path, caplog):
+    (data / "val" / "class2" / "0.png").write_bytes(b"<html>a saved error page</html>")
+    args = ["-c", str(CLS_DIR / "configs" / "digits_demo.yml"), "--model", MODEL, "--data-dir", str(data),
+            "--output", str(tmp_path / "run"), "--epochs", "1", "-b", "3", "-j", "0", "--img-size", "32"]
+    with pytest.raises(cls_common.UsageError, match=r"1 validation image\(s\) cannot be read: .*class2/0.png"):
+        train_timm.main(args)
+    assert not (tmp_path / "run" / "summary.csv").exists()  # stopped before training
+    (data / "val" / "class2" / "0.png").unlink()
+    loader = cls_common.build_eval_loader(str(data), "val", dict(input_size=(3, 32, 32)), 2, 0)
+    with caplog.at_level("INFO", logger="pacavit"):
+        cls_common.check_evaluation_images(loader)
+    assert "validation images readable: 2 checked" in caplog.text

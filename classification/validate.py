@@ -56,15 +56,15 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(args):
-    """The classifier with the requested weights and the class map of its outputs.
+def build_model(args, class_map: dict):
+    """The classifier with the requested weights, and the class map of its outputs for the data
+    whose own map (``cls_common.class_map_for``) is ``class_map``.
 
     A checkpoint that stores its class names (train_timm.py's) labels the images through them, so
     a dataset whose folders are another set, another order or a subset is evaluated right or
     refused; without names (the released ImageNet files) the folders, sorted, are its classes.
     ``models.create_classifier`` checks the model name, the file and the classifier's width.
     """
-    class_map = cls_common.class_map_for(args.data_dir, args.split)  # the data checked before any download
     released = args.checkpoint == PRETRAINED
     model, weights = create_classifier(args.model, args.checkpoint, num_classes=len(class_map) if released else None,
                                        use_ema=args.use_ema)
@@ -94,7 +94,8 @@ def main(argv=None):
         _logger.setLevel(logging.WARNING)
     check_model_name(args.model)  # before the data is read
     autocast = amp_context(args, device)
-    model, class_map = build_model(args)
+    # the data is checked before any download
+    model, class_map = build_model(args, cls_common.class_map_for(args.data_dir, args.split))
     num_classes = model.num_classes
     model = fuse_for_cpu_inference(model)  # oneDNN layers where this CPU has them
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)

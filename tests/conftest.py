@@ -87,13 +87,16 @@ def train_config_of(monkeypatch, tmp_path):
 
     from runtime import openmmlab
 
+    runs = []
+
     def run(config, default_scope, task, *args):
         handed = []
         monkeypatch.setattr(openmmlab, "check_data_roots", lambda cfg, loaders: None)
         monkeypatch.setattr(mmengine.runner.Runner, "from_cfg",
                             classmethod(lambda cls, cfg: handed.append(cfg) or mock.Mock(name="runner")))
-        (tmp_path / "work_dir").mkdir(exist_ok=True)  # what the Runner would make: FINISHED is written there
-        openmmlab.train_main(default_scope, task, [str(config), "--work-dir", str(tmp_path / "work_dir"), *args])
+        # a folder per call: each marks its own FINISHED, which a later run would refuse
+        runs.append(tmp_path / f"work_dir{len(runs)}")
+        openmmlab.train_main(default_scope, task, [str(config), "--work-dir", str(runs[-1]), *args])
         return handed[0]
 
     return run

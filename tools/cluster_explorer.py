@@ -99,7 +99,7 @@ def build_predictor(key: ModelKey):
     torch.manual_seed(key.seed)
     config = None if key.task == "classify" else str(config_path(key.model))
     args = argparse.Namespace(task=key.task, model=key.model, config=config, checkpoint=checkpoint, device=key.device,
-                              clusters=False, bf16=False, score_thr=0.3, cfg_options={})
+                              clusters=False, bf16=False, score_thr=0.3, cfg_options={}, img_size=None)
     return predict.build_predictor(args)
 
 

@@ -36,6 +36,9 @@ from runtime import cli
 
 NAME = "pacavit_tiny_p2cconv_100_0"
 
+# the class map of an ImageNet folder, for validate.build_model (the released files store no names)
+IMAGENET_FOLDERS = {f"n{index:08d}": index for index in range(1000)}
+
 
 def _official_checkpoint(name: str, wrap: str = "state_dict", seed: int = 0) -> dict:
     """A checkpoint in the layout the official trainer saved: tensors under ``state_dict``."""
@@ -251,7 +254,7 @@ def test_official_training_checkpoint_through_timm_backbone_and_validate(trainin
 
     for use_ema, expected in ((False, weights), (True, ema_weights)):
         args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=use_ema, data_dir="DATA", split="val")
-        _same_weights(validate.build_model(args, num_classes=1000), expected)
+        _same_weights(validate.build_model(args, IMAGENET_FOLDERS)[0], expected)
 
 
 def test_use_ema_without_ema_weights_is_a_clear_error(tmp_path):
@@ -551,7 +554,7 @@ def test_validate_refuses_a_flipped_checkpoint(tmp_path, repo_root, monkeypatch)
 
     args = argparse.Namespace(model=NAME, checkpoint=str(path), use_ema=False, data_dir="DATA", split="val")
     with pytest.raises(CheckpointError, match=rf"{path} is not a readable PyTorch checkpoint"):
-        validate.build_model(args, num_classes=1000)
+        validate.build_model(args, IMAGENET_FOLDERS)
 
 
 # ---------------------------------------------------------------------------------------------

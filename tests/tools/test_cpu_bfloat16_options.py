@@ -38,7 +38,7 @@ def test_validate_amp_refuses_what_the_cpu_cannot_run(monkeypatch, argv, support
 def test_predict_bf16_runs_the_classifier_in_bfloat16(monkeypatch):
     monkeypatch.setattr(predict, "cpu_fusion_support", lambda: WITH_BF16)
     args = argparse.Namespace(task="classify", model="pacavit_tiny_p2cconv_100_0", checkpoint=None, device="cpu",
-                              clusters=False, bf16=True)
+                              clusters=False, bf16=True, img_size=None)
     classifier = predict.build_predictor(args)
     head_dtypes = []
     classifier.model.get_classifier().register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))

@@ -20,6 +20,7 @@ fi
 MODEL=$1 IMG_SIZE=$2 NUM_CLASSES=$3 GPU=$4
 shift 4
 paca_take_flags "$@"
+paca_help_of "$PACAVIT_ROOT/classification/benchmark.py"
 
 paca_select_devices "$GPU" 1
 paca_default_omp_waiting  # one process measures at a time

@@ -31,6 +31,7 @@ paca_check_name Exp_name "$7" && EXP="$PACA_NAME"
 paca_check_name Tag "$8" && TAG="$PACA_NAME"
 shift 12
 paca_take_flags "$@"
+paca_help_of "$PACAVIT_ROOT/classification/train_timm.py"
 
 CLS_DIR="$PACAVIT_ROOT/classification"
 [[ -f "$CONFIG" ]] || CONFIG="$CLS_DIR/$CONFIG"

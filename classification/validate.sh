@@ -18,6 +18,7 @@ fi
 MODEL=$1 CHECKPOINT=$2 DATASET=$3 IMG_SIZE=$4 GPUS=$5 NB_GPUS=$6
 shift 6
 paca_take_flags "$@"
+paca_help_of "$PACAVIT_ROOT/classification/validate.py"
 
 DATA_DIR="${PACAVIT_DATASETS:-$PACAVIT_ROOT/datasets}/$DATASET"
 [[ -d "$DATA_DIR/val" ]] || paca_die "dataset folder $DATA_DIR/val not found. \

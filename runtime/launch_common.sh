@@ -44,6 +44,17 @@ paca_take_flags() {
     done
 }
 
+# paca_help_of SCRIPT: when [others] hold -h / --help, print the options of the script they go to
+# and exit, before anything is checked or made (no run folder).
+paca_help_of() {
+    local arg
+    for arg in "${PACA_ARGS[@]}"; do
+        if [[ "$arg" == -h || "$arg" == --help ]]; then
+            exec "$(paca_python)" "$1" --help
+        fi
+    done
+}
+
 # Delete an old experiment folder only when confirmed by --yes / PACAVIT_YES=1.  Launchers never
 # prompt: without the confirmation they stop and say how to go on, on a terminal or in a batch job.
 # The folder's lock files stay: this launcher holds them.
@@ -449,6 +460,7 @@ paca_openmmlab_train() {
     _paca_task_config "$1" "$task"
     shift 7
     paca_take_flags "$@"
+    paca_help_of "$PACAVIT_ROOT/$task/$entry"
     local work_dir
     paca_check_nodes
     work_dir="$(paca_run_dir "$task" "$exp" "$(basename "$PACA_CONFIG" .py)" "$tag")"
@@ -471,6 +483,7 @@ paca_openmmlab_test() {
     _paca_task_config "$1" "$task"
     shift 5
     paca_take_flags "$@"
+    paca_help_of "$PACAVIT_ROOT/$task/$entry"
     paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
     paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}" ||
         paca_evaluation_failed $?

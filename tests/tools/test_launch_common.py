@@ -156,3 +156,19 @@ def test_stderr_filter_drops_torchruns_signal_traceback_and_keeps_the_rest(tmp_p
                              "filter", str(copy)], input=stream, capture_output=True, text=True, timeout=60)
     assert result.stderr == "starting\ntrain_timm.py: error: bad option\n" + WORKER_TRACEBACK + "last\n"
     assert copy.read_text() == "train_timm.py: error: bad option\nValueError: a worker's own error\n"
+
+
+@pytest.mark.parametrize("launcher, positionals, script_option", [
+    ("classification/train_timm.sh", ["configs/digits_demo.yml", "pacavit_tiny_p2cconv_100_0", "NO_SUCH_SET", "32",
+                                      "0", "0", "e", "t", "0", "1", "0", ""], "--grad-accumulation-steps"),
+    ("detection/train_mmdet.sh", ["configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py",
+                                  "0", "e", "t", "0", "1", ""], "--auto-scale-lr"),
+])
+def test_help_in_others_shows_the_scripts_options_and_makes_no_run_folder(tmp_path, launcher, positionals,
+                                                                          script_option):
+    env = dict(os.environ, PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / launcher), *positionals, "--help"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and script_option in result.stdout
+    assert not (tmp_path / "work_dirs").exists()

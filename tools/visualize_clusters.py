@@ -132,6 +132,9 @@ def load_segmentor(config: str, checkpoint: Optional[str]) -> Subject:
 
     cfg = load_config(config, default_scope="mmseg")
     segmentor = MODELS.build(cfg.model)  # init_weights() is not called: it would fetch ImageNet weights
+    if not hasattr(segmentor, "decode_head"):
+        raise ValueError(f"{config} builds a {type(segmentor).__name__}, not a segmentor: --seg-config takes a "
+                         f"segmentation config with the PaCa head")
     if checkpoint:
         load_model_checkpoint(segmentor, weights_source(checkpoint, config))
     meta = getattr(segmentor, "dataset_meta", None) or DATASETS.get(cfg.test_dataloader.dataset.type).METAINFO
@@ -350,12 +353,17 @@ def _records_to_cpu(records: List[dict]) -> List[dict]:
 
 
 def output_folders(sources: Sequence[str], out: Path) -> List[Path]:
-    """One folder per image, named after it (numbered when two images share a name)."""
-    folders, seen = [], {}
-    for source in sources:
-        stem = image_stem(source)
-        seen[stem] = seen.get(stem, 0) + 1
-        folders.append(out / (stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"))
+    """One folder per image, named after it; a name already taken (two images named ``x``, or an
+    ``x_2`` among them) gets the next free number."""
+    stems = [image_stem(source) for source in sources]
+    taken, folders = set(), []
+    for stem in stems:
+        name, number = stem, 1
+        while name in taken or (name != stem and name in stems):
+            number += 1
+            name = f"{stem}_{number}"
+        taken.add(name)
+        folders.append(out / name)
     return folders
 
 
@@ -398,6 +406,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _logger.error("error: --out %s cannot be a folder here: %s", args.out, e)
+        return 2
     try:
         sources = list_images(args.image, args.image_dir)
         if args.model:

@@ -245,3 +245,18 @@ def test_command_line_over_a_folder_with_a_checkpoint(photo, tmp_path):
     subject = vc.classifier_subject(full, "tiny", random_weights=False)
     x = vc.model_input(subject, vc.load_image(str(images / "a.png"), IMG))
     check_assignments(saved, expected_assignments(full, x))
+
+
+def test_each_image_gets_a_folder_of_its_own_whatever_the_names():
+    sources = ["a/x.png", "b/x.png", "x_2.png", "sklearn:x.jpg"]
+    assert [p.name for p in vc.output_folders(sources, Path("OUT"))] == ["x", "x_3", "x_2", "x_4"]
+
+
+def test_an_out_that_cannot_be_a_folder_and_a_detection_config_are_one_line(tmp_path, caplog):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("a file of the user's")
+    assert vc.main(["--model", "pacavit_tiny_p2cconv_100_0", "--image", "sklearn:china.jpg", "--out", str(taken)]) == 2
+    assert f"error: --out {taken} cannot be a folder here" in caplog.text and taken.read_text() == "a file of the user's"
+    detection = REPO / "detection/configs/tiny_coco/mask_rcnn_pacavit_tiny_p2cconv_100_0_tiny_coco.py"
+    assert vc.main(["--seg-config", str(detection), "--image", "sklearn:china.jpg", "--out", str(tmp_path / "o")]) == 2
+    assert "builds a MaskRCNN, not a segmentor: --seg-config takes a segmentation config" in caplog.text

@@ -8,6 +8,7 @@ choosing another stage or clicking a patch only draws: the model does not run ag
 import argparse
 import hashlib
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ class Explorer:
         self.models: "OrderedDict[ModelKey, object]" = OrderedDict()
         self.cache: "OrderedDict[str, Explanation]" = OrderedDict()
         self.forward_passes = 0
+        # one explanation at a time: capture_maps hooks the shared model, so two passes at once
+        # (two tabs, an upload while Explain runs) would record into each other's lists
+        self.lock = threading.Lock()
 
     def predictor(self, key: ModelKey):
         if key not in self.models:
@@ -216,7 +220,11 @@ class Explorer:
 
     def explain(self, key: ModelKey, source: str) -> Explanation:
         """The prediction and clusters of the image ``source`` (a file or ``sklearn:NAME``), from the
-        cache when this image and model were explained before."""
+        cache when this image and model were explained before; one request at a time."""
+        with self.lock:
+            return self._explain(key, source)
+
+    def _explain(self, key: ModelKey, source: str) -> Explanation:
         name, rgb = read_upload(source)
         digest = hashlib.sha1(repr(key).encode() + rgb.tobytes() + str(rgb.shape).encode()).hexdigest()[:16]
         if digest in self.cache:
@@ -312,7 +320,8 @@ def soft_clusters(explanation: Explanation, label: str) -> List[Tuple[np.ndarray
     assignments = stage.assignments
     colours, usage = figures.palette(assignments.shape[0]), figures.cluster_usage(assignments)
     height, width = explanation.picture.shape[:2]
-    thumb = figures.upsample(torch.from_numpy(explanation.picture).permute(2, 0, 1), (height // 2, width // 2))
+    thumb = figures.upsample(torch.from_numpy(explanation.picture).permute(2, 0, 1),
+                             (max(1, height // 2), max(1, width // 2)))  # a 1-pixel-high panorama too
     thumb = thumb.permute(1, 2, 0).clamp(0, 1).numpy()
     order = usage.argsort(descending=True)[:SOFT_SHOWN].tolist()
     return [(to_uint8(figures.soft_tile(thumb, assignments[m], colours[m])),

@@ -61,6 +61,8 @@ class Page:
             key = ce.ModelKey(task, model.strip(), (weights or "").strip(), int(seed or 0), self.explorer.device)
             runs = self.explorer.forward_passes
             explanation = self.explorer.explain(key, source)
+            label = ce.first_shown(explanation) if explanation.stages else None
+            views = self.views(explanation, label) if label else None
         except ce.ExploreError as e:
             return (error_text(str(e)),) + unchanged
         except Exception as e:  # noqa: BLE001  (the page reports it and keeps serving)
@@ -73,8 +75,6 @@ class Page:
             lines.append("this model recorded no clusters")
             return ("  \n".join(lines), explanation.prediction, gr.update(choices=[], value=None), None, [], None,
                     None, "", explanation.key)
-        label = ce.first_shown(explanation)
-        views = self.views(explanation, label)
         return ("  \n".join(lines), explanation.prediction,
                 gr.update(choices=list(explanation.stages), value=label)) + views + (explanation.key,)
 

@@ -214,3 +214,32 @@ def test_block_wise_model_shows_every_block_with_its_own_assignments(page):
 def test_device_defaults_to_cuda_when_torch_sees_a_gpu(monkeypatch, cuda):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert explore.parse_args([]).device == ("cuda" if cuda else "cpu")
+
+
+def test_two_explanations_at_once_each_get_their_own_maps(tmp_path):
+    """Two tabs (or an upload while Explain runs) on one model: the captured maps do not mix."""
+    import threading
+
+    def stage1(explorer, sample):
+        key = ce.ModelKey("classify", MODEL, "", 5, "cpu")
+        return explorer.explain(key, sample).stages["stage 1, block 0"].assignments
+
+    samples = ["sklearn:china.jpg", "sklearn:flower.jpg"]
+    alone = [stage1(ce.Explorer("cpu"), sample) for sample in samples]
+    shared, results = ce.Explorer("cpu"), {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, stage1(shared, s))) for s in samples]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sample, expected in zip(samples, alone):
+        torch.testing.assert_close(results[sample], expected)
+
+
+@pytest.mark.slow
+def test_a_panorama_one_pixel_high_is_explained(page, tmp_path):
+    photo = tmp_path / "panorama.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2, 4000, 3), np.uint8)).save(photo)
+    outputs = page.on_explain("segment", SEG_CONFIG, "", 0, str(photo), None)
+    assert outputs[STATUS].startswith(f"**panorama.png · {SEG_CONFIG}, random weights (seed 0)** · model ran in")
+    assert len(outputs[SOFT]) == ce.SOFT_SHOWN

@@ -17,9 +17,11 @@ backbone gives ``stage1`` .. ``stage4`` (NCHW, strides 4 to 32).  The input is `
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 
@@ -33,6 +35,9 @@ RTOL, ATOL = 1e-3, 1e-4
 # torch.export takes a dynamic size to be at least 2 (0 and 1 are specialised), so the last stage
 # (stride 32) must be at least 2x2: the exported graph is valid for inputs of 33 pixels and more
 MIN_SIZE = 33
+# torch.onnx's dynamo exporter writes opset 18 and up; lower ones would go through onnx's version
+# converter, which cannot convert this model
+MIN_OPSET = 18
 
 
 def build_model(name: str, checkpoint: str = None, use_ema: bool = False):
@@ -75,6 +80,9 @@ def export(model: torch.nn.Module, out: Path, img_size: int = 224, opset: int = 
         opset_version=opset,
         verbose=False,
     )
+    written = program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        raise SystemExit(f"error: torch.onnx wrote opset {written}, not the {opset} asked for; nothing was written")
     program.model.metadata_props.update(metadata or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(out))
@@ -114,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights of a training checkpoint")
     parser.add_argument("--out", type=Path, help="the ONNX file (default: work_dirs/onnx/MODEL_NAME.onnx)")
     parser.add_argument("--img-size", type=int, default=224, help="example input size for the export (default 224)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    parser.add_argument("--opset", type=int,
+                        help=f"ONNX opset, {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (default: torch.onnx's)")
     return parser
 
 
@@ -125,6 +134,11 @@ def main(argv=None):
         parser.error(f"--img-size must be at least {MIN_SIZE}: the last stage (stride 32) needs at least 2x2 tokens")
     if args.out is not None and args.out.is_dir():  # found before the export, not after it
         parser.error(f"--out {args.out} is a folder; give the file to write, e.g. --out {args.out / args.model}.onnx")
+    if args.out is not None and args.out.suffix != ".onnx":  # never writes over a file of another kind
+        parser.error(f"--out {args.out} is not an .onnx file name, e.g. --out {args.out.with_suffix('.onnx')}")
+    if args.opset is not None and not MIN_OPSET <= args.opset <= onnx.defs.onnx_opset_version():
+        parser.error(f"--opset must be {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (torch.onnx writes opset "
+                     f"{MIN_OPSET} and up; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {args.opset}")
 
     try:
         model, class_names = build_model(args.model, args.checkpoint, args.use_ema)
@@ -134,9 +148,17 @@ def main(argv=None):
     metadata = {"model_name": args.model}
     if class_names:
         metadata["class_names"] = json.dumps(list(class_names))
-    export(model, out, args.img_size, args.opset, metadata)
-    shapes = check_shapes(args.img_size)
-    difference = check(model, out, shapes)
+    # written beside the target and moved there once onnxruntime agrees: a failed export or check
+    # leaves no file, and an earlier good one stays
+    partial = out.with_name(out.name + ".partial")
+    try:
+        export(model, partial, args.img_size, args.opset, metadata)
+        shapes = check_shapes(args.img_size)
+        difference = check(model, partial, shapes)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
     sizes = " and ".join("x".join(map(str, shape)) for shape in shapes)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     print(f"onnxruntime {onnxruntime.__version__} agrees with PyTorch at {sizes} (max abs difference {difference:.1e})")

@@ -136,3 +136,28 @@ def test_export_command_rejects_unknown_names_and_tiny_sizes(capsys):
     with pytest.raises(SystemExit):
         export_onnx.main(["pacavit_tiny_p2cconv_100_0", "--img-size", "16"])
     assert "--img-size must be at least 33" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--opset", "17"], "--opset must be 18 to"),
+    (["--opset", "99"], "--opset must be 18 to"),
+    (["--out", "notes.txt"], "--out notes.txt is not an .onnx file name, e.g. --out notes.onnx"),
+])
+def test_export_command_rejects_opsets_it_cannot_write_and_other_files(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        export_onnx.main(["pacavit_tiny_p2cconv_100_0", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_failed_check_leaves_no_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    monkeypatch.setattr(export_onnx, "export", lambda model, path, *args: path.write_bytes(b"a new export"))
+
+    def disagree(model, path, shapes):
+        raise AssertionError(f"{path} disagrees with PyTorch")
+
+    monkeypatch.setattr(export_onnx, "check", disagree)
+    with pytest.raises(AssertionError, match="model.onnx.partial disagrees"):
+        export_onnx.main(["pacavit_tiny_p2cconv_100_0", "--out", str(out), "--img-size", "64"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"] and out.read_bytes() == b"an earlier export"

@@ -141,15 +141,17 @@ def read_upload(source: str) -> Tuple[str, np.ndarray]:
     if source in SAMPLES:
         source = predict.sklearn_sample(source[len(SKLEARN_PREFIX):])
     name = Path(source).name
+    too_large = f"the explorer takes up to {MAX_PIXELS / 1e6:.0f} MP: downscale it first"
     try:
         with Image.open(source) as image:
             width, height = image.size
+    except Image.DecompressionBombError as e:  # Pillow refuses to open one this large at all
+        raise ExploreError(f"{name} is too large ({e}); {too_large}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ExploreError(f"{name} is not an image PIL can read ({type(e).__name__}): upload a JPEG, PNG, BMP, "
                            "WebP or TIFF file") from e
     if width * height > MAX_PIXELS:
-        raise ExploreError(f"{name} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); the explorer takes up "
-                           f"to {MAX_PIXELS / 1e6:.0f} MP: downscale it first")
+        raise ExploreError(f"{name} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); {too_large}")
     try:
         return name, read_image(source)
     except ImageReadError as e:

@@ -106,6 +106,10 @@ def test_bad_input_gives_a_message_and_the_page_keeps_working(page, china, tmp_p
                      + chunk(b"IDAT", b""))
     assert status_of(upload=str(huge)) == ("**Error:** huge.png is 10000x5000 pixels (50 MP); the explorer takes up to "
                                            "40 MP: downscale it first")
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", b""))  # 200 MP: beyond what Pillow opens at all
+    assert status_of(upload=str(huge)).startswith("**Error:** huge.png is too large (Image size (200000000 pixels)")
+    assert status_of(upload=str(huge)).endswith("the explorer takes up to 40 MP: downscale it first")
     unfit = tmp_path / "other.pth"
     torch.save({"state_dict": {"stem.weight": torch.zeros(3)}}, unfit)
     message = status_of(weights=str(unfit))

@@ -407,11 +407,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _logger.error("error: --out %s cannot be a folder here: %s", args.out, e)
-        return 2
-    try:
         sources = list_images(args.image, args.image_dir)
         if args.model:
             subject = load_classifier(args.model, args.checkpoint)
@@ -419,6 +414,11 @@ def main(argv=None) -> int:
             subject = load_segmentor(args.seg_config, args.checkpoint)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         _logger.error("error: %s", e)
+        return 2
+    try:  # made once the model has loaded: a run that fails before leaves no folder
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _logger.error("error: --out %s cannot be a folder here: %s", args.out, e)
         return 2
     if subject.random_weights:
         _logger.warning("no --checkpoint: %s", RANDOM_WEIGHTS_NOTE)

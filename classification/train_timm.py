@@ -66,7 +66,7 @@ from runtime.cli import UsageError, run_main
 from runtime.loader_workers import end_workers_with_parent
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
-from runtime.run_folder import agreed_resume_point, claim_run_folder, mark_finished
+from runtime.run_folder import agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished
 from classification.plots import plot_training_curves
 
 _logger = logging.getLogger("pacavit")
@@ -607,6 +607,7 @@ def main(argv=None):
     args = parse_args(argv)
     claim_run_folder(args.output)
     device = init_distributed_device(args)
+    check_shared_run_folder(args.output)
     primary = args.rank == 0
     if args.auto_resume:
         args.resume = agreed_resume_point("classification", args.output, args.resume or None) or ""

@@ -7,10 +7,13 @@
 
 ``device`` stops (exit 2, one ``error:`` line with the fix) where a silent CPU run would follow:
 the driver lists GPUs (``nvidia-smi -L``, or ``/dev/nvidia0`` exists) but torch cannot use them
-(a CPU build, a driver older than the wheel's CUDA, no kernels for the GPU's architecture), or,
+(a CPU build, a driver older than the wheel's CUDA, no kernels for the GPU's architecture), an
+installed ``nvidia-smi`` fails or hangs (a broken driver) while torch sees no GPU, or,
 with ``--mmcv-ops`` (detection, segmentation), mmcv's compiled ops are CPU-only while torch runs
 on the GPUs (the first NMS would fail, hours in).  PACAVIT_DEVICE=cpu skips the check: a CPU run
-on a GPU node is then chosen, not fallen into.
+on a GPU node is then chosen, not fallen into; so does a CUDA_VISIBLE_DEVICES that names no device
+(empty, -1, SLURM's NoDevFiles), which the launcher's note then names.  nvidia-smi is given
+PACAVIT_NVIDIA_SMI_TIMEOUT seconds (default 30) to answer.
 """
 import argparse
 import os
@@ -18,7 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,10 +48,35 @@ def _run(command: Sequence[str]) -> str:
         return ""
 
 
-def nvidia_gpus() -> List[str]:
-    """The GPUs the NVIDIA driver shows: ``nvidia-smi -L`` lines, else the device files present."""
-    listed = [line.strip() for line in _run(["nvidia-smi", "-L"]).splitlines() if line.startswith("GPU ")]
-    return listed or [path for path in NVIDIA_DEVICE_FILES if os.path.exists(path)]
+def nvidia_smi_list() -> Tuple[List[str], Optional[str]]:
+    """``nvidia-smi -L``'s GPU lines, and what went wrong with an installed nvidia-smi (None: it is
+    not installed, or it answered).  One that fails or hangs marks a node whose driver is broken or
+    mid-update, not a CPU machine: the launch must not fall back to CPU processes there."""
+    if shutil.which("nvidia-smi") is None:
+        return [], None
+    timeout = float(os.environ.get("PACAVIT_NVIDIA_SMI_TIMEOUT", 30))
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], f"it did not answer within {timeout:g} s"
+    except OSError as err:
+        return [], f"it could not be started ({err})"
+    if done.returncode != 0:
+        said = (done.stdout + done.stderr).strip().splitlines()
+        return [], f"it exits with status {done.returncode}" + (f": {said[0].strip()}" if said else "")
+    return [line.strip() for line in done.stdout.splitlines() if line.startswith("GPU ")], None
+
+
+def gpus_hidden() -> bool:
+    """CUDA_VISIBLE_DEVICES set to no device ('', -1, SLURM's NoDevFiles): GPUs hidden on purpose.
+
+    CUDA reads the list up to its first entry that names no device, so the first entry decides.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return False
+    first = visible.split(",")[0].strip()
+    return not re.fullmatch(r"\d+|GPU-[0-9A-Fa-f-]+|MIG-.+", first)
 
 
 def driver_version() -> str:
@@ -72,8 +100,16 @@ def runs_on(capability: tuple, archs: List[tuple]) -> bool:
 
 
 def unusable_gpus_problem() -> Optional[str]:
-    """Why torch cannot use the GPUs the driver shows (None: it can, or there are none)."""
-    gpus = nvidia_gpus()
+    """Why torch cannot use the GPUs the driver shows (None: it can, or there are none, or they
+    are hidden on purpose)."""
+    if gpus_hidden():
+        return None
+    listed, failure = nvidia_smi_list()
+    if failure and not torch.cuda.is_available():
+        return (f"nvidia-smi is installed but fails ({failure}): the NVIDIA driver of this node is not working, "
+                f"so torch sees no GPU. Fix the driver (after a driver update the node usually needs a reboot; "
+                f"`nvidia-smi` alone shows the problem) {CPU_ON_PURPOSE}")
+    gpus = listed or [path for path in NVIDIA_DEVICE_FILES if os.path.exists(path)]
     if not gpus:
         return None
     shown = f"{len(gpus)} NVIDIA GPU(s) on this node ({gpus[0]})"

@@ -193,6 +193,8 @@ paca_select_devices() {
         if [[ "${PACAVIT_DEVICE:-}" == "cpu" ]]; then
             echo "note: PACAVIT_DEVICE=cpu; running $nb_gpus CPU process(es) with the gloo backend, GPUs hidden"
             export CUDA_VISIBLE_DEVICES=""
+        elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" && ! "${CUDA_VISIBLE_DEVICES%%,*}" =~ ^[[:space:]]*([0-9]+|GPU-|MIG-) ]]; then
+            echo "note: CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' names no GPU (set by your shell or scheduler); running $nb_gpus CPU process(es) with the gloo backend"
         else
             echo "note: no CUDA device visible; running $nb_gpus CPU process(es) with the gloo backend"
         fi
@@ -250,7 +252,8 @@ _paca_stderr_filter() {
 
 _paca_emit() {  # _paca_emit FILE LINE...: print the lines, copy the error and exception ones
     local copy="$1" line
-    local error='(^|: )error: ' exception='^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)'
+    # torchrun may prefix a worker's lines with its rank ("[rank1]: RuntimeError: ...")
+    local error='(^|: )error: ' exception='^(\[rank[0-9]+\]: ?)?[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)'
     shift
     for line in "$@"; do
         printf '%s\n' "$line" >&2
@@ -261,11 +264,16 @@ _paca_emit() {  # _paca_emit FILE LINE...: print the lines, copy the error and e
 }
 
 # paca_rendezvous_port PORT: MASTER_PORT if set, else PORT (a launcher's port argument), else a
-# free port of this machine; checked to be a TCP port number.
+# free port of this machine; checked to be a TCP port number.  Several nodes must name it: each
+# would pick a different free port and wait at it for the others forever.
 paca_rendezvous_port() {
     local port="${MASTER_PORT:-${1:-}}" origin="port argument"
     [[ -n "${MASTER_PORT:-}" ]] && origin=MASTER_PORT
-    [[ -n "$port" ]] || port="$(paca_free_port)"
+    if [[ -z "$port" ]]; then
+        (( ${NNODES:-1} == 1 )) ||
+            paca_die "NNODES=$NNODES needs one rendezvous port for all nodes: set MASTER_PORT (e.g. MASTER_PORT=29500) on every node, or the launcher's Port argument where it has one; a free port chosen by each node would differ between them"
+        port="$(paca_free_port)"
+    fi
     [[ "$port" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) ||
         paca_die "$origin must be a TCP port number (1-65535), got '$port'"
     echo "$port"
@@ -284,6 +292,13 @@ paca_torchrun() {
     local py rc
     py="$(paca_python)"
     port="$(paca_rendezvous_port "$port")" || exit 2
+    # one node meets itself: a MASTER_ADDR inherited from the shell or the scheduler (another job's
+    # node 0) would have torchrun wait there for a rendezvous that never comes
+    local master_addr=127.0.0.1
+    if (( ${NNODES:-1} > 1 )); then
+        master_addr="$MASTER_ADDR"
+        echo "note: node ${NODE_RANK:-0} of $NNODES waits for the others at $master_addr:$port (torchrun gives up after 15 minutes); if a node fails before it starts, stop the waiting ones (Ctrl-C) and launch all again"
+    fi
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
     PACA_TORCHRUN_PID_FILE="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun-pid.XXXXXX")"
@@ -304,7 +319,7 @@ paca_torchrun() {
             --nnodes="${NNODES:-1}" \
             --node_rank="${NODE_RANK:-0}" \
             --nproc_per_node="$PACA_NPROC" \
-            --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+            --master_addr="$master_addr" \
             --master_port="$port" \
             "$script" "$@" ) 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"
     } 3>&1 &
@@ -345,7 +360,7 @@ paca_training_failed() {
         exit 1
     fi
     # the workers' last exception, not torchrun's report of their failure
-    cause="$(grep -aE '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
+    cause="$(grep -aE '^(\[rank[0-9]+\]: ?)?[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
         grep -v '^torch\.distributed\.elastic\.' | tail -n 1 || true)"
     if [[ -n "$point" ]]; then
         echo "training stopped before the end${cause:+ ($cause)}; $dir is kept: $resume_hint" >&2

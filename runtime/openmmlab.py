@@ -48,7 +48,8 @@ from models.checkpoint import (
 )
 from runtime.cli import cfg_options_action
 from runtime.loader_workers import end_workers_with_parent
-from runtime.run_folder import agreed_resume_point, claim_run_folder, mark_finished, run_folder_path, work_dirs_root
+from runtime.run_folder import (agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished,
+                                run_folder_path, work_dirs_root)
 
 
 def register_plugin() -> None:
@@ -103,10 +104,33 @@ def load_config(path: str, default_scope: str, cfg_options: Optional[dict] = Non
         raise FileNotFoundError(f"config file not found: {path}")
     cfg = Config.fromfile(path)
     if cfg_options:
+        _check_option_types(cfg, cfg_options)
         cfg.merge_from_dict(cfg_options)
     cfg.setdefault("default_scope", default_scope)
     init_default_scope(cfg.default_scope)
     return cfg
+
+
+def _check_option_types(cfg, options: dict) -> None:
+    """Refuse a ``--cfg-options`` value that cannot stand where the config has a number or a flag
+    (``train_cfg.max_epochs=abc`` would fail deep in the Runner, after the processes started)."""
+    plain = cfg.to_dict()
+    for key, value in options.items():
+        current = plain
+        for part in key.split("."):
+            if isinstance(current, dict) and part in current:
+                current = current[part]
+            elif isinstance(current, (list, tuple)) and part.isdigit() and int(part) < len(current):
+                current = current[int(part)]
+            else:
+                current = None  # a new key: nothing to compare with
+                break
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number}
+        if type(current) in fits and not fits[type(current)]:
+            kind = {bool: "True or False", int: "an integer", float: "a number"}[type(current)]
+            raise SystemExit(f"error: --cfg-options {key}={value!r}: the config's {key} is {current!r}, so the value "
+                             f"must be {kind}")
 
 
 def _launcher() -> str:
@@ -235,6 +259,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     claim_run_folder(cfg.work_dir, "--work-dir")
     _prepare_environment(cfg, cfg.launcher)
+    check_shared_run_folder(cfg.work_dir, "--work-dir")
     resume_from = agreed_resume_point("openmmlab", cfg.work_dir, args.resume)
     # a resume wins over the config's load_from (fine-tuning weights), which mmengine loads when no run resumes
     if resume_from:

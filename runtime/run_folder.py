@@ -6,6 +6,8 @@ it resumes from, the workers' lock and the mark of a finished run.
   segmentation.  The launchers build the same path (``paca_run_dir`` in launch_common.sh).
 * Locks: one launcher per folder (``paca_lock_run`` in launch_common.sh); training processes
   started with or without a launcher hold the folder too (:func:`claim_run_folder`).
+* Shared: every node of a distributed run must see the same folder
+  (:func:`check_shared_run_folder`, once the nodes have met).
 * Resume: rank 0 alone chooses the run's newest checkpoint whose zip records pass their CRC32
   check (``models.checkpoint.verify_checkpoint``, nothing unpickled) and tells every rank of every
   node (:func:`agreed_resume_point`).  A truncated or corrupt one (a full disk, a copy cut short)
@@ -22,8 +24,10 @@ import argparse
 import fcntl
 import os
 import re
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import List, Optional
 
@@ -58,6 +62,9 @@ def claim_run_folder(folder, option: str = "--output") -> None:
     """
     launched = os.environ.get(WORKERS_LOCK_ENV)
     if launched:
+        # the folder of node 0's launcher; another node may not see it yet (or ever, where the
+        # work dirs are not shared: check_shared_run_folder says so once all nodes have met)
+        Path(launched).parent.mkdir(parents=True, exist_ok=True)
         _hold_shared(launched)
         return
     folder = Path(folder)
@@ -74,6 +81,42 @@ def claim_run_folder(folder, option: str = "--output") -> None:
             raise SystemExit(f"error: {folder} is in use by a launcher ({owner}): wait for it to finish, "
                              f"or choose another {option}") from None
     _hold_shared(folder / WORKERS_LOCK)
+
+
+def check_shared_run_folder(folder, option: str = "--output", patience: float = 10.0) -> None:
+    """Stop every rank with one error when the nodes of a distributed run do not see one run folder.
+
+    Rank 0 alone saves checkpoints and logs and chooses the resume point, which every rank then
+    loads: a work dir local to each node would fail only at the first resume, or leave the other
+    nodes' ranks missing files.  Rank 0 writes a file of its own into ``folder`` and every rank looks
+    for it (for up to ``patience`` seconds: a network file system may show a new file late); all
+    ranks learn the answer, so none is left waiting for the others.  One node: nothing to check.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())):
+        return
+    folder = Path(folder)
+    probe = [None]
+    if dist.get_rank() == 0:
+        probe[0] = f".node0-{uuid.uuid4().hex}"
+        (folder / probe[0]).write_text(socket.gethostname())
+    dist.broadcast_object_list(probe, src=0)
+    deadline = time.monotonic() + patience
+    while not (seen := (folder / probe[0]).is_file()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), seen))
+    if dist.get_rank() == 0:
+        (folder / probe[0]).unlink()
+    blind = [f"rank {rank} on {host}" for rank, (host, saw) in enumerate(views) if not saw]
+    if blind:
+        raise SystemExit(f"error: the nodes do not share the run folder {folder}: what rank 0 on "
+                         f"{views[0][0]} writes there does not appear for {', '.join(blind)}. Every node must "
+                         f"see one work dir (node 0 saves the checkpoints that all nodes resume from): set "
+                         f"PACAVIT_WORK_DIRS, or {option}, to a folder on a shared file system, the same on "
+                         f"every node")
 
 
 def _numbered(run_dir: Path, pattern: str) -> List[Path]:

@@ -220,9 +220,10 @@ def wait_until_free(run_dir: Path, timeout=120) -> None:
 
 
 class TwoNodes:
-    """Node 0 and node 1 launchers of ``cmd``, each in its own session with its output in a file."""
+    """Node 0 and node 1 launchers of ``cmd``, each in its own session with its output in a file;
+    ``per_node``: each node's own environment variables on top of ``env``."""
 
-    def __init__(self, cmd, env, tmp_path: Path, cwd=None, name="nodes"):
+    def __init__(self, cmd, env, tmp_path: Path, cwd=None, name="nodes", per_node=({}, {})):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -230,7 +231,8 @@ class TwoNodes:
         started = {}
         # node 1 first: it must not touch the run folder node 0 owns, whenever it starts
         for rank in (1, 0):
-            node_env = dict(env, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            node_env = dict(env, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            **per_node[rank])
             with open(self.logs[rank], "w") as out:
                 started[rank] = subprocess.Popen([str(c) for c in cmd], env=node_env, cwd=cwd, stdin=subprocess.DEVNULL,
                                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

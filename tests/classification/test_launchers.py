@@ -275,6 +275,22 @@ def test_two_nodes_train_one_run_to_the_end(cls_env, tmp_path):
     assert [row["epoch"] for row in read_summary(done_dir)] == ["0"]
 
 
+def test_nodes_that_do_not_share_the_work_dir_all_stop_with_the_cause(cls_env, tmp_path):
+    """Each node with a work dir of its own (a path on a local disk): every node stops with the same
+    error once they have met, instead of node 1 failing alone and node 0 waiting for it."""
+    own = [tmp_path / f"node{rank}_work_dirs" for rank in (0, 1)]
+    nodes = TwoNodes(train_cmd("unshared", "t1", "--epochs", 1), cls_env, tmp_path,
+                     per_node=[{"PACAVIT_WORK_DIRS": str(folder)} for folder in own])
+    assert nodes.wait(timeout=300) == [1, 1], nodes.output(0)[-3000:] + nodes.output(1)[-3000:]
+    for rank in (0, 1):
+        last = nodes.output(rank).strip().splitlines()
+        failed = next(line for line in last if line.startswith("training failed: error: the nodes do not share"))
+        assert f"the run folder {own[0]}" in failed or f"the run folder {own[1]}" in failed, failed
+        assert "set PACAVIT_WORK_DIRS, or --output, to a folder on a shared file system" in failed
+        assert "resume would stop the same way" in last[-1]
+    assert not list(own[0].rglob("*.pth.tar")) and not list(own[0].rglob(".node0-*"))
+
+
 def test_a_failure_a_resume_cannot_fix_ends_with_its_error_not_a_resume_hint(cls_env, tmp_path):
     missing = tmp_path / "no_such_checkpoint.pth.tar"
     result = run(train_cmd("hints", "t1", "--resume", missing), cls_env)

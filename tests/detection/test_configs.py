@@ -1,5 +1,6 @@
 """Every Mask R-CNN config builds its detector and runs its backbone and FPN; weights and data point
 at the released ImageNet checkpoint of the variant and at <repo>/datasets/coco."""
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from runtime.openmmlab import load_config
 from models.paca_vit import RELEASED_IMAGENET, VARIANTS
 
 CONFIGS = sorted((DETECTION / "configs" / "paca_vit").rglob("*.py"))
+ZOO_CONFIG = DETECTION / "configs/paca_vit/mask_rcnn_1x/mask_rcnn_pacavit_tiny_p2cconv_100_0_mstrain_480_800_1x_coco.py"
 SEED_ROWS = [
     "tiny_p2cconv_100_0", "small_p2cconv_100_0", "small_p2cmlp_100_0", "base_p2cconv_100_0",
     "convmixer_tiny_100_0", "convmixer_small_100_0", "convmixer_base_100_0",
@@ -68,3 +70,21 @@ def test_auto_scale_lr_uses_the_official_total_batch(train_config_of):
     cfg = train_config_of(CONFIGS[0], "mmdet", "detection", "--auto-scale-lr")
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
     assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size
+
+
+@pytest.mark.parametrize("option, message", [
+    ("train_cfg.max_epochs=abc", "train_cfg.max_epochs='abc': the config's train_cfg.max_epochs is 12, so the value must "
+                                 "be an integer"),
+    ("optim_wrapper.optimizer.lr=fast", "optim_wrapper.optimizer.lr='fast': the config's optim_wrapper.optimizer.lr "
+                                        "is 0.0001, so the value must be a number"),
+])
+def test_a_cfg_option_of_the_wrong_kind_is_one_error_line(option, message):
+    from mmengine.config import DictAction
+
+    parsed = DictAction._parse_iterable  # what --cfg-options makes of the text
+    key, text = option.split("=", 1)
+    with pytest.raises(SystemExit, match="^error: --cfg-options " + re.escape(message) + "$"):
+        load_config(str(ZOO_CONFIG), "mmdet", {key: parsed(text)})
+    tuned = load_config(str(ZOO_CONFIG), "mmdet", {"train_cfg.max_epochs": 24, "optim_wrapper.optimizer.lr": 2e-4,
+                                                   "new_key.anything": "abc"})
+    assert tuned.train_cfg.max_epochs == 24 and tuned.optim_wrapper.optimizer.lr == 2e-4

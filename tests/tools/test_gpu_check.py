@@ -28,6 +28,7 @@ def bin_dir(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
     monkeypatch.setattr(gpu_check, "NVIDIA_DEVICE_FILES", (str(tmp_path / "dev" / "nvidia0"),))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # GPUs the test's node would hide
     return folder
 
 
@@ -79,6 +80,30 @@ def test_a_gpu_without_kernels_in_the_torch_build_stops_the_launch(bin_dir, monk
     with pytest.raises(gpu_check.GpuCheckError, match=r"GPU 0 \(Tesla V100-SXM2-32GB\) is sm_70, but torch .* has "
                                                       r"kernels only for sm_75, sm_80.*no kernel image.*cu128"):
         gpu_check.choose_device()
+
+
+@pytest.mark.parametrize("visible, hidden", [
+    (None, False), ("0,1", False), ("GPU-5c3e2a1b-0f4d", False), ("MIG-GPU-1/0/0", False),
+    ("", True), ("-1", True), ("NoDevFiles", True), ("-1,0", True),  # CUDA stops at the first non-device
+])
+def test_gpus_hidden_reads_cuda_visible_devices_as_cuda_does(monkeypatch, visible, hidden):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert gpu_check.gpus_hidden() == hidden
+
+
+def test_a_broken_driver_is_named_even_where_its_device_file_exists(bin_dir, monkeypatch, tmp_path):
+    """nvidia-smi fails and /dev/nvidia0 exists: the driver is the cause, not the torch build."""
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvidia0").touch()
+    stub(bin_dir, "nvidia-smi", 'echo "Failed to initialize NVML: Driver/library version mismatch"; exit 18')
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(gpu_check.GpuCheckError, match=r"^nvidia-smi is installed but fails \(it exits with status 18: "
+                                                      r"Failed to initialize NVML: Driver/library version mismatch\)"):
+        gpu_check.choose_device()
+    assert gpu_check.choose_device("cpu") == "cpu"
 
 
 @pytest.mark.parametrize("capability, archs, runs", [

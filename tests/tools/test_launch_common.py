@@ -17,8 +17,16 @@ import os
 import torch
 
 def _visible():
+    # as CUDA reads the variable: the devices listed before its first entry that names none
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return 8 if value is None else len([index for index in value.split(",") if index])
+    if value is None:
+        return 8
+    count = 0
+    for entry in value.split(","):
+        if not entry.strip().isdigit():
+            break
+        count += 1
+    return count
 
 torch.cuda.is_available = lambda: _visible() > 0
 torch.cuda.device_count = _visible
@@ -128,6 +136,70 @@ def test_several_nodes_need_master_addr(gpu_env, tmp_path, task):
     assert not work_dirs.exists()
 
 
+def rendezvous_port(port_argument, **env):
+    script = f'source {REPO}/runtime/launch_common.sh; paca_rendezvous_port "$1"'
+    clean = {k: v for k, v in os.environ.items() if k not in ("NNODES", "MASTER_PORT")}
+    return subprocess.run(["bash", "-c", script, "port", port_argument], env=dict(clean, PYTHON=sys.executable, **env),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_several_nodes_need_one_named_port():
+    """Without MASTER_PORT or a Port argument each node would pick its own free port and wait there
+    for the others forever; one node may pick one."""
+    refused = rendezvous_port("", NNODES="2")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: NNODES=2 needs one rendezvous port for all nodes: set MASTER_PORT")
+    assert rendezvous_port("", NNODES="2", MASTER_PORT="29511").stdout == "29511\n"
+    assert rendezvous_port("29512", NNODES="2").stdout == "29512\n"
+    assert int(rendezvous_port("", NNODES="1").stdout) > 0
+
+
+# a stand-in interpreter: prints the torchrun command line it is given, as one line
+ECHO_PYTHON = '#!/bin/sh\necho "torchrun $*"\n'
+
+
+@pytest.mark.parametrize("nnodes, expected_addr", [("1", "127.0.0.1"), ("2", "10.0.0.1")])
+def test_master_addr_counts_only_across_nodes(tmp_path, nnodes, expected_addr):
+    """A MASTER_ADDR inherited by a one-node launch (the shell, another job's scheduler variables)
+    is not where its torchrun meets itself; several nodes meet there, and each says so."""
+    python = tmp_path / "python"
+    python.write_text(ECHO_PYTHON)
+    python.chmod(0o755)
+    script = f'source {REPO}/runtime/launch_common.sh; PACA_NPROC=1; paca_torchrun 29513 train.py --x'
+    env = dict(os.environ, PYTHON=str(python), NNODES=nnodes, NODE_RANK="1" if nnodes == "2" else "0",
+               MASTER_ADDR="10.0.0.1")
+    env.pop("MASTER_PORT", None)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"--master_addr={expected_addr} --master_port=29513 train.py --x" in result.stdout
+    waits = "note: node 1 of 2 waits for the others at 10.0.0.1:29513 (torchrun gives up after 15 minutes)"
+    assert (waits in result.stdout) == (nnodes == "2")
+
+
+@pytest.mark.parametrize("hidden", ["", "-1", "NoDevFiles"])
+def test_gpus_hidden_by_the_job_mean_a_cpu_run_that_says_why(gpu_env, hidden):
+    """CUDA_VISIBLE_DEVICES naming no GPU (a scheduler that gave the job none) on a GPU node: CPU
+    processes, and the note names the variable instead of a broken torch or driver."""
+    result = select_devices(gpu_env, "0", 1, GPU_COUNT, CUDA_VISIBLE_DEVICES=hidden)
+    assert result.returncode == 0, result.stderr
+    assert f"note: CUDA_VISIBLE_DEVICES='{hidden}' names no GPU (set by your shell or scheduler)" in result.stdout
+    assert "device=cpu" in result.stdout and "process sees 0 GPUs" in result.stdout
+
+
+@pytest.mark.parametrize("smi", ['echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA '
+                                 'driver." ; exit 9', "exec sleep 60"])
+def test_a_failing_nvidia_smi_stops_the_launch_instead_of_a_cpu_run(gpu_env, tmp_path, smi):
+    """A GPU node whose driver is broken (nvidia-smi fails or hangs, torch sees no GPU) is not a
+    CPU machine: the launch stops with the cause instead of training on its CPUs."""
+    (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}\n")
+    (tmp_path / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: False\n")
+    result = select_devices(gpu_env, "0", 1, "", PACAVIT_NVIDIA_SMI_TIMEOUT="1")
+    assert result.returncode == 2 and "device=" not in result.stdout, result.stdout + result.stderr
+    assert result.stderr.startswith("error: nvidia-smi is installed but fails (")
+    said = "it exits with status 9: NVIDIA-SMI has failed" if "exit" in smi else "it did not answer within 1 s"
+    assert said in result.stderr and "PACAVIT_DEVICE=cpu" in result.stderr
+
+
 # torchrun's report of a SIGTERM as CI once caught it: a frame stopped on a `def` line prints an
 # empty line inside the traceback
 SIGTERM_TRACEBACK = """\
@@ -156,6 +228,27 @@ def test_stderr_filter_drops_torchruns_signal_traceback_and_keeps_the_rest(tmp_p
                              "filter", str(copy)], input=stream, capture_output=True, text=True, timeout=60)
     assert result.stderr == "starting\ntrain_timm.py: error: bad option\n" + WORKER_TRACEBACK + "last\n"
     assert copy.read_text() == "train_timm.py: error: bad option\nValueError: a worker's own error\n"
+
+
+def test_a_rank_prefixed_worker_exception_is_the_failures_cause(tmp_path):
+    """torchrun may prefix the workers' lines with their rank: the exception still ends up in the
+    launcher's last line (torchrun's own ChildFailedError does not)."""
+    log = tmp_path / "torchrun.log"
+    stream = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"train_timm.py\", line 3\n"
+              "[rank1]: RuntimeError: CUDA error: an illegal memory access was encountered\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    script = f"""
+        source {REPO}/runtime/launch_common.sh
+        _paca_stderr_filter "$1" 2>/dev/null
+        PACA_TORCHRUN_LOG="$1" PACA_STOPPED_BY=""
+        paca_resume_point() {{ :; }}  # no checkpoint yet
+        paca_training_failed classification "$2" hint
+    """
+    result = subprocess.run(["bash", "-c", script, "failed", str(log), str(tmp_path)], input=stream,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("training failed before its first checkpoint: [rank1]: RuntimeError: CUDA error: "
+                                     "an illegal memory access was encountered; fix the cause above and launch again")
 
 
 @pytest.mark.parametrize("launcher, positionals, script_option", [

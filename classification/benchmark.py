@@ -157,22 +157,51 @@ def parse_args(argv=None):
 
 
 # -- the host ----------------------------------------------------------------------------------------
-def cpu_flags() -> set:
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
-        return set(match.group(1).split()) if match else set()
-    return set()
+def _cpuinfo() -> str:
+    """The first processor's block of /proc/cpuinfo ('' where there is none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return ""
+    with open("/proc/cpuinfo") as f:
+        return f.read().split("\n\n")[0]
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> set:
+    """The instruction-set flags of this CPU (or of the /proc/cpuinfo text ``cpuinfo``)."""
+    match = re.search(r"^flags\s*:(.*)$", _cpuinfo() if cpuinfo is None else cpuinfo, re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+def amd_core(family: int, flags: set) -> str:
+    """AMD's core generation from the CPU family, where the family alone tells it: a cloud VM's
+    model name is often just "AMD EPYC".  Family 25 is Zen 3 and Zen 4, told apart by AVX-512
+    (Zen 4 has it, Zen 3 does not); '' for families not listed."""
+    if family == 23:
+        return "Zen 1/2"
+    if family == 25:
+        return "Zen 4" if "avx512f" in flags else "Zen 3"
+    if family == 26:
+        return "Zen 5"
+    return ""
+
+
+def cpu_name(cpuinfo: str) -> str:
+    """The CPU's model name with its family and model numbers, and for AMD the core generation:
+    e.g. 'AMD EPYC (Zen 4; family 25 model 17)'."""
+    fields = dict(re.findall(r"^(model name|vendor_id|cpu family|model)\s*:\s*(.+)$", cpuinfo, re.M))
+    name = fields.get("model name", "").strip() or platform.processor() or platform.machine()
+    if not fields.get("cpu family", "").strip().isdigit() or not fields.get("model", "").strip().isdigit():
+        return name
+    family, model = int(fields["cpu family"]), int(fields["model"])
+    numbers = f"family {family} model {model}"
+    core = amd_core(family, cpu_flags(cpuinfo)) if fields.get("vendor_id", "").strip() == "AuthenticAMD" else ""
+    return f"{name} ({core}; {numbers})" if core else f"{name} ({numbers})"
 
 
 def host_info(device: torch.device) -> dict:
     """What a throughput figure depends on besides the model: written with every row."""
-    flags = cpu_flags()
-    model_name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        model_name = match.group(1).strip() if match else model_name
+    cpuinfo = _cpuinfo()
+    flags = cpu_flags(cpuinfo)
+    model_name = cpu_name(cpuinfo)
     isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "avx512_bf16"),
                                    ("amx_bf16", "AMX")) if flag in flags]
     # what the libraries use, which the environment can limit below what the CPU has

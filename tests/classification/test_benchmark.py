@@ -258,3 +258,34 @@ def test_a_curve_worker_builds_every_size_once_and_times_the_asked_one(monkeypat
     answers = [line for line in capsys.readouterr().out.splitlines() if line.startswith(benchmark.RESULT_PREFIX)]
     assert answers[0] == benchmark.RESULT_PREFIX + "{}"  # built
     assert len(answers) == 4 and all('"ms": ' in a for a in answers[1:])
+
+
+def cpuinfo(vendor, family, model, name, flags="fpu avx2"):
+    block = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n" \
+            f"model name\t: {name}\nflags\t\t: {flags}\n"
+    return block + "\n" + block.replace("processor\t: 0", "processor\t: 1")
+
+
+@pytest.mark.parametrize("vendor, family, model, name, flags, expected", [
+    # a cloud VM names only "AMD EPYC": the family tells the core, AVX-512 tells Zen 4 from Zen 3
+    ("AuthenticAMD", 25, 17, "AMD EPYC", "avx2 avx512f avx512_bf16", "AMD EPYC (Zen 4; family 25 model 17)"),
+    ("AuthenticAMD", 25, 1, "AMD EPYC", "avx2", "AMD EPYC (Zen 3; family 25 model 1)"),
+    ("AuthenticAMD", 26, 2, "AMD EPYC", "avx2 avx512f", "AMD EPYC (Zen 5; family 26 model 2)"),
+    ("AuthenticAMD", 23, 49, "AMD EPYC 7B12", "avx2", "AMD EPYC 7B12 (Zen 1/2; family 23 model 49)"),
+    ("GenuineIntel", 6, 143, "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "avx512f amx_bf16",
+     "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (family 6 model 143)"),
+])
+def test_the_host_names_the_cpu_family_and_for_amd_its_core(vendor, family, model, name, flags, expected):
+    text = cpuinfo(vendor, family, model, name, flags)
+    assert benchmark.cpu_name(text) == expected
+    assert benchmark.cpu_flags(text) == set(flags.split())
+
+
+def test_the_host_of_every_row_is_this_cpus_name_with_its_numbers(monkeypatch):
+    monkeypatch.setattr(benchmark, "_cpuinfo", lambda: cpuinfo("AuthenticAMD", 25, 17, "AMD EPYC", "avx2 avx512f"))
+    info = benchmark.host_info(torch.device("cpu"))
+    assert info["host"] == "AMD EPYC (Zen 4; family 25 model 17)"
+    assert info["isa"].startswith("AVX2 AVX-512 ATen ")
+    # without /proc/cpuinfo (macOS) the name is what the platform says, without numbers
+    monkeypatch.setattr(benchmark, "_cpuinfo", lambda: "")
+    assert "family" not in benchmark.host_info(torch.device("cpu"))["host"]

@@ -13,7 +13,7 @@
 #      PaCa-Tiny/Small/Base, with the fused kernels and with the plain PyTorch ops, against
 #      convnext_tiny, inference and training.  Where the CPU has bfloat16 kernels (AVX-512 BF16
 #      or AMX): PaCa-Tiny/Small and convnext_tiny inference under bf16 autocast and as bf16 models
-#      too.  16-21 minutes on 2 Zen 5 cores, 12.5-14 on 2 AMX Xeon ones, with the official rows.  Run it twice, then
+#      too.  16-21 minutes on 2 Zen 5 cores, 22 on 2 Zen 4 ones, 12.5-14 on 2 AMX Xeon ones, with the official rows.  Run it twice, then
 #      classification/benchmark_agreement.py says how far the two runs agree, row by row.
 # CUDA: bf16 autocast, channels_last, batch 128, PaCa-Tiny/Small/Base against convnext_tiny/small/
 #       base and swin_tiny, each model eager and torch.compile'd.

@@ -187,13 +187,14 @@ def amd_core(family: int, flags: set) -> str:
 def cpu_name(cpuinfo: str) -> str:
     """The CPU's model name with its family and model numbers, and for AMD the core generation:
     e.g. 'AMD EPYC (Zen 4; family 25 model 17)'."""
-    fields = dict(re.findall(r"^(model name|vendor_id|cpu family|model)\s*:\s*(.+)$", cpuinfo, re.M))
-    name = fields.get("model name", "").strip() or platform.processor() or platform.machine()
-    if not fields.get("cpu family", "").strip().isdigit() or not fields.get("model", "").strip().isdigit():
+    fields = {key: value.strip() for key, value in
+              re.findall(r"^(model name|vendor_id|cpu family|model)\s*:(.*)$", cpuinfo, re.M)}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not (fields.get("cpu family", "").isdigit() and fields.get("model", "").isdigit()):
         return name
     family, model = int(fields["cpu family"]), int(fields["model"])
     numbers = f"family {family} model {model}"
-    core = amd_core(family, cpu_flags(cpuinfo)) if fields.get("vendor_id", "").strip() == "AuthenticAMD" else ""
+    core = amd_core(family, cpu_flags(cpuinfo)) if fields.get("vendor_id") == "AuthenticAMD" else ""
     return f"{name} ({core}; {numbers})" if core else f"{name} ({numbers})"
 
 

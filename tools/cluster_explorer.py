@@ -233,6 +233,9 @@ class Explorer:
             self.cache.move_to_end(digest)
             return self.cache[digest]
         predictor = self.predictor(key)
+        problem = predictor.unfit(*rgb.shape[:2])
+        if problem:
+            raise ExploreError(f"{name} is {rgb.shape[1]}x{rgb.shape[0]} pixels: {problem}")
         start = time.perf_counter()
         picture = tasks.Picture(source, image_stem(name), rgb)
         recorder = InputRecorder(predictor.model.data_preprocessor) if key.task != "classify" else None

@@ -8,7 +8,9 @@
 Folders are searched recursively for jpg, jpeg, png, bmp, webp, tif and tiff files.  For each image it writes
 ``DIR/<stem>.png`` (the predictions drawn on the image; segmentation also ``DIR/<stem>_labels.png``,
 the class index of every pixel) and, for the whole run, ``DIR/predictions.json``.  An image that
-cannot be read is reported by name and skipped (exit code 1 at the end); the others are predicted.
+cannot be read, or whose shape the model's pre-processing cannot take (a 1-pixel-high panorama for
+the detector), is reported by name and why, and skipped (exit code 1 at the end); the others are
+predicted.
 A DIR that holds an earlier run's ``predictions.json`` is refused unless ``--overwrite``, and so is a
 DIR another run is writing into (exit code 2, before any model loads).
 """
@@ -108,12 +110,20 @@ def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tu
             pictures = []
             for source, stem in batch:
                 try:
-                    pictures.append(tasks.Picture(source, stem, read_image(source)))
+                    rgb = read_image(source)
+                    problem = predictor.unfit(*rgb.shape[:2])
                 except ImageReadError as e:
-                    tqdm.write(f"skipped {source}: cannot read it as an image ({e})", file=sys.stderr)
-                    entries.append(dict(image=source, error=f"cannot read it as an image ({e})"))
+                    problem = f"cannot read it as an image ({e})"
+                else:
+                    if problem:
+                        problem = f"it is {rgb.shape[1]}x{rgb.shape[0]} pixels: {problem}"
+                if problem:
+                    tqdm.write(f"skipped {source}: {problem}", file=sys.stderr)
+                    entries.append(dict(image=source, error=problem))
                     skipped.append(source)
                     bar.update(1)
+                else:
+                    pictures.append(tasks.Picture(source, stem, rgb))
             if not pictures:
                 continue
             for group in predictor.batches(pictures):
@@ -263,7 +273,8 @@ def main(argv=None) -> int:
     _logger.info("predicted %d of %d images; pictures and %s in %s", len(sources) - len(skipped), len(sources),
                  PREDICTIONS, args.out)
     if skipped:
-        _logger.error("%d of %d images could not be read and were skipped: %s", len(skipped), len(sources),
+        _logger.error("%d of %d images could not be read or taken by the model and were skipped: %s",
+                      len(skipped), len(sources),
                       ", ".join(skipped))
         return 1
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from torchvision import transforms
 
 from models import ClassifierWeights, capture_maps, create_classifier, fuse_for_cpu_inference
 from tools import predict_drawing as drawing
@@ -118,6 +119,27 @@ class Classifier:
     def header(self) -> dict:
         return dict(model=self.model_name, checkpoint=self.checkpoint, input_size=list(self.data_config["input_size"]))
 
+    def unfit(self, height: int, width: int) -> Optional[str]:
+        """Why the eval transform cannot take an image of this size (None: it can).  It scales the
+        shorter side to a fixed length before the centre crop: a very long, thin image would become
+        gigabytes of pixels (1x20000 px: 248x4960000) and minutes of resizing."""
+        resize = next((t for t in self.transform.transforms if isinstance(t, transforms.Resize)), None)
+        size = resize.size if resize is not None else None
+        if isinstance(size, (list, tuple)) and len(size) == 1:
+            size = size[0]
+        limit = Image.MAX_IMAGE_PIXELS  # None where the user lifted Pillow's limit
+        if not isinstance(size, int) or resize.max_size is not None or limit is None:
+            return None  # a fixed output size, or a capped longer side
+        short, long = sorted((height, width))
+        resized_long = int(size * long / short)
+        if size * resized_long <= limit:
+            return None
+        resized = (resized_long, size) if width >= height else (size, resized_long)
+        return (f"the classifier's pre-processing scales its shorter side to {size} px before the centre crop, "
+                f"which makes it {resized[0]}x{resized[1]} ({size * resized_long / 1e6:.0f} MP), beyond Pillow's "
+                f"limit of {limit / 1e6:.0f} MP for one image: crop it to at most {limit // size ** 2}:1 "
+                "(longer side : shorter side)")
+
     def batches(self, pictures: List[Picture]) -> List[List[Picture]]:
         return [pictures]
 
@@ -212,6 +234,24 @@ class _OpenMMLabPredictor:
 
     def name(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else f"class {label}"
+
+    def unfit(self, height: int, width: int) -> Optional[str]:
+        """Why the test pipeline cannot take an image of this size (None: it can): resized to fit its
+        scale with the aspect ratio kept, a very long, thin image would be 0 pixels high or wide,
+        which OpenCV refuses with an assertion."""
+        import mmcv
+        from mmcv.transforms import Resize
+
+        for step in self.inferencer.pipeline.transforms:
+            if isinstance(step, Resize) and step.keep_ratio and step.scale is not None:
+                new_width, new_height = mmcv.rescale_size((width, height), tuple(step.scale))
+                if min(new_width, new_height) >= 1:
+                    return None
+                longest = max(step.scale)
+                return (f"the test pipeline resizes it to fit {step.scale[0]}x{step.scale[1]} keeping its aspect "
+                        f"ratio, which makes it {new_width}x{new_height} pixels: crop it to at most "
+                        f"{2 * longest}:1 (longer side : shorter side)")
+        return None
 
     def run(self, pictures: List[Picture]):
         """The inferencer's data samples for ``pictures``, and the captured clusters (or None)."""

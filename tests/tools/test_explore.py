@@ -247,3 +247,15 @@ def test_a_panorama_one_pixel_high_is_explained(page, tmp_path):
     outputs = page.on_explain("segment", SEG_CONFIG, "", 0, str(photo), None)
     assert outputs[STATUS].startswith(f"**panorama.png · {SEG_CONFIG}, random weights (seed 0)** · model ran in")
     assert len(outputs[SOFT]) == ce.SOFT_SHOWN
+
+
+def test_an_image_the_pre_processing_cannot_take_is_one_message(page, tmp_path):
+    photo = tmp_path / "strip.png"  # fitted into 192x128 with its aspect ratio kept, it would be 0 px high
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 4000, 3), np.uint8)).save(photo)
+    outputs = page.on_explain("detect", DET_CONFIG, "", 0, str(photo), None)
+    assert outputs[STATUS] == ("**Error:** strip.png is 4000x1 pixels: the test pipeline resizes it to fit 192x128 "
+                               "keeping its aspect ratio, which makes it 192x0 pixels: crop it to at most 384:1 "
+                               "(longer side : shorter side)")
+    assert all(o == explore.gr.skip() for o in outputs[1:])
+    assert page.on_explain("classify", MODEL, "", 3, str(photo), None)[STATUS].startswith(
+        "**Error:** strip.png is 4000x1 pixels: the classifier's pre-processing scales its shorter side to 248 px")

@@ -129,6 +129,46 @@ def test_classify_takes_the_input_size_the_checkpoint_was_evaluated_at(tmp_path)
     assert predict_tasks.Classifier(MODEL, str(older), "cpu").header()["input_size"] == [3, 224, 224]
 
 
+def test_an_image_the_pre_processing_cannot_take_is_skipped_with_why_and_the_others_predicted(tmp_path, capsys,
+                                                                                              caplog):
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), np.uint8)).save(tmp_path / "in" / "photo.png")
+    # scaled to a 248-px shorter side it would be 248x4960000 (1230 MP): minutes and gigabytes in Pillow
+    Image.fromarray(rng.integers(0, 255, (1, 20_000, 3), np.uint8)).save(tmp_path / "in" / "panorama.png")
+    out = tmp_path / "out"
+    code = predict.main(["classify", str(tmp_path / "in"), "--model", MODEL, "--out", str(out), "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    why = ("it is 20000x1 pixels: the classifier's pre-processing scales its shorter side to 248 px before the "
+           "centre crop, which makes it 4960000x248 (1230 MP), beyond Pillow's limit of 89 MP for one image: crop "
+           "it to at most 1454:1 (longer side : shorter side)")
+    assert f"skipped {tmp_path / 'in' / 'panorama.png'}: {why}" in err
+    assert ("1 of 2 images could not be read or taken by the model and were skipped: "
+            f"{tmp_path / 'in' / 'panorama.png'}") in caplog.text
+    entries = {os.path.basename(e["image"]): e for e in json.loads((out / "predictions.json").read_text())["images"]}
+    assert entries["panorama.png"] == dict(image=str(tmp_path / "in" / "panorama.png"), error=why)
+    assert len(entries["photo.png"]["top5"]) == 5 and (out / "photo.png").exists()
+    assert not (out / "panorama.png").exists()
+
+
+def test_the_longest_shapes_the_pre_processing_takes(tmp_path):
+    classifier = predict_tasks.Classifier(MODEL, None, "cpu")
+    assert classifier.unfit(1, 1454) is None and classifier.unfit(1454, 1) is None  # 248x360592: 89.4 MP
+    assert "at most 1454:1" in classifier.unfit(1, 1455)
+    assert classifier.unfit(10_000, 14_000) is None  # large photos are scaled down, not refused
+    trained_at_32 = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3,
+                         crop_pct=1.0, crop_mode="center")
+    checkpoint = classifier_checkpoint(tmp_path / "digits.pth.tar", 10, DIGITS, data_config=trained_at_32)
+    assert "at most 87381:1" in predict_tasks.Classifier(MODEL, str(checkpoint), "cpu").unfit(1, 87_382)
+    # detection's test pipeline fits the image into 192x128 keeping its aspect ratio: 1x385 would be 0 px high
+    detector = predict_tasks.Detector(str(DET_CONFIG), None, "cpu")
+    assert detector.unfit(1, 384) is None and detector.unfit(384, 1) is None
+    assert detector.unfit(1, 385) == ("the test pipeline resizes it to fit 192x128 keeping its aspect ratio, which "
+                                      "makes it 192x0 pixels: crop it to at most 384:1 (longer side : shorter side)")
+    assert "makes it 0x192 pixels" in detector.unfit(385, 1)
+
+
 @pytest.mark.slow
 def test_classify_pretrained_gets_imagenet_names_through_the_loader(photos, release_server, tmp_path):
     classifier_checkpoint(release_server / f"IMNET_224_{MODEL}.pth", 1000, seed=1)
@@ -155,7 +195,8 @@ def test_classify_checkpoint_without_class_names_uses_indices_said_once(photos, 
         cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("stores no class names") == 1
-    assert f"could not be read and were skipped: {photos['folder'] / 'broken.jpg'}" in result.stderr
+    assert f"could not be read or taken by the model and were skipped: {photos['folder'] / 'broken.jpg'}" \
+        in result.stderr
     document, entries = read_run(out, photos)
     assert document["class_names"] is None
     assert all(p["class_name"] == f"class {p['label']}" for p in entries["china.jpg"]["top5"])

@@ -2,6 +2,8 @@
 
 - ``openmmlab``: the mmengine Runner around detection and segmentation (train, test, FLOPs, the
   backbones' registration for the mmdet/mmseg plug-ins);
+- ``openmmlab_args``: their command lines and the checks of a command that need no torch (the
+  launchers run them before anything starts);
 - ``run_folder``: run folders (locks, resume point, finished marker);
 - ``gpu_check``: whether torch (and mmcv) can use this node's GPUs;
 - ``launch_common.sh``: the shell functions the launchers source (devices, nodes, run folders, torchrun).

@@ -17,21 +17,6 @@ def run_main(main):
         sys.exit(2)
 
 
-def cfg_options_action():
-    """The argparse action of ``--cfg-options KEY=VALUE ...``: mmengine's DictAction, with an item
-    lacking ``=`` a usage error instead of a traceback (imported only where mmengine is)."""
-    from mmengine.config import DictAction
-
-    class KeyValueAction(DictAction):
-        def __call__(self, parser, namespace, values, option_string=None):
-            bad = [value for value in values if "=" not in value]
-            if bad:
-                parser.error(f"{option_string} takes KEY=VALUE items (e.g. train_cfg.max_epochs=12), got {bad[0]!r}")
-            super().__call__(parser, namespace, values, option_string)
-
-    return KeyValueAction
-
-
 def user_message(err: Exception) -> str:
     """The error's own words.  One raised in a DataLoader worker reaches the main process with the
     worker's traceback in its message; the traceback's last line holds the words."""

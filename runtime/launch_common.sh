@@ -464,6 +464,13 @@ _paca_task_config() {
     [[ -f "$PACA_CONFIG" ]] || paca_die "config not found: $1 (relative to $(pwd) or $PACAVIT_ROOT/$2)"
 }
 
+# paca_check_openmmlab_command train|test TASK ARGS...: the entry's own checks of its arguments and
+# config (runtime/openmmlab_args.py: options, --cfg-options, dataset folders; no torch, about a
+# second), so that a mistake is one error line before a run folder is made or torchrun starts.
+paca_check_openmmlab_command() {
+    "$(paca_python)" -m runtime.openmmlab_args "$@" || exit 2
+}
+
 # paca_openmmlab_train TASK ENTRY.py Relative_config_filename Remove_old_if_exist_0_or_1 Exp_name Tag gpus nb_gpus port [others]
 paca_openmmlab_train() {
     local task="$1" entry="$2"
@@ -479,6 +486,7 @@ paca_openmmlab_train() {
     local work_dir
     paca_check_nodes
     work_dir="$(paca_run_dir "$task" "$exp" "$(basename "$PACA_CONFIG" .py)" "$tag")"
+    paca_check_openmmlab_command train "$task" "$PACA_CONFIG" --work-dir "$work_dir" "${PACA_ARGS[@]}"
     paca_prepare_experiment "$work_dir" "$remove_old"
     paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
     # train_main resumes from the work dir's newest intact checkpoint by itself (rank 0 picks it)
@@ -499,6 +507,7 @@ paca_openmmlab_test() {
     shift 5
     paca_take_flags "$@"
     paca_help_of "$PACAVIT_ROOT/$task/$entry"
+    paca_check_openmmlab_command test "$task" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}"
     paca_select_devices "$gpus" "$nb_gpus" mmcv-ops
     paca_torchrun "$port" "$PACAVIT_ROOT/$task/$entry" "$PACA_CONFIG" "$checkpoint" "${PACA_ARGS[@]}" ||
         paca_evaluation_failed $?

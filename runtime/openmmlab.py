@@ -46,8 +46,9 @@ from models.checkpoint import (
     CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
     release_url, resolve_checkpoint,
 )
-from runtime.cli import cfg_options_action
 from runtime.loader_workers import end_workers_with_parent
+from runtime.openmmlab_args import (check_auto_scale_lr, check_data_roots, config_arguments, read_config,
+                                     test_parser, train_parser)
 from runtime.run_folder import (agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished,
                                 run_folder_path, work_dirs_root)
 
@@ -86,51 +87,14 @@ def register_checkpoint_safe_globals() -> None:
 # Config and environment
 
 
-def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="config file")
-    parser.add_argument(
-        "--cfg-options", nargs="+", action=cfg_options_action(), default={},
-        help="override config entries, e.g. model.backbone.init_cfg=None train_dataloader.batch_size=1",
-    )
-    parser.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<task>/...)")
-
-
 def load_config(path: str, default_scope: str, cfg_options: Optional[dict] = None):
     """Read a config, apply ``--cfg-options`` and make ``default_scope`` the registry scope."""
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        _check_option_types(cfg, cfg_options)
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(path, cfg_options)
     cfg.setdefault("default_scope", default_scope)
     init_default_scope(cfg.default_scope)
     return cfg
-
-
-def _check_option_types(cfg, options: dict) -> None:
-    """Refuse a ``--cfg-options`` value that cannot stand where the config has a number or a flag
-    (``train_cfg.max_epochs=abc`` would fail deep in the Runner, after the processes started)."""
-    plain = cfg.to_dict()
-    for key, value in options.items():
-        current = plain
-        for part in key.split("."):
-            if isinstance(current, dict) and part in current:
-                current = current[part]
-            elif isinstance(current, (list, tuple)) and part.isdigit() and int(part) < len(current):
-                current = current[int(part)]
-            else:
-                current = None  # a new key: nothing to compare with
-                break
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        fits = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number}
-        if type(current) in fits and not fits[type(current)]:
-            kind = {bool: "True or False", int: "an integer", float: "a number"}[type(current)]
-            raise SystemExit(f"error: --cfg-options {key}={value!r}: the config's {key} is {current!r}, so the value "
-                             f"must be {kind}")
 
 
 def _launcher() -> str:
@@ -191,44 +155,12 @@ def _sync_bn_to_bn(node) -> None:
             _sync_bn_to_bn(value)
 
 
-def check_data_roots(cfg, loaders: Sequence[str]) -> None:
-    """Fail early, with what to do, when a dataset folder named by the config is missing."""
-    for loader in loaders:
-        dataset = (cfg.get(loader) or {}).get("dataset", {})
-        root = dataset.get("data_root")
-        if root and not Path(root).is_dir():
-            raise SystemExit(
-                f"error: dataset folder {root} ({loader}) not found. Link your copy there (see "
-                f"datasets/README.md), set PACAVIT_DATASETS to the folder that holds it, or override it with "
-                f"--cfg-options {loader}.dataset.data_root=..."
-            )
-
-
 def _default_work_dir(task: str, *parts: str) -> str:
     return str(work_dirs_root() / task / Path(*parts))
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def _train_parser(task: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=f"Train a {task} model with mmengine's Runner.")
-    _config_options(parser)
-    parser.add_argument(
-        "--resume", metavar="CHECKPOINT",
-        help="resume from this checkpoint (default: resume from the work dir's latest checkpoint, if any)",
-    )
-    parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="fp16 mixed precision (AmpOptimWrapper), as the official launchers train (default: on with CUDA, "
-             "off on CPU; --no-amp trains in float32)",
-    )
-    parser.add_argument(
-        "--auto-scale-lr", action="store_true",
-        help="scale the learning rate by (total batch size / auto_scale_lr.base_batch_size)",
-    )
-    return parser
 
 
 def amp_enabled(amp_flag: Optional[bool], cuda: bool) -> bool:
@@ -242,7 +174,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
     work dir ``FINISHED`` when training returns."""
     from mmengine.dist import is_main_process
 
-    args = _train_parser(task).parse_args(argv)
+    args = train_parser(task).parse_args(argv)
     if args.amp and not torch.cuda.is_available():
         raise SystemExit("error: --amp needs a CUDA device; drop --amp to train in float32 on CPU")
     cfg = load_config(args.config, default_scope, args.cfg_options)
@@ -253,8 +185,7 @@ def train_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = No
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if args.auto_scale_lr:
-        if "base_batch_size" not in cfg.get("auto_scale_lr", {}):
-            raise SystemExit(f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}")
+        check_auto_scale_lr(cfg, args.config)
         cfg.auto_scale_lr.enable = True
     check_data_roots(cfg, ("train_dataloader", "val_dataloader"))
     claim_run_folder(cfg.work_dir, "--work-dir")
@@ -384,14 +315,6 @@ def _collective_device() -> torch.device:
 # Testing
 
 
-def _test_parser(task: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=f"Evaluate a {task} checkpoint on the config's test set.")
-    _config_options(parser)
-    parser.add_argument("checkpoint", help="checkpoint file or URL, or 'pretrained' (the config's released file)")
-    parser.add_argument("--show-dir", help="write PNG visualisations of every prediction into this folder")
-    return parser
-
-
 def _enable_visualization(cfg, show_dir: str) -> None:
     """Draw every test prediction with the config's visualisation hook; the visualizer's local
     backend writes them as PNG files under ``show_dir/vis_data/vis_image/``."""
@@ -422,7 +345,7 @@ def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = 
 
 def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``test_<mm>.py``: evaluate ``checkpoint`` with the config's test evaluator."""
-    args = _test_parser(task).parse_args(argv)
+    args = test_parser(task).parse_args(argv)
     cfg = load_config(args.config, default_scope, args.cfg_options)
     cfg.work_dir = args.work_dir or _default_work_dir(task, "test", Path(args.config).stem)
     cfg.launcher = _launcher()
@@ -509,7 +432,7 @@ def flops_main(
     from mmengine.registry import MODELS
 
     parser = argparse.ArgumentParser(description=f"Parameters and FLOPs of a {task} model.")
-    _config_options(parser)
+    config_arguments(parser)
     parser.add_argument(
         "--shape", type=int, nargs="+", default=list(default_shape),
         help=f"input size: H W, or one number for a square image (default: {' '.join(map(str, default_shape))})",

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from models import CheckpointError
 from models.layers.fused import cpu_fusion_support
-from runtime.cli import UsageError, cfg_options_action
+from runtime.cli import UsageError
+from runtime.openmmlab_args import cfg_options_action
 from runtime.images import IMAGE_SUFFIXES, SKLEARN_PREFIX, SKLEARN_SAMPLES, ImageReadError, read_image
 from tools import predict_tasks as tasks
 from tools.visualize_clusters import output_folders

@@ -136,3 +136,28 @@ def test_failures_a_resume_cannot_fix_end_with_their_cause_not_a_resume_hint(lau
     assert last.startswith("training failed before its first checkpoint: TypeError: ") and "no_such_option" in last
     for result in (reported, crashed):
         assert "Remove_old=0" not in result.stderr and "resume it" not in result.stderr
+
+
+def test_mistakes_in_the_command_are_one_line_before_any_folder_or_process(launcher_env, tmp_path):
+    broken = tmp_path / "broken_config.py"
+    broken.write_text(f"_base_ = '{DETECTION / TINY_CONFIG}'\nmodel = dict(backbone=dict(init_cfg=None)\n")
+    for others, message in [
+        (["--bogus"], "train_mmdet.py: error: unrecognized arguments: --bogus"),
+        (["--cfg-options", "train_cfg.max_epochs=abc"],
+         "error: --cfg-options train_cfg.max_epochs='abc': the config's train_cfg.max_epochs is 2, so the value must "
+         "be an integer"),
+        (["--cfg-options", "train_dataloader.dataset.data_root=/no/such/folder"],
+         "error: dataset folder /no/such/folder (train_dataloader) not found."),
+        (["--cfg-options", "auto_scale_lr=None", "--auto-scale-lr"],
+         f"error: --auto-scale-lr needs auto_scale_lr.base_batch_size in {TINY_CONFIG}"),
+    ]:
+        result = run(launch("mistakes", "t1", 1, *others), launcher_env)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "torchrun" not in result.stdout + result.stderr  # nothing was started
+    result = run(["./train_mmdet.sh", broken, 1, "mistakes", "t1", 0, 1, free_port()], launcher_env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {broken}: the config does not load (SyntaxError: "), result.stderr
+    assert not (Path(launcher_env["PACAVIT_WORK_DIRS"])).exists()  # no run folder was made
+    result = run(["./test_mmdet.sh", TINY_CONFIG, "missing.pth", 0, 1, free_port(), "--show-dir"], launcher_env)
+    assert result.returncode == 2 and "test_mmdet.py: error: argument --show-dir: expected one argument" in result.stderr
+    assert "torchrun" not in result.stdout + result.stderr

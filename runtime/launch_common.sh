@@ -146,6 +146,7 @@ paca_check_nodes() {
         paca_die "NODE_RANK must be 0..$((nnodes - 1)) with NNODES=$nnodes, got '$node_rank'"
     (( nnodes == 1 )) || [[ -n "${MASTER_ADDR:-}" ]] ||
         paca_die "NNODES=$nnodes needs MASTER_ADDR: set it on every node to node 0's address (e.g. MASTER_ADDR=\$(hostname -i) on node 0); the single-node default 127.0.0.1 would leave each node waiting for itself"
+    (( nnodes == 1 )) || paca_rendezvous_timeout
 }
 
 # paca_cuda_devices GPUS NB_GPUS: the CUDA_VISIBLE_DEVICES of the run.  GPUS lists device
@@ -279,6 +280,25 @@ paca_rendezvous_port() {
     echo "$port"
 }
 
+# paca_rendezvous_timeout: how long the nodes of a run wait for one another to start, in seconds
+# (PACAVIT_RENDEZVOUS_TIMEOUT, default 600: torchrun's own), left in PACA_RENDEZVOUS_TIMEOUT.  A
+# node that never comes (node 0 failed before it started) then stops the others with
+# paca_rendezvous_hint's words instead of leaving them waiting.
+paca_rendezvous_timeout() {
+    PACA_RENDEZVOUS_TIMEOUT="${PACAVIT_RENDEZVOUS_TIMEOUT:-600}"
+    [[ "$PACA_RENDEZVOUS_TIMEOUT" =~ ^[0-9]+$ ]] && (( PACA_RENDEZVOUS_TIMEOUT >= 1 )) ||
+        paca_die "PACAVIT_RENDEZVOUS_TIMEOUT must be a number of seconds (at least 1), got '$PACA_RENDEZVOUS_TIMEOUT'"
+}
+
+# paca_rendezvous_hint CAUSE: what to do when CAUSE (the workers' last exception) says the nodes
+# did not all meet: torchrun's static rendezvous times out connecting to node 0, or node 0 waiting
+# for the others.  Prints nothing for any other cause.
+paca_rendezvous_hint() {
+    (( ${NNODES:-1} > 1 )) || return 0
+    [[ "$1" =~ (timed\ out|Timed\ out).*(trying\ to\ connect|waiting\ for\ clients) ]] || return 0
+    echo "the $NNODES nodes did not all start within ${PACA_RENDEZVOUS_TIMEOUT:-600} s (PACAVIT_RENDEZVOUS_TIMEOUT): launch every node, NODE_RANK 0 to $((NNODES - 1)), with the same MASTER_ADDR and MASTER_PORT (node 0 at MASTER_ADDR=$MASTER_ADDR)" >&2
+}
+
 # torchrun over a script: paca_torchrun PORT script.py args...  PORT may be empty (see
 # paca_rendezvous_port; MASTER_PORT wins).  Its stderr is kept in PACA_TORCHRUN_LOG.
 # torchrun runs in a session of its own and the launcher passes signals on to it, once and as
@@ -294,10 +314,12 @@ paca_torchrun() {
     port="$(paca_rendezvous_port "$port")" || exit 2
     # one node meets itself: a MASTER_ADDR inherited from the shell or the scheduler (another job's
     # node 0) would have torchrun wait there for a rendezvous that never comes
-    local master_addr=127.0.0.1
+    local master_addr=127.0.0.1 rendezvous=()
     if (( ${NNODES:-1} > 1 )); then
         master_addr="$MASTER_ADDR"
-        echo "note: node ${NODE_RANK:-0} of $NNODES waits for the others at $master_addr:$port (torchrun gives up after 15 minutes); if a node fails before it starts, stop the waiting ones (Ctrl-C) and launch all again"
+        paca_rendezvous_timeout
+        rendezvous=(--rdzv-conf "timeout=$PACA_RENDEZVOUS_TIMEOUT")
+        echo "note: node ${NODE_RANK:-0} of $NNODES waits for the others at $master_addr:$port for up to $PACA_RENDEZVOUS_TIMEOUT s (PACAVIT_RENDEZVOUS_TIMEOUT); if a node fails before it starts, stop the waiting ones (Ctrl-C) and launch all again"
     fi
     [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=1
     PACA_TORCHRUN_LOG="$(mktemp "${TMPDIR:-/tmp}/pacavit-torchrun.XXXXXX")"
@@ -321,6 +343,7 @@ paca_torchrun() {
             --nproc_per_node="$PACA_NPROC" \
             --master_addr="$master_addr" \
             --master_port="$port" \
+            "${rendezvous[@]}" \
             "$script" "$@" ) 2>&1 1>&3 3>&- | _paca_stderr_filter "$PACA_TORCHRUN_LOG"
     } 3>&1 &
     { local job=$!; set +x; } 2>/dev/null
@@ -367,6 +390,7 @@ paca_training_failed() {
     else
         echo "training failed before its first checkpoint${cause:+: $cause}; fix the cause above and launch again" >&2
     fi
+    paca_rendezvous_hint "$cause"
     exit 1
 }
 
@@ -382,6 +406,7 @@ paca_evaluation_failed() {
     fi
     error="$(grep -aoE '(^|: )error: .*' "$PACA_TORCHRUN_LOG" | tail -n 1 | sed 's/^: //' || true)"
     [[ -n "$error" ]] && echo "evaluation failed: $error" >&2
+    paca_rendezvous_hint "$(grep -aE '(Error|Exception): ' "$PACA_TORCHRUN_LOG" | tail -n 1 || true)"
     exit "$rc"
 }
 

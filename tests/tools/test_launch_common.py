@@ -171,9 +171,58 @@ def test_master_addr_counts_only_across_nodes(tmp_path, nnodes, expected_addr):
     env.pop("MASTER_PORT", None)
     result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert f"--master_addr={expected_addr} --master_port=29513 train.py --x" in result.stdout
-    waits = "note: node 1 of 2 waits for the others at 10.0.0.1:29513 (torchrun gives up after 15 minutes)"
+    rendezvous = " --rdzv-conf timeout=600" if nnodes == "2" else ""
+    assert f"--master_addr={expected_addr} --master_port=29513{rendezvous} train.py --x" in result.stdout
+    waits = "note: node 1 of 2 waits for the others at 10.0.0.1:29513 for up to 600 s (PACAVIT_RENDEZVOUS_TIMEOUT)"
     assert (waits in result.stdout) == (nnodes == "2")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("node_rank, cause", [
+    ("1", "torch.distributed.DistNetworkError: The client socket has timed out after 3000ms while trying to connect "
+          "to (127.0.0.1, {port})."),
+    ("0", "torch.distributed.DistStoreError: Timed out after 4 seconds waiting for clients. 1/2 clients joined."),
+])
+def test_a_node_whose_partners_never_start_stops_after_the_rendezvous_timeout_and_says_why(tmp_path, node_rank,
+                                                                                          cause):
+    """Node 0 failed before it started (or node 1 never came): the real torchrun, with
+    PACAVIT_RENDEZVOUS_TIMEOUT=3, stops within seconds instead of torchrun's 10 minutes, and the
+    launcher's last lines name the cause and what to do."""
+    (tmp_path / "hello.py").write_text("print('hello')\n")
+    port = free_port()
+    script = f"""
+        source {REPO}/runtime/launch_common.sh
+        paca_check_nodes
+        PACA_NPROC=1
+        paca_torchrun "" "$1/hello.py" || paca_training_failed classification "$1/run" "hint"
+    """
+    env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NODE_RANK=node_rank, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), PACAVIT_RENDEZVOUS_TIMEOUT="3")
+    result = subprocess.run(["bash", "-c", script, "node", str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"node {node_rank} of 2 waits for the others at 127.0.0.1:{port} for up to 3 s" in result.stdout
+    assert result.stderr.strip().splitlines()[-2:] == [
+        f"training failed before its first checkpoint: {cause.format(port=port)}; fix the cause above and launch again",
+        "the 2 nodes did not all start within 3 s (PACAVIT_RENDEZVOUS_TIMEOUT): launch every node, NODE_RANK 0 to 1, "
+        "with the same MASTER_ADDR and MASTER_PORT (node 0 at MASTER_ADDR=127.0.0.1)",
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "10m", "-5"])
+def test_a_rendezvous_timeout_that_is_not_seconds_is_refused_before_anything(value):
+    script = f"source {REPO}/runtime/launch_common.sh; paca_check_nodes; echo checked"
+    env = dict(os.environ, NNODES="2", NODE_RANK="0", MASTER_ADDR="10.0.0.1", PACAVIT_RENDEZVOUS_TIMEOUT=value)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "checked" not in result.stdout
+    assert result.stderr == f"error: PACAVIT_RENDEZVOUS_TIMEOUT must be a number of seconds (at least 1), got '{value}'\n"
 
 
 @pytest.mark.parametrize("hidden", ["", "-1", "NoDevFiles"])

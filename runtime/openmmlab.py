@@ -47,8 +47,8 @@ from models.checkpoint import (
     release_url, resolve_checkpoint,
 )
 from runtime.loader_workers import end_workers_with_parent
-from runtime.openmmlab_args import (check_auto_scale_lr, check_data_roots, config_arguments, read_config,
-                                     test_parser, train_parser)
+from runtime.openmmlab_args import (check_auto_scale_lr, check_data_roots, config_arguments, evaluation_parser,
+                                     read_config, train_parser)
 from runtime.run_folder import (agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished,
                                 run_folder_path, work_dirs_root)
 
@@ -345,7 +345,7 @@ def load_model_checkpoint(model: torch.nn.Module, source, name: Optional[str] = 
 
 def test_main(default_scope: str, task: str, argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point of ``test_<mm>.py``: evaluate ``checkpoint`` with the config's test evaluator."""
-    args = test_parser(task).parse_args(argv)
+    args = evaluation_parser(task).parse_args(argv)
     cfg = load_config(args.config, default_scope, args.cfg_options)
     cfg.work_dir = args.work_dir or _default_work_dir(task, "test", Path(args.config).stem)
     cfg.launcher = _launcher()

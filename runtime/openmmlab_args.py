@@ -61,7 +61,7 @@ def train_parser(task: str, prog: Optional[str] = None) -> argparse.ArgumentPars
     return parser
 
 
-def test_parser(task: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+def evaluation_parser(task: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=f"Evaluate a {task} checkpoint on the config's test set.")
     config_arguments(parser)
     parser.add_argument("checkpoint", help="checkpoint file or URL, or 'pretrained' (the config's released file)")
@@ -127,7 +127,7 @@ def check_command(kind: str, task: str, argv: Sequence[str]) -> None:
     """What ``train_main`` / ``test_main`` would refuse from ``argv`` before building anything (exit 2
     with an ``error:`` line).  What needs torch (``--amp`` without CUDA, the checkpoint's contents)
     is still checked by the processes themselves."""
-    parser = train_parser if kind == "train" else test_parser
+    parser = train_parser if kind == "train" else evaluation_parser
     args = parser(task, prog=f"{kind}_{TASKS[task]}.py").parse_args(argv)  # usage lines name the entry script
     try:
         with warnings.catch_warnings():

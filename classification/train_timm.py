@@ -64,6 +64,7 @@ from timm.utils import (
 from classification import cls_common
 from runtime.cli import UsageError, run_main
 from runtime.loader_workers import end_workers_with_parent
+from models import check_model_name
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
 from runtime.run_folder import agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--checkpoint-hist", type=int, default=3, help="best epoch checkpoints to keep")
     g.add_argument("--log-tensorboard", action=flag, default=False)
+    g.add_argument("--check-args", action="store_true",
+                   help="check the arguments, the YAML config and the model name, then exit (0: fine; 2: one "
+                        "error line); train_timm.sh runs this before it makes the run folder or starts torchrun")
     return p
 
 
@@ -605,6 +609,9 @@ def evaluate_epoch(model, model_ema, loader, run):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_model_name(args.model)  # a typo is one line here, not a traceback after the run folder is made
+    if args.check_args:
+        return
     claim_run_folder(args.output)
     device = init_distributed_device(args)
     check_shared_run_folder(args.output)

@@ -43,16 +43,21 @@ Link your data there (see datasets/README.md), or for the bundled digits run: py
 
 paca_check_nodes
 RUN_DIR="$(paca_run_dir classification "$EXP" "${DATASET}_${IMG_SIZE}_${MODEL}" "$TAG")"
+TRAIN_ARGS=(-c "$CONFIG" --model "$MODEL" --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --workers "$WORKERS"
+            --output "$RUN_DIR")
+RESUME_ARGS=()
+[[ "$RESUME" == 1 ]] && RESUME_ARGS=(--auto-resume)
+# the script's own checks of the command (options, the YAML config, the model name; one process,
+# ~5 s), so that a mistake is one error line before the run folder is made or torchrun starts
+"$(paca_python)" "$CLS_DIR/train_timm.py" "${TRAIN_ARGS[@]}" "${RESUME_ARGS[@]}" "${PACA_ARGS[@]}" --check-args ||
+    exit 2
 paca_prepare_experiment "$RUN_DIR" "$REMOVE_OLD" "$RESUME"
 
 paca_select_devices "$GPUS" "$NB_GPUS"
 CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--channels-last --pin-mem)
-RESUME_ARGS=()
-[[ "$RESUME" == 1 ]] && RESUME_ARGS=(--auto-resume)
 
-if ! paca_torchrun "$PORT" "$CLS_DIR/train_timm.py" -c "$CONFIG" --model "$MODEL" --data-dir "$DATA_DIR" \
-    --img-size "$IMG_SIZE" --workers "$WORKERS" --output "$RUN_DIR" --device "$PACA_DEVICE" \
+if ! paca_torchrun "$PORT" "$CLS_DIR/train_timm.py" "${TRAIN_ARGS[@]}" --device "$PACA_DEVICE" \
     "${CUDA_ARGS[@]}" "${RESUME_ARGS[@]}" "${PACA_ARGS[@]}"; then
     paca_training_failed classification "$RUN_DIR" "continue it with Resume=1 (Remove_old=0)"
 fi

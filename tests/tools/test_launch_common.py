@@ -314,3 +314,28 @@ def test_help_in_others_shows_the_scripts_options_and_makes_no_run_folder(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and script_option in result.stdout
     assert not (tmp_path / "work_dirs").exists()
+
+
+def test_a_mistake_in_the_classification_command_is_one_line_before_any_folder_or_process(tmp_path):
+    """train_timm.sh runs train_timm.py --check-args first: an unknown option, a value out of range
+    or a mistyped model name is one error line, exit 2, no run folder, no torchrun."""
+    for split in ("train", "val"):
+        (tmp_path / "datasets" / "TINY" / split / "class0").mkdir(parents=True)
+    env = dict(os.environ, PACAVIT_WORK_DIRS=str(tmp_path / "work_dirs"), PACAVIT_DATASETS=str(tmp_path / "datasets"),
+               PYTHON=sys.executable, PACAVIT_DEVICE="cpu")
+
+    def launch(model, *others):
+        return subprocess.run(["bash", str(REPO / "classification" / "train_timm.sh"), "configs/digits_demo.yml", model,
+                               "TINY", "32", "1", "0", "e", "t", "0", "1", "0", "", *others], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+    for model, others, message in [
+        ("pacavit_tiny_p2cconv_100_0", ["--bogus"], "train_timm.py: error: unrecognized arguments: --bogus"),
+        ("pacavit_tiny_p2cconv_100_0", ["--grad-accumulation-steps", "0"],
+         "train_timm.py: error: --grad-accumulation-steps must be at least 1, got 0"),
+        ("pacavit_tiny_p2cconv_100", [], "error: unknown model 'pacavit_tiny_p2cconv_100'. Did you mean"),
+    ]:
+        result = launch(model, *others)
+        assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
+        assert "torchrun" not in result.stdout + result.stderr
+    assert not (tmp_path / "work_dirs").exists()

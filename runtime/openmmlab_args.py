@@ -124,9 +124,9 @@ def check_auto_scale_lr(cfg, config: str) -> None:
 
 
 def check_command(kind: str, task: str, argv: Sequence[str]) -> None:
-    """What ``train_main`` / ``test_main`` would refuse from ``argv`` before building anything (exit 2
-    with an ``error:`` line).  What needs torch (``--amp`` without CUDA, the checkpoint's contents)
-    is still checked by the processes themselves."""
+    """What ``train_main`` / ``test_main`` would refuse from ``argv`` before building anything: one
+    ``error:`` line and a non-zero exit (SystemExit).  What needs torch (``--amp`` without CUDA, the
+    checkpoint's contents) is still checked by the processes themselves."""
     parser = train_parser if kind == "train" else evaluation_parser
     args = parser(task, prog=f"{kind}_{TASKS[task]}.py").parse_args(argv)  # usage lines name the entry script
     try:
@@ -134,8 +134,6 @@ def check_command(kind: str, task: str, argv: Sequence[str]) -> None:
             # mmengine finds the packages of `_base_ = 'mmdet::...'` through pkg_resources, which warns of itself
             warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
             cfg = read_config(args.config, args.cfg_options, import_custom_modules=False)
-    except SystemExit:
-        raise
     except Exception as err:  # anything Config.fromfile raises: the config's own mistake, named
         raise SystemExit(f"error: {args.config}: the config does not load ({type(err).__name__}: {err})") from err
     if kind == "train":

@@ -1,5 +1,6 @@
 """runtime/gpu_check.py and its callers (launchers, install.sh) on GPU nodes, simulated on this GPU-less
 machine: ``nvidia-smi`` and ``nvcc`` stubs on PATH, torch.cuda monkeypatched, a fake /dev/nvidia0."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -195,7 +196,11 @@ def test_nvcc_must_match_torchs_cuda_major(bin_dir, monkeypatch):
 
 
 def run_install(tmp_path, bin_dir, **env):
-    clean = {key: value for key, value in os.environ.items() if not key.startswith(("CONDA", "PACAVIT_DEVICE"))}
+    """install.sh on this repository's own environment.  Without PIP_FIND_LINKS: a CPU mmcv wheel
+    there (CI has one) would be force-reinstalled into that environment to try it, while the other
+    test process imports mmcv from it (an mmdet training failed with ModuleNotFoundError that way)."""
+    clean = {key: value for key, value in os.environ.items()
+             if not key.startswith(("CONDA", "PACAVIT_DEVICE", "PIP_FIND_LINKS"))}
     clean.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PACAVIT_VENV=str(REPO / ".venv"),
                  PACAVIT_WHEEL_CACHE=str(tmp_path / "wheels"), **env)
     return subprocess.run(["bash", str(REPO / "install.sh")], env=clean, capture_output=True, text=True,
@@ -222,7 +227,10 @@ def test_install_checks_nvcc_before_a_forced_cuda_build(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub(bin_dir, "nvcc", 'echo "Cuda compilation tools, release 12.8, V12.8.93"')
+    mmcv_init = Path(importlib.util.find_spec("mmcv").origin)
+    installed = mmcv_init.stat().st_mtime_ns
     result = run_install(tmp_path, bin_dir, FORCE_CUDA="1")
+    assert mmcv_init.stat().st_mtime_ns == installed, "the environment's mmcv was reinstalled"
     assert result.returncode != 0
     assert f"nvcc on PATH ({bin_dir / 'nvcc'}) is CUDA 12.8, but torch" in result.stderr
     assert f"built for CUDA {torch.version.cuda}" in result.stderr

@@ -361,6 +361,11 @@ _paca_pass_on() {  # _paca_pass_on SIGNAL: note it, and stop torchrun with SIGTE
       [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true; } 2>/dev/null
 }
 
+_paca_failure_cause() {  # the workers' last exception in PACA_TORCHRUN_LOG, not torchrun's report of their failure
+    grep -aE '^(\[rank[0-9]+\]: ?)?[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
+        grep -v '^torch\.distributed\.elastic\.' | tail -n 1 || true
+}
+
 # paca_training_failed TASK DIR RESUME_HINT: the launcher's last word on a training that
 # stopped early (exits).  The resume hint follows only a stop that a resume continues (a
 # signal, a crash after a checkpoint); a reported `error:` (bad option, dataset, full disk)
@@ -382,9 +387,7 @@ paca_training_failed() {
         echo "$dir is kept, but a resume would stop the same way: fix the cause and launch again" >&2
         exit 1
     fi
-    # the workers' last exception, not torchrun's report of their failure
-    cause="$(grep -aE '^(\[rank[0-9]+\]: ?)?[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)' "$PACA_TORCHRUN_LOG" |
-        grep -v '^torch\.distributed\.elastic\.' | tail -n 1 || true)"
+    cause="$(_paca_failure_cause)"
     if [[ -n "$point" ]]; then
         echo "training stopped before the end${cause:+ ($cause)}; $dir is kept: $resume_hint" >&2
     else
@@ -406,7 +409,7 @@ paca_evaluation_failed() {
     fi
     error="$(grep -aoE '(^|: )error: .*' "$PACA_TORCHRUN_LOG" | tail -n 1 | sed 's/^: //' || true)"
     [[ -n "$error" ]] && echo "evaluation failed: $error" >&2
-    paca_rendezvous_hint "$(grep -aE '(Error|Exception): ' "$PACA_TORCHRUN_LOG" | tail -n 1 || true)"
+    paca_rendezvous_hint "$(_paca_failure_cause)"
     exit "$rc"
 }
 

@@ -112,12 +112,11 @@ def predict_all(predictor, sources: List[str], out: Path, batch_size: int) -> Tu
             for source, stem in batch:
                 try:
                     rgb = read_image(source)
-                    problem = predictor.unfit(*rgb.shape[:2])
                 except ImageReadError as e:
                     problem = f"cannot read it as an image ({e})"
                 else:
-                    if problem:
-                        problem = f"it is {rgb.shape[1]}x{rgb.shape[0]} pixels: {problem}"
+                    unfit = predictor.unfit(*rgb.shape[:2])
+                    problem = unfit and f"it is {rgb.shape[1]}x{rgb.shape[0]} pixels: {unfit}"
                 if problem:
                     tqdm.write(f"skipped {source}: {problem}", file=sys.stderr)
                     entries.append(dict(image=source, error=problem))
@@ -275,8 +274,7 @@ def main(argv=None) -> int:
                  PREDICTIONS, args.out)
     if skipped:
         _logger.error("%d of %d images could not be read or taken by the model and were skipped: %s",
-                      len(skipped), len(sources),
-                      ", ".join(skipped))
+                      len(skipped), len(sources), ", ".join(skipped))
         return 1
     return 0
 

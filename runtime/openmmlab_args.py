@@ -6,7 +6,7 @@ one light process (about a second, no torch), so that a mistyped option, a confi
 load, a ``--cfg-options`` value of the wrong kind or a missing dataset folder is one ``error:``
 line before any run folder is made or any process started::
 
-    python -m runtime.openmmlab_args train detection CONFIG --work-dir DIR [options]   # exit 2: the error
+    python -m runtime.openmmlab_args train detection CONFIG --work-dir DIR [options]   # non-zero exit: the error
     python -m runtime.openmmlab_args test segmentation CONFIG CHECKPOINT [options]
 """
 import argparse

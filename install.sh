@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the PaCa-ViT environment: torch, timm and the OpenMMLab stack (mmcv with compiled ops),
-# all pinned in requirements.txt, then the explorer page's extras (requirements-explorer.txt).
+# all pinned in requirements.txt, then the explorer page's extras (requirements-explorer.txt), and
+# compiles the project's bfloat16 CPU attention kernel (about 15 s; not fatal where it cannot be built).
 # Idempotent: a rerun checks the installed versions and skips what is there.
 #
 #   ./install.sh                   virtualenv in <repo>/.venv (or $PACAVIT_VENV)
@@ -13,6 +14,7 @@
 #   TORCH_INDEX_URL                      index to take torch from, e.g. https://download.pytorch.org/whl/cu128
 #   PIP_FIND_LINKS                       folders with prebuilt wheels (a mmcv wheel there is used, not rebuilt)
 #   PACAVIT_WHEEL_CACHE                  where a mmcv wheel built here is kept (default <repo>/.cache/wheels)
+#   PACAVIT_KERNEL_CACHE                 where the bfloat16 CPU attention kernel is compiled (default <repo>/.cache/kernels)
 #   PACAVIT_PYTHON                       interpreter that creates the virtualenv (default python3)
 #   FORCE_CUDA=1                         build mmcv's CUDA ops even where no GPU is visible (needs nvcc)
 #   TORCH_CUDA_ARCH_LIST                 GPU architectures of mmcv's CUDA ops, e.g. '8.0;9.0' (default: the
@@ -379,6 +381,14 @@ if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) 
     pip_install --no-deps --no-build-isolation -e "$REPO"
 else
     echo "    already installed: $REPO"
+fi
+
+# --------------------------------------------------------------------------- bfloat16 CPU attention kernel
+# Compiled once per torch version into .cache/kernels (models/layers/cpu_attention.py), so that the first
+# bfloat16 run does not wait for it.  Not fatal: without it bfloat16 attention runs on PyTorch's ops.
+step "the bfloat16 CPU attention kernel (models/csrc; it runs on CPUs with AVX512-BF16)"
+if ! "$PY" "$REPO/tools/build_cpu_kernel.py"; then
+    echo "    not built: bfloat16 attention will run on PyTorch's ops (the warning above says why)"
 fi
 
 # --------------------------------------------------------------------------- report

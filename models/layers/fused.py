@@ -21,8 +21,8 @@ What changes:
   ``W @ x^T``, so that the (B, M, N) logits come out contiguous for the softmax over the patches
   (a transposing copy costs more than the GEMM).
 - ``BFloat16CpuAttention``: in bfloat16, the patch-to-cluster attention the way this CPU runs it
-  fastest: PyTorch's fused CPU attention kernel with AMX, two batched matmuls without (see the
-  class).
+  fastest: PyTorch's fused CPU attention kernel with AMX, this project's kernel with AVX512-BF16
+  (``cpu_attention``), two batched matmuls elsewhere (see the class).
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches and small enough for glibc's malloc to reuse them instead of page-faulting
   them afresh on every call (see the class).  This does not depend on the instruction set.
@@ -30,10 +30,11 @@ What changes:
 What the transform gains, plain -> fused, with the host and the command that measured it:
 ``classification/PERFORMANCE.md`` (``classification/speed_report.sh``).
 
-The oneDNN kernels have no autograd, and neither tracers nor ``torch.compile`` know them, so a
-fused module runs them only for CPU tensors when no gradient is needed, outside tracing, FX,
-TorchScript (a scripted fused model runs the plain ops) and compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU
-(bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module runs the
+The oneDNN kernels and the project's attention kernel have no autograd, and neither tracers nor
+``torch.compile`` know them, so a fused module runs them only for CPU tensors when no gradient is
+needed, outside tracing, FX, TorchScript (a scripted fused model runs the plain ops) and
+compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU (bfloat16 needs
+AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module runs the
 plain PyTorch ops.  The plain model (without the transform) never calls these kernels.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a fused module computes in bfloat16 as
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from . import cpu_attention
 from .attention import PaCaAttention
 from .clustering import ConvClustering, LinearClustering, MlpClustering
 from .layout import nchw_to_tokens, tokens_to_nchw
@@ -311,25 +313,32 @@ def _watched(module: nn.Module) -> bool:
 
 
 class BFloat16CpuAttention(PaCaAttention):
-    """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs the faster of
-    two equivalent ways for this CPU, which ``cpu_has_amx_bf16()`` tells apart:
+    """``PaCaAttention`` whose attention, in bfloat16 on the CPU at inference, runs the fastest of
+    three equivalent ways for this CPU, which ``cpu_has_amx_bf16()`` and
+    ``cpu_attention.cpu_has_avx512_bf16()`` tell apart:
 
     - with AMX, PyTorch's fused CPU attention kernel, whose AMX GEMMs work on blocks of queries
       whose scores stay in the caches: PaCa-Tiny's attention took 23 ms of a 93-ms batch-8 forward,
       against 30 of 99 ms with the matmuls below (``classification/layer_times.py --precision
       bf16``, 2 threads of an Intel Xeon VM with AMX);
-    - without AMX (AVX-512 BF16 only: measured on AMD Zen 5), two batched matmuls around a softmax:
-      with M = 100 keys of 32 channels per head they ran about 1.8x faster than the fused kernel
-      there (which wins in float32).  The scores are formed as (keys, queries), so the softmax over
-      the M keys runs down the columns, vectorised over the many queries, where along rows of only
-      M = 100 values it takes about 1.4x longer; the keys rather than the far more numerous queries
-      take the scale."""
+    - with AVX512-BF16 but no AMX (AMD Zen 4 and 5), this project's kernel
+      (``models/csrc/bf16_attention.cpp``): the scores of a block of queries stay in float32 in the
+      L1 cache, and the output goes straight to the (B, N, C) layout the projection reads.  PaCa-Tiny's
+      attention's own ops took 28.4 of a 215.5-ms forward against 48.1 of 238.1 ms with the matmuls
+      (Zen 4, 2 threads, ``layer_times.py --precision bf16``); where the kernel cannot be built the
+      matmuls run;
+    - otherwise two batched matmuls around a softmax (PyTorch's fused kernel ran 1.3-2x slower on
+      Zen 4 and 5).  The scores are formed as (keys, queries), so the softmax over the M keys runs
+      down the columns, vectorised over the many queries, where along rows of only M = 100 values
+      it took about 1.4x longer on Zen 5."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                 if not cpu_has_amx_bf16():
+                    if cpu_attention.cpu_has_avx512_bf16() and cpu_attention.takes(q, k, v) and cpu_attention.load():
+                        return cpu_attention.attention_bf16(q, k, v)
                     scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
                     return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

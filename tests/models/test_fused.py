@@ -339,6 +339,8 @@ def attention_ops(fn) -> set:
 def test_bfloat16_attention_takes_this_cpus_faster_way_and_float32_keeps_the_fused_kernel(probe, monkeypatch, amx):
     probe(BOTH_DTYPES)
     monkeypatch.setattr(fused, "cpu_has_amx_bf16", lambda: amx)  # either way runs on any host
+    # the way of CPUs with AVX512-BF16 but no AMX, the project's kernel: tests/models/test_cpu_attention.py
+    monkeypatch.setattr(fused.cpu_attention, "cpu_has_avx512_bf16", lambda: False)
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
     attn = fused_model.stage1[0].attn
     assert isinstance(attn, fused.BFloat16CpuAttention) and isinstance(attn, models.paca_vit.PaCaAttention)

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=flag, default=False, help="torch.compile the model first")
     p.add_argument("--pin-mem", action=flag, default=False)
     p.add_argument("--results-file", default="", help="also write the metrics to this JSON file")
+    p.add_argument("--check-args", action="store_true",
+                   help="check the arguments, the model name, --amp on --device and the split folder, then exit "
+                        "(0: fine; 2: one error line); validate.sh runs this before it starts torchrun")
     args = p.parse_args(argv)
     cls_common.check_least(p, args, batch_size=1, workers=0, img_size=1)
     return args
@@ -86,8 +89,18 @@ def amp_context(args, device):
     return partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
 
 
+def check_command(args) -> None:
+    """What needs neither the processes nor the weights: a mistake here is one line before torchrun."""
+    check_model_name(args.model)
+    amp_context(args, torch.device(args.device))
+    cls_common.class_map_for(args.data_dir, args.split)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_args:
+        check_command(args)
+        return
     setup_default_logging()
     device = init_distributed_device(args)
     if args.rank != 0:

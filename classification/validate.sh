@@ -32,6 +32,9 @@ paca_select_devices "$GPUS" "$NB_GPUS"
 CUDA_ARGS=()
 [[ "$PACA_DEVICE" == "cuda" ]] && CUDA_ARGS=(--pin-mem --channels-last --amp --workers 8)
 
-paca_torchrun "" "$PACAVIT_ROOT/classification/validate.py" --model "$MODEL" --checkpoint "$CHECKPOINT" \
-    --data-dir "$DATA_DIR" --img-size "$IMG_SIZE" --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}" ||
-    paca_evaluation_failed $?
+VALIDATE_ARGS=(--model "$MODEL" --checkpoint "$CHECKPOINT" --data-dir "$DATA_DIR" --img-size "$IMG_SIZE"
+               --device "$PACA_DEVICE" "${CUDA_ARGS[@]}" "${PACA_ARGS[@]}")
+# the script's own checks of the command (options, the model name, --amp on this device, the split;
+# one process, a few seconds), so that a mistake is one error line before torchrun starts
+"$(paca_python)" "$PACAVIT_ROOT/classification/validate.py" "${VALIDATE_ARGS[@]}" --check-args || exit 2
+paca_torchrun "" "$PACAVIT_ROOT/classification/validate.py" "${VALIDATE_ARGS[@]}" || paca_evaluation_failed $?

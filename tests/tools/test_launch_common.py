@@ -339,3 +339,26 @@ def test_a_mistake_in_the_classification_command_is_one_line_before_any_folder_o
         assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
         assert "torchrun" not in result.stdout + result.stderr
     assert not (tmp_path / "work_dirs").exists()
+
+
+def test_a_mistake_in_the_validation_command_is_one_line_before_torchrun(tmp_path):
+    """validate.sh runs validate.py --check-args first: an unknown option, a mistyped model name or a
+    missing split is one error line, exit 2, and no torchrun."""
+    (tmp_path / "datasets" / "TINY" / "val" / "class0").mkdir(parents=True)
+    env = dict(os.environ, PACAVIT_DATASETS=str(tmp_path / "datasets"), PYTHON=sys.executable, PACAVIT_DEVICE="cpu")
+
+    def launch(model, *others):
+        return subprocess.run(["bash", str(REPO / "classification" / "validate.sh"), model, "pretrained", "TINY", "32",
+                               "0", "1", *others], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=300)
+
+    for model, others, message in [
+        ("pacavit_tiny_p2cconv_100_0", ["--bogus"], "validate.py: error: unrecognized arguments: --bogus"),
+        ("pacavit_tiny_p2cconv_100_0", ["-b", "0"], "validate.py: error: --batch-size must be at least 1, got 0"),
+        ("pacavit_tiny_p2cconv_100", [], "error: unknown model 'pacavit_tiny_p2cconv_100'. Did you mean"),
+        ("pacavit_tiny_p2cconv_100_0", ["--split", "test"], f"error: dataset folder {tmp_path}/datasets/TINY/test "
+                                                             "not found"),
+    ]:
+        result = launch(model, *others)
+        assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
+        assert "torchrun" not in result.stdout + result.stderr

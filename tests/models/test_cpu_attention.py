@@ -75,6 +75,23 @@ def test_the_kernel_computes_attention_within_bfloat16_rounding_or_refuses_a_cpu
         torch.testing.assert_close(out.double(), reference(q, k, v), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("B,H,N,M,D", [(2, 2, 3136, 100, 48), (8, 8, 196, 100, 40)], ids=["stage1", "stage3"])
+def test_with_float32_scores_it_is_closer_to_float64_than_pytorchs_bfloat16_gemms(B, H, N, M, D):
+    torch.manual_seed(0)
+    q, k, v = head_views(B, N, H, D), head_views(B, M, H, D), head_views(B, M, H, D)
+    out = attention_or_refusal(q, k, v)
+    if out is not None:
+        expected = reference(q, k, v)
+        kernel_error, gemms_error = ((o.double() - expected).abs().mean() for o in (out, gemms(q, k, v)))
+        assert kernel_error < 0.8 * gemms_error, (kernel_error, gemms_error)
+
+
+def gemms(q, k, v):
+    """The attention as BFloat16CpuAttention computes it without the kernel."""
+    scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)
+    return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)
+
+
 def test_scores_far_apart_give_the_softmax_of_the_largest_without_overflow():
     torch.manual_seed(0)
     q, k, v = head_views(2, 70, 2, 48, scale=30.0), head_views(2, 100, 2, 48, scale=30.0), head_views(2, 100, 2, 48)

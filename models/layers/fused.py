@@ -324,7 +324,7 @@ class BFloat16CpuAttention(PaCaAttention):
     - with AVX512-BF16 but no AMX (AMD Zen 4 and 5), this project's kernel
       (``models/csrc/bf16_attention.cpp``): the scores of a block of queries stay in float32 in the
       L1 cache, and the output goes straight to the (B, N, C) layout the projection reads.  PaCa-Tiny's
-      attention's own ops took 28.4 of a 215.5-ms forward against 48.1 of 238.1 ms with the matmuls
+      attention's own ops took 28.7 of a 206.7-ms forward against 48.1 of 238.1 ms with the matmuls
       (Zen 4, 2 threads, ``layer_times.py --precision bf16``); where the kernel cannot be built the
       matmuls run;
     - otherwise two batched matmuls around a softmax (PyTorch's fused kernel ran 1.3-2x slower on

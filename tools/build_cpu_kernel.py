@@ -13,7 +13,8 @@ from models.layers import cpu_attention
 def main() -> int:
     if not cpu_attention.load():
         return 1
-    runs = "runs it" if cpu_attention.cpu_has_avx512_bf16() else "has no AVX512-BF16: bfloat16 attention keeps PyTorch's ops"
+    runs = ("runs it" if cpu_attention.cpu_has_avx512_bf16()
+            else "has no AVX512-BF16: bfloat16 attention keeps PyTorch's ops")
     print(f"bfloat16 CPU attention kernel: built in {cpu_attention.build_directory()}; this CPU {runs}")
     return 0
 

@@ -54,7 +54,7 @@ def load() -> bool:
     """Compile the kernel unless it is built for this torch already, and load it: True when
     ``torch.ops.pacavit.attention_bf16`` is there, False (with one warning) when it cannot be built."""
     # torch's extension tools log that they found no CUDA at import: true, and not this build's concern
-    logging.getLogger("torch.utils.cpp_extension").addFilter(lambda record: "No CUDA runtime" not in record.getMessage())
+    logging.getLogger("torch.utils.cpp_extension").addFilter(lambda rec: "No CUDA runtime" not in rec.getMessage())
     from torch.utils import cpp_extension  # imports setuptools: only when the kernel is wanted
 
     if hasattr(torch.ops.pacavit, "attention_bf16"):  # loaded already: a second copy could not register

@@ -31,7 +31,11 @@ def build_directory() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_avx512_bf16() -> bool:
-    """Whether this CPU has the AVX512-BF16 instructions the kernel uses.  Probed once per process."""
+    """Whether this CPU has the AVX512-BF16 instructions the kernel uses.  Probed once per process.
+    ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), which keeps ATen's own kernels below AVX-512,
+    makes it False, as the operator's own probe: a CPU without them, emulated on any host."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
     return bool(torch.cpu.get_capabilities().get("avx512_bf16", False))
 
 

@@ -114,6 +114,35 @@ def test_inputs_it_cannot_take_get_an_error_that_says_why(change, message):
         cpu_attention.attention_bf16(*change(q, k, v))
 
 
+def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the_matmuls():
+    """ATEN_CPU_CAPABILITY=avx2 makes both probes say no, as on an AVX2-only CPU (AMD Zen 3): the
+    operator refuses, and bfloat16 attention takes the two matmuls (a process of its own: the
+    probes are read once per process)."""
+    script = textwrap.dedent("""
+        import torch
+        from models.layers import cpu_attention, fused
+        from tests.models.test_cpu_attention import BOTH_DTYPES, create_pair, head_views, reference, way
+        assert cpu_attention.load()
+        assert not torch.ops.pacavit.cpu_has_avx512_bf16() and not cpu_attention.cpu_has_avx512_bf16()
+        q, k, v = (head_views(1, n, 2, 48) for n in (20, 10, 10))
+        try:
+            cpu_attention.attention_bf16(q, k, v)
+            raise AssertionError("the operator ran")
+        except RuntimeError as error:
+            assert "needs a CPU with AVX512-BF16" in str(error), error
+        fused.cpu_fusion_support = lambda: BOTH_DTYPES  # bfloat16 kernels without AVX512-BF16 (AVX-512 core)
+        fused.cpu_has_amx_bf16 = lambda: False
+        attn = create_pair("pacavit_tiny_p2cconv_100_0")[1].stage1[0].attn.bfloat16()
+        with torch.inference_mode():
+            assert way(lambda: attn.attend(q, k, v, 0.0)) == "matmuls"
+            torch.testing.assert_close(attn.attend(q, k, v, 0.0).double(), reference(q, k, v), rtol=2e-2, atol=2e-2)
+        print("refused")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "refused" in run.stdout, run.stderr[-3000:]
+
+
 # -- in the model --------------------------------------------------------------------------------
 def way(fn) -> str:
     """How ``fn()`` computed its attention."""

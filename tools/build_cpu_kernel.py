@@ -2,8 +2,8 @@
 
     python tools/build_cpu_kernel.py
 
-Exit code 0: built (or already built) for this torch; 1: it could not be built (the warning says
-why; bfloat16 attention then runs on PyTorch's ops).  See models/layers/cpu_attention.py.
+Exit code 0: built (or already built) for this torch, or not x86-64 Linux (nothing to build);
+1: it could not be built (the warning says why; bfloat16 attention then runs on PyTorch's ops).  See models/layers/cpu_attention.py.
 """
 import sys
 
@@ -11,6 +11,9 @@ from models.layers import cpu_attention
 
 
 def main() -> int:
+    if not cpu_attention.buildable():  # an ARM or macOS machine: nothing to build, nothing missing
+        print("bfloat16 CPU attention kernel: not needed here (x86-64 Linux code); attention runs on PyTorch's ops")
+        return 0
     if not cpu_attention.load():
         return 1
     runs = ("runs it" if cpu_attention.cpu_has_avx512_bf16()

@@ -57,12 +57,12 @@ def _cause(error: Exception) -> str:
 def load() -> bool:
     """Compile the kernel unless it is built for this torch already, and load it: True when
     ``torch.ops.pacavit.attention_bf16`` is there, False (with one warning) when it cannot be built."""
+    if hasattr(torch.ops.pacavit, "attention_bf16"):  # loaded already: a second copy could not register
+        return True
     # torch's extension tools log that they found no CUDA at import: true, and not this build's concern
     logging.getLogger("torch.utils.cpp_extension").addFilter(lambda rec: "No CUDA runtime" not in rec.getMessage())
     from torch.utils import cpp_extension  # imports setuptools: only when the kernel is wanted
 
-    if hasattr(torch.ops.pacavit, "attention_bf16"):  # loaded already: a second copy could not register
-        return True
     folder = build_directory()
     try:
         if not buildable():

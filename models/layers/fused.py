@@ -337,7 +337,7 @@ class BFloat16CpuAttention(PaCaAttention):
             if dropout_p == 0.0 and kernel_dtype(q, self.q.weight) == torch.bfloat16:
                 q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
                 if not cpu_has_amx_bf16():
-                    if cpu_attention.cpu_has_avx512_bf16() and cpu_attention.takes(q, k, v) and cpu_attention.load():
+                    if cpu_attention.takes(q, k, v) and cpu_attention.available():
                         return cpu_attention.attention_bf16(q, k, v)
                     scores_t = (k * k.shape[-1] ** -0.5) @ q.transpose(-2, -1)  # (B, heads, M, N)
                     return (v.transpose(-2, -1) @ scores_t.softmax(dim=-2)).transpose(-2, -1)

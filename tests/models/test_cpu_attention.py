@@ -202,3 +202,13 @@ def test_a_failed_build_warns_once_and_bfloat16_attention_keeps_pytorchs_ops(tmp
     warned = [line for line in run.stderr.splitlines() if "attention kernel could not be built" in line]
     assert len(warned) == 1, run.stderr[-3000:]
     assert "no-compiler: not found" in warned[0] and "tools/build_cpu_kernel.py" in warned[0]
+
+
+def test_on_a_machine_it_is_not_written_for_the_build_step_says_so_and_succeeds(monkeypatch, capsys):
+    """install.sh's step on ARM or macOS: nothing to build, no warning asking for a compiler."""
+    from tools import build_cpu_kernel
+
+    monkeypatch.setattr(cpu_attention, "buildable", lambda: False)
+    monkeypatch.setattr(cpu_attention, "load", lambda: pytest.fail("a build was tried"))
+    assert build_cpu_kernel.main() == 0
+    assert "not needed here (x86-64 Linux code)" in capsys.readouterr().out

@@ -3,7 +3,8 @@
     python tools/build_cpu_kernel.py
 
 Exit code 0: built (or already built) for this torch, or not x86-64 Linux (nothing to build);
-1: it could not be built (the warning says why; bfloat16 attention then runs on PyTorch's ops).  See models/layers/cpu_attention.py.
+1: it could not be built (the warning says why; bfloat16 attention then runs on PyTorch's ops).
+See models/layers/cpu_attention.py.
 """
 import sys
 

@@ -14,20 +14,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cctype>
 #include <cmath>
-#include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
-namespace {
+#include "bf16_cpu.h"
 
-#define PACAVIT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+namespace {
 
 constexpr int kLanes = 16;        // float32 lanes of a 512-bit register
 constexpr int kRows = 4;          // queries per register tile
@@ -235,23 +228,6 @@ PACAVIT_AVX512_BF16 void attend_avx512_bf16(const at::Tensor& q, const at::Tenso
   });
 }
 
-// ATEN_CPU_CAPABILITY=avx2 (or default) keeps ATen's own kernels below AVX-512; it keeps this one off as
-// well, so that a CPU without AVX512-BF16 can be emulated, and its refusal tested, on any host
-bool limited_below_avx512() {
-  const char* limit = std::getenv("ATEN_CPU_CAPABILITY");
-  if (limit == nullptr) return false;
-  std::string value(limit);
-  std::transform(value.begin(), value.end(), value.begin(), [](unsigned char c) { return std::tolower(c); });
-  return value == "default" || value == "avx2";
-}
-
-bool cpu_has_avx512_bf16() {
-  if (limited_below_avx512()) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
 at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4,
@@ -262,8 +238,8 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "pacavit::attention_bf16: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
   TORCH_CHECK(k.size(2) > 0, "pacavit::attention_bf16 needs at least one key");
-  TORCH_CHECK(cpu_has_avx512_bf16(), "pacavit::attention_bf16 needs a CPU with AVX512-BF16 (this one has none, ",
-              "or ATEN_CPU_CAPABILITY limits it to AVX2)");
+  TORCH_CHECK(pacavit::cpu_has_avx512_bf16(), "pacavit::attention_bf16 needs a CPU with AVX512-BF16 (this one ",
+              "has none, or ATEN_CPU_CAPABILITY limits it to AVX2)");
   // (B, N, heads, D) memory, so that the caller's transpose back to tokens is free
   auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   if (q.numel() > 0) attend_avx512_bf16(q, k, v, static_cast<float>(scale), out);
@@ -271,10 +247,5 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 }  // namespace
-
-TORCH_LIBRARY(pacavit, m) {
-  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
-  m.def("cpu_has_avx512_bf16() -> bool", &cpu_has_avx512_bf16);
-}
 
 TORCH_LIBRARY_IMPL(pacavit, CPU, m) { m.impl("attention_bf16", &attention_bf16); }

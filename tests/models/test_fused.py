@@ -35,15 +35,21 @@ BOTH_DTYPES = frozenset({torch.float32, torch.bfloat16})
 
 
 def onednn_ops(fn) -> set:
-    """The mkldnn fused ops that ``fn()`` runs."""
+    """The mkldnn fused ops that ``fn()`` runs (not the packing of a bfloat16 weight, once per weight)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::")}
+    return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::") and e.key != PACKING}
+
+
+PACKING = "mkldnn::_reorder_linear_weight"
 
 
 @pytest.fixture
 def probe(monkeypatch):
-    """Force ``cpu_fusion_support()``'s answer: probe(frozenset(...))."""
+    """Force ``cpu_fusion_support()``'s answer: probe(frozenset(...)).  The project's own bfloat16
+    kernels, which replace some oneDNN ones on CPUs with AVX512-BF16, are off here on every host
+    (tests/models/test_cpu_kernels.py tests them)."""
+    monkeypatch.setattr(fused.cpu_kernels, "cpu_has_avx512_bf16", lambda: False)
     return lambda dtypes: monkeypatch.setattr(fused, "cpu_fusion_support", lambda: frozenset(dtypes))
 
 
@@ -256,7 +262,8 @@ def test_autocast_runs_the_kernel_from_a_kept_bfloat16_weight(probe):
         assert layer.kernel_weights(torch.bfloat16)[0] is kept  # not cast again per call
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-    assert kept.dtype == torch.bfloat16 and torch.equal(kept, linear.weight.bfloat16())
+    # packed once into oneDNN's own layout (an opaque tensor), which spares the kernel a reorder per call
+    assert kept.is_mkldnn and kept.dtype == torch.bfloat16 and torch.equal(kept.to_dense(), linear.weight.bfloat16())
 
 
 @pytest.mark.parametrize("update", ["in-place", "load_state_dict", "to"])
@@ -339,8 +346,7 @@ def attention_ops(fn) -> set:
 def test_bfloat16_attention_takes_this_cpus_faster_way_and_float32_keeps_the_fused_kernel(probe, monkeypatch, amx):
     probe(BOTH_DTYPES)
     monkeypatch.setattr(fused, "cpu_has_amx_bf16", lambda: amx)  # either way runs on any host
-    # the way of CPUs with AVX512-BF16 but no AMX, the project's kernel: tests/models/test_cpu_attention.py
-    monkeypatch.setattr(fused.cpu_attention, "cpu_has_avx512_bf16", lambda: False)
+    # (the way of CPUs with AVX512-BF16 but no AMX, the project's kernel: tests/models/test_cpu_kernels.py)
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
     attn = fused_model.stage1[0].attn
     assert isinstance(attn, fused.BFloat16CpuAttention) and isinstance(attn, models.paca_vit.PaCaAttention)
@@ -433,3 +439,27 @@ def test_the_transform_refuses_hooks_that_would_stop_firing(probe, layer):
     with pytest.raises(ValueError, match=rf"replaces layers that have hooks.*{layer}.*Register the hooks after"):
         models.fuse_for_cpu_inference(model)
     assert [type(m) for m in model.modules()] == kinds  # left as it was
+
+
+def test_a_model_holding_packed_bfloat16_weights_deep_copies_and_saves(probe):
+    """oneDNN's packed weights cannot be copied or pickled; the fused modules leave them out (they are
+    derived from the parameters) and the copy packs its own on its first call."""
+    import copy
+    import io
+
+    probe(BOTH_DTYPES)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    fused_model.bfloat16()
+    x = torch.randn(1, 3, 64, 64).bfloat16()
+    with torch.inference_mode():
+        expected = fused_model(x)
+    assert fused_model.stage1[0].mlp.fc1.kernel_weights(torch.bfloat16)[0].is_mkldnn
+    copied = copy.deepcopy(fused_model)
+    buffer = io.BytesIO()
+    torch.save(fused_model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert set(copied.state_dict()) == set(loaded.state_dict()) == set(plain.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from models.layers import cpu_attention, fused
+from models.layers import cpu_kernels, fused
 
 from tests.conftest import REPO
 from tests.models.test_fused import BOTH_DTYPES, create_pair
 
 # built by ./install.sh; otherwise the first test builds it (about 15 s)
-BUILT = cpu_attention.load()
+BUILT = cpu_kernels.load()
 KERNEL = "pacavit::attention_bf16"
 
 
@@ -24,7 +24,7 @@ def test_the_kernel_builds_here_and_its_probe_agrees_with_pythons_and_the_cpus_f
     from classification.benchmark import cpu_flags
 
     assert BUILT, "the kernel did not build (see the warning)"
-    assert torch.ops.pacavit.cpu_has_avx512_bf16() == cpu_attention.cpu_has_avx512_bf16() == (
+    assert torch.ops.pacavit.cpu_has_avx512_bf16() == cpu_kernels.cpu_has_avx512_bf16() == (
         "avx512_bf16" in cpu_flags())
 
 
@@ -58,9 +58,9 @@ def attention_or_refusal(q, k, v):
     """The kernel's output on a CPU with AVX512-BF16; elsewhere (e.g. AMD Zen 3, where none of its
     instructions runs) it must refuse with an error that says so: None."""
     if torch.ops.pacavit.cpu_has_avx512_bf16():
-        return cpu_attention.attention_bf16(q, k, v)
+        return cpu_kernels.attention_bf16(q, k, v)
     with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
-        cpu_attention.attention_bf16(q, k, v)
+        cpu_kernels.attention_bf16(q, k, v)
     return None
 
 
@@ -111,7 +111,7 @@ def test_scores_far_apart_give_the_softmax_of_the_largest_without_overflow():
 def test_inputs_it_cannot_take_get_an_error_that_says_why(change, message):
     q, k, v = head_views(1, 8, 2, 8), head_views(1, 4, 2, 8), head_views(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match=message):
-        cpu_attention.attention_bf16(*change(q, k, v))
+        cpu_kernels.attention_bf16(*change(q, k, v))
 
 
 def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the_matmuls():
@@ -120,13 +120,13 @@ def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the
     probes are read once per process)."""
     script = textwrap.dedent("""
         import torch
-        from models.layers import cpu_attention, fused
-        from tests.models.test_cpu_attention import BOTH_DTYPES, create_pair, head_views, reference, way
-        assert cpu_attention.load()
-        assert not torch.ops.pacavit.cpu_has_avx512_bf16() and not cpu_attention.cpu_has_avx512_bf16()
+        from models.layers import cpu_kernels, fused
+        from tests.models.test_cpu_kernels import BOTH_DTYPES, create_pair, head_views, reference, way
+        assert cpu_kernels.load()
+        assert not torch.ops.pacavit.cpu_has_avx512_bf16() and not cpu_kernels.cpu_has_avx512_bf16()
         q, k, v = (head_views(1, n, 2, 48) for n in (20, 10, 10))
         try:
-            cpu_attention.attention_bf16(q, k, v)
+            cpu_kernels.attention_bf16(q, k, v)
             raise AssertionError("the operator ran")
         except RuntimeError as error:
             assert "needs a CPU with AVX512-BF16" in str(error), error
@@ -161,7 +161,7 @@ def test_bfloat16_attention_takes_the_way_the_probes_pick_and_all_compute_the_sa
                                                                                    expected):
     monkeypatch.setattr(fused, "cpu_fusion_support", lambda: BOTH_DTYPES)
     monkeypatch.setattr(fused, "cpu_has_amx_bf16", lambda: amx)
-    monkeypatch.setattr(cpu_attention, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512_bf16", lambda: avx512_bf16)
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
@@ -183,11 +183,11 @@ def test_a_failed_build_warns_once_and_bfloat16_attention_keeps_pytorchs_ops(tmp
     # a process of its own: this one has loaded the built kernel, which cannot be unloaded
     script = textwrap.dedent("""
         import torch
-        from models.layers import cpu_attention, fused
-        from tests.models.test_cpu_attention import BOTH_DTYPES, create_pair, head_views, reference, way
+        from models.layers import cpu_kernels, fused
+        from tests.models.test_cpu_kernels import BOTH_DTYPES, create_pair, head_views, reference, way
         fused.cpu_fusion_support = lambda: BOTH_DTYPES
         fused.cpu_has_amx_bf16 = lambda: False
-        cpu_attention.cpu_has_avx512_bf16 = lambda: True  # on any host: the build fails first
+        cpu_kernels.cpu_has_avx512_bf16 = lambda: True  # on any host: the build fails first
         attn = create_pair("pacavit_tiny_p2cconv_100_0")[1].stage1[0].attn.bfloat16()
         q, k, v = (head_views(1, n, 2, 48) for n in (20, 10, 10))
         with torch.inference_mode():
@@ -199,7 +199,7 @@ def test_a_failed_build_warns_once_and_bfloat16_attention_keeps_pytorchs_ops(tmp
     run = subprocess.run([sys.executable, "-W", "always", "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and "computed" in run.stdout, run.stderr[-3000:]
-    warned = [line for line in run.stderr.splitlines() if "attention kernel could not be built" in line]
+    warned = [line for line in run.stderr.splitlines() if "CPU kernels could not be built" in line]
     assert len(warned) == 1, run.stderr[-3000:]
     assert "no-compiler: not found" in warned[0] and "tools/build_cpu_kernel.py" in warned[0]
 
@@ -208,7 +208,7 @@ def test_on_a_machine_it_is_not_written_for_the_build_step_says_so_and_succeeds(
     """install.sh's step on ARM or macOS: nothing to build, no warning asking for a compiler."""
     from tools import build_cpu_kernel
 
-    monkeypatch.setattr(cpu_attention, "buildable", lambda: False)
-    monkeypatch.setattr(cpu_attention, "load", lambda: pytest.fail("a build was tried"))
+    monkeypatch.setattr(cpu_kernels, "buildable", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: pytest.fail("a build was tried"))
     assert build_cpu_kernel.main() == 0
     assert "not needed here (x86-64 Linux code)" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""The bfloat16 CPU attention kernel (models/csrc/bf16_attention.cpp): it builds on any x86-64 host,
-computes softmax(q k^T / sqrt(D)) v within bfloat16 rounding where the CPU has AVX512-BF16, refuses
-to run elsewhere, and a failed build leaves PyTorch's ops with one warning."""
+"""The project's bfloat16 CPU kernels (models/csrc): they build on any x86-64 host; where the CPU has
+AVX512-BF16 the attention, the depthwise conv (with shortcut and GELU) and the LayerNorm compute
+within bfloat16 rounding of float64, elsewhere every operator refuses; a fused model takes them
+where the probe says, and a failed build leaves PyTorch's and oneDNN's ops with one warning."""
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from models.layers import cpu_kernels, fused
@@ -15,7 +17,7 @@ from models.layers import cpu_kernels, fused
 from tests.conftest import REPO
 from tests.models.test_fused import BOTH_DTYPES, create_pair
 
-# built by ./install.sh; otherwise the first test builds it (about 15 s)
+# built by ./install.sh; otherwise the first test builds them (about 30 s)
 BUILT = cpu_kernels.load()
 KERNEL = "pacavit::attention_bf16"
 
@@ -121,21 +123,31 @@ def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the
     script = textwrap.dedent("""
         import torch
         from models.layers import cpu_kernels, fused
-        from tests.models.test_cpu_kernels import BOTH_DTYPES, create_pair, head_views, reference, way
+        from tests.models.test_cpu_kernels import BOTH_DTYPES, create_pair, head_views, pacavit_ops, reference, way
         assert cpu_kernels.load()
         assert not torch.ops.pacavit.cpu_has_avx512_bf16() and not cpu_kernels.cpu_has_avx512_bf16()
         q, k, v = (head_views(1, n, 2, 48) for n in (20, 10, 10))
-        try:
-            cpu_kernels.attention_bf16(q, k, v)
-            raise AssertionError("the operator ran")
-        except RuntimeError as error:
-            assert "needs a CPU with AVX512-BF16" in str(error), error
+        x = torch.randn(1, 4, 4, 32).bfloat16().permute(0, 3, 1, 2)
+        for run in (lambda: cpu_kernels.attention_bf16(q, k, v),
+                    lambda: cpu_kernels.depthwise_conv_bf16(x, torch.randn(32, 1, 3, 3), None, True, True),
+                    lambda: cpu_kernels.layer_norm_bf16(x.permute(0, 2, 3, 1), torch.ones(32), torch.zeros(32), 1e-6)):
+            try:
+                run()
+                raise AssertionError("an operator ran")
+            except RuntimeError as error:
+                assert "needs a CPU with AVX512-BF16" in str(error), error
         fused.cpu_fusion_support = lambda: BOTH_DTYPES  # bfloat16 kernels without AVX512-BF16 (AVX-512 core)
         fused.cpu_has_amx_bf16 = lambda: False
         attn = create_pair("pacavit_tiny_p2cconv_100_0")[1].stage1[0].attn.bfloat16()
         with torch.inference_mode():
             assert way(lambda: attn.attend(q, k, v, 0.0)) == "matmuls"
             torch.testing.assert_close(attn.attend(q, k, v, 0.0).double(), reference(q, k, v), rtol=2e-2, atol=2e-2)
+            plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+            images = torch.randn(1, 3, 64, 64)
+            expected = plain(images)
+            fused_model.bfloat16()
+            assert pacavit_ops(lambda: fused_model(images.bfloat16())) == set()
+            assert torch.nn.functional.cosine_similarity(fused_model(images.bfloat16()).float(), expected).min() > 0.999
         print("refused")
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
@@ -143,12 +155,166 @@ def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the
     assert run.returncode == 0 and "refused" in run.stdout, run.stderr[-3000:]
 
 
+# -- the depthwise conv (with its shortcut and GELU) ----------------------------------------------
+def channels_last_image(B, C, H, W, scale=1.0):
+    """A (B, C, H, W) view of (B, H * W, C) tokens, as the MLP hands them to its conv."""
+    return (torch.randn(B, H * W, C) * scale).bfloat16().view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def depthwise_reference(x, weight, bias, residual, gelu):
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                 padding=weight.shape[-1] // 2, groups=x.shape[1])
+    y = y + x.double() if residual else y
+    return F.gelu(y) if gelu else y
+
+
+def or_refusal(run):
+    """``run()`` on a CPU with AVX512-BF16; elsewhere (e.g. AMD Zen 3) the operator must refuse with an
+    error that says why: None."""
+    if torch.ops.pacavit.cpu_has_avx512_bf16():
+        return run()
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+        run()
+    return None
+
+
+# (batch, channels, height, width, kernel, shortcut, GELU): the MLP's 3x3 conv (9 inner columns: a tile
+# of 8 and one), the clustering's 7x7, tiles of 8 with a remainder of 3, 5x5 (tiles of 4 and one), an
+# image smaller than the kernel (every pixel at a border), one pixel, no image
+DEPTHWISE_SHAPES = [
+    (2, 384, 9, 11, 3, True, True),
+    (1, 96, 8, 8, 7, False, True),
+    (1, 64, 20, 21, 3, True, False),
+    (1, 32, 6, 13, 5, False, True),
+    (2, 32, 3, 2, 7, True, False),
+    (1, 32, 1, 1, 3, False, False),
+    (0, 32, 4, 4, 3, True, True),
+]
+
+
+@pytest.mark.parametrize("B,C,H,W,K,residual,gelu", DEPTHWISE_SHAPES)
+def test_the_depthwise_kernel_computes_conv_shortcut_and_gelu_within_bfloat16_rounding_or_refuses(
+        B, C, H, W, K, residual, gelu):
+    torch.manual_seed(0)
+    x, weight, bias = channels_last_image(B, C, H, W), torch.randn(C, 1, K, K) * 0.3, torch.randn(C)
+    out = or_refusal(lambda: cpu_kernels.depthwise_conv_bf16(x, weight, bias, residual, gelu))
+    if out is not None:
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        assert out.is_contiguous(memory_format=torch.channels_last)  # the MLP's tokens again, without a copy
+        torch.testing.assert_close(out.double(), depthwise_reference(x, weight, bias, residual, gelu),
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_a_bfloat16_weight_without_bias_is_the_same_float32_weight_and_a_zero_bias():
+    torch.manual_seed(0)
+    x, weight = channels_last_image(1, 64, 5, 12), (torch.randn(64, 1, 3, 3) * 0.3).bfloat16()
+    out = or_refusal(lambda: cpu_kernels.depthwise_conv_bf16(x, weight, None, True, True))
+    if out is not None:
+        torch.testing.assert_close(out, cpu_kernels.depthwise_conv_bf16(x, weight.float(), torch.zeros(64), True, True),
+                                   rtol=0, atol=0)
+
+
+def test_its_gelu_is_the_exact_gelu_rounded_to_bfloat16_over_the_whole_range():
+    """An identity kernel makes the output GELU(x): every finite bfloat16 value up to 1e4 in magnitude,
+    against the float64 erf GELU: within bfloat16 rounding of it, but for the negative tail from
+    -4 to -5.75 (|GELU| < 1.3e-4), where |x| times the fit's 2.5e-7 leaves it up to 2e-6 off;
+    0 below -5.75.  Where |GELU| >= 1e-6 (not the tail, not subnormals) the results that are not the
+    correctly rounded one (a tie of the rounding) are at most twice as many as PyTorch's (0.4%, 0.3%)."""
+    values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bfloat16
+    values = values[torch.isfinite(values) & (values.float().abs() <= 1e4)]
+    values = torch.cat([values, values.new_zeros(-len(values) % 32)])
+    x = values.view(1, -1, 1, 32).permute(0, 3, 1, 2)  # channels_last, one pixel per 32 values
+    identity = torch.zeros(32, 1, 3, 3)
+    identity[:, :, 1, 1] = 1.0
+    out = or_refusal(lambda: cpu_kernels.depthwise_conv_bf16(x, identity, None, False, True))
+    if out is not None:
+        exact = F.gelu(x.double())
+        error = (out.double() - exact).abs()
+        assert (error <= 2**-8 * exact.abs() + 2e-6).all(), x[error > 2**-8 * exact.abs() + 2e-6]
+        assert (out[x < -5.75] == 0).all()
+        normal = exact.abs() >= 1e-6
+        off = [(y != exact.bfloat16())[normal].float().mean() for y in (out, F.gelu(x))]
+        assert off[0] <= 2 * off[1], off
+
+
+def test_its_shortcut_is_exact_where_onednn_rounds_1_plus_w_to_bfloat16():
+    """The MLP's conv adds its input: folded into the centre tap, 1 + w in bfloat16 (oneDNN's kernel)
+    loses 8 bits of w; the kernel keeps the weights in float32, and its mean error is lower."""
+    if torch.bfloat16 not in fused.cpu_fusion_support():
+        pytest.skip("this CPU has no oneDNN bfloat16 kernels to compare with")
+    torch.manual_seed(0)
+    x, weight, bias = channels_last_image(2, 384, 14, 14), torch.randn(384, 1, 3, 3) * 0.05, torch.randn(384) * 0.1
+    out = or_refusal(lambda: cpu_kernels.depthwise_conv_bf16(x, weight, bias, True, True))
+    if out is not None:
+        folded = (weight + torch.nn.functional.pad(torch.ones(384, 1, 1, 1), (1, 1, 1, 1))).bfloat16()
+        onednn = torch.ops.mkldnn._convolution_pointwise(x, folded, bias.bfloat16(), [1, 1], [1, 1], [1, 1], 384,
+                                                         "gelu", [], "none")
+        expected = depthwise_reference(x, weight, bias, True, True)
+        kernel_error, onednn_error = ((o.double() - expected).abs().mean() for o in (out, onednn))
+        assert kernel_error < 0.8 * onednn_error, (kernel_error, onednn_error)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, w, b: (x.float(), w, b), "4-d bfloat16 CPU tensor"),
+    (lambda x, w, b: (x.contiguous(), w, b), "channels_last"),
+    (lambda x, w, b: (channels_last_image(1, 48, 4, 4), w[:48], b[:48]), "multiple of 32 channels"),
+    (lambda x, w, b: (x, torch.randn(64, 1, 4, 4), b), "K = 3, 5 or 7"),
+    (lambda x, w, b: (x, torch.randn(64, 1, 9, 9), b), "K = 3, 5 or 7"),
+    (lambda x, w, b: (x, w[:32], b), "K = 3, 5 or 7"),
+    (lambda x, w, b: (x, w, b[:3]), "bias of 64 floats"),
+])
+def test_inputs_the_depthwise_kernel_cannot_take_get_an_error_that_says_why(change, message):
+    x, weight, bias = channels_last_image(1, 64, 4, 4), torch.randn(64, 1, 3, 3), torch.randn(64)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.depthwise_conv_bf16(*change(x, weight, bias), True, True)
+
+
+# -- the LayerNorm ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,offset", [((2, 67, 96), 0.0), ((1, 5, 384), 0.0), ((3, 32), 0.0), ((1, 0, 64), 0.0),
+                                          ((2, 49, 320), 1000.0)], ids=["stage1", "stage4", "2d", "empty", "far"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-affine", "bf16-affine"])
+def test_the_layer_norm_kernel_is_as_close_to_float64_as_pytorchs(shape, offset, dtype):
+    """Statistics in float32 (the variance about the mean: tokens far from zero keep it)."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + offset).bfloat16()
+    weight, bias = torch.randn(shape[-1]).to(dtype), torch.randn(shape[-1]).to(dtype)
+    out = or_refusal(lambda: cpu_kernels.layer_norm_bf16(x, weight, bias, 1e-6))
+    if out is not None:
+        expected = F.layer_norm(x.double(), shape[-1:], weight.double(), bias.double(), 1e-6)
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=2e-2)
+        if x.numel():
+            pytorch = F.layer_norm(x, shape[-1:], weight.bfloat16(), bias.bfloat16(), 1e-6)
+            assert (out.double() - expected).abs().mean() <= 1.05 * (pytorch.double() - expected).abs().mean()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, w, b: (x.float(), w, b), "contiguous bfloat16 CPU tensor"),
+    (lambda x, w, b: (x.transpose(0, 1), w, b), "contiguous bfloat16 CPU tensor"),
+    (lambda x, w, b: (x[..., :48].contiguous(), w[:48], b[:48]), "multiple of 32 channels"),
+    (lambda x, w, b: (x, w[:32], b), "weight and a bias of 64 floats"),
+])
+def test_inputs_the_layer_norm_kernel_cannot_take_get_an_error_that_says_why(change, message):
+    x, weight, bias = torch.randn(3, 5, 64).bfloat16(), torch.randn(64), torch.randn(64)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.layer_norm_bf16(*change(x, weight, bias), 1e-6)
+
+
 # -- in the model --------------------------------------------------------------------------------
-def way(fn) -> str:
-    """How ``fn()`` computed its attention."""
+def all_ops(fn) -> set:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    ops = {e.key for e in prof.key_averages()}
+    return {e.key for e in prof.key_averages()}
+
+
+def pacavit_ops(fn) -> set:
+    """The project's kernels that ``fn()`` runs."""
+    return {op for op in all_ops(fn) if op.startswith("pacavit::") and op != "pacavit::cpu_has_avx512_bf16"}
+
+
+def way(fn) -> str:
+    """How ``fn()`` computed its attention."""
+    ops = all_ops(fn)
     if KERNEL in ops:
         return "kernel"
     return "sdpa" if "aten::scaled_dot_product_attention" in ops else "matmuls"
@@ -212,3 +378,46 @@ def test_on_a_machine_it_is_not_written_for_the_build_step_says_so_and_succeeds(
     monkeypatch.setattr(cpu_kernels, "load", lambda: pytest.fail("a build was tried"))
     assert build_cpu_kernel.main() == 0
     assert "not needed here (x86-64 Linux code)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("avx512_bf16", [True, False], ids=["avx512_bf16", "without"])
+def test_a_bfloat16_model_takes_the_depthwise_and_layer_norm_kernels_where_the_probe_says(monkeypatch, avx512_bf16):
+    """With the probe on (a CPU with AVX512-BF16): the MLP's and the clustering's convs, the LayerNorms
+    and the attention run the project's kernels; under autocast the LayerNorms keep PyTorch's op (it
+    returns float32 there).  Off: none of them; the logits agree with float32 both ways."""
+    monkeypatch.setattr(fused, "cpu_fusion_support", lambda: BOTH_DTYPES)
+    monkeypatch.setattr(fused, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    kernels = {"pacavit::attention_bf16", "pacavit::depthwise_conv_bf16", "pacavit::layer_norm_bf16"}
+    with torch.inference_mode():
+        expected = plain(x)
+        if avx512_bf16 and not torch.ops.pacavit.cpu_has_avx512_bf16():
+            with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"), torch.autocast("cpu", torch.bfloat16):
+                fused_model(x)
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert pacavit_ops(lambda: fused_model(x)) == (kernels - {"pacavit::layer_norm_bf16"} if avx512_bf16
+                                                          else set())
+            under_autocast = fused_model(x)
+        fused_model.bfloat16()
+        assert pacavit_ops(lambda: fused_model(x.bfloat16())) == (kernels if avx512_bf16 else set())
+        as_bf16_model = fused_model(x.bfloat16())
+    for logits in (under_autocast, as_bf16_model):
+        assert torch.nn.functional.cosine_similarity(logits.float(), expected).min() > 0.999
+
+
+def test_a_conv_the_kernel_does_not_compute_keeps_onednn(monkeypatch):
+    """GELU's tanh approximation, and "valid" padding, are not the kernel's: oneDNN's kernel runs."""
+    monkeypatch.setattr(fused, "cpu_fusion_support", lambda: BOTH_DTYPES)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512_bf16", lambda: True)
+    x = channels_last_image(1, 32, 6, 6)
+    for conv, act in ((torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.GELU(approximate="tanh")),
+                      (torch.nn.Conv2d(32, 32, 3, padding=0, groups=32), torch.nn.GELU())):
+        layer = fused.FusedConv2d(conv.bfloat16(), act)
+        assert not layer.bf16_kernel_fits
+        with torch.inference_mode():
+            assert "mkldnn::_convolution_pointwise" in all_ops(lambda: layer(x))
+            torch.testing.assert_close(layer(x).float(), act(conv(x)).float(), rtol=2e-2, atol=2e-2)

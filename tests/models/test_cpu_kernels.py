@@ -395,8 +395,9 @@ def test_a_bfloat16_model_takes_the_depthwise_and_layer_norm_kernels_where_the_p
     with torch.inference_mode():
         expected = plain(x)
         if avx512_bf16 and not torch.ops.pacavit.cpu_has_avx512_bf16():
-            with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"), torch.autocast("cpu", torch.bfloat16):
-                fused_model(x)
+            with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    fused_model(x)
             return
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert pacavit_ops(lambda: fused_model(x)) == (kernels - {"pacavit::layer_norm_bf16"} if avx512_bf16

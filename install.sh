@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the PaCa-ViT environment: torch, timm and the OpenMMLab stack (mmcv with compiled ops),
 # all pinned in requirements.txt, then the explorer page's extras (requirements-explorer.txt), and
-# compiles the project's bfloat16 CPU attention kernel (about 15 s; not fatal where it cannot be built).
+# compiles the project's bfloat16 CPU kernels (about 25 s; not fatal where they cannot be built).
 # Idempotent: a rerun checks the installed versions and skips what is there.
 #
 #   ./install.sh                   virtualenv in <repo>/.venv (or $PACAVIT_VENV)
@@ -14,7 +14,7 @@
 #   TORCH_INDEX_URL                      index to take torch from, e.g. https://download.pytorch.org/whl/cu128
 #   PIP_FIND_LINKS                       folders with prebuilt wheels (a mmcv wheel there is used, not rebuilt)
 #   PACAVIT_WHEEL_CACHE                  where a mmcv wheel built here is kept (default <repo>/.cache/wheels)
-#   PACAVIT_KERNEL_CACHE                 where the bfloat16 CPU attention kernel is compiled (default <repo>/.cache/kernels)
+#   PACAVIT_KERNEL_CACHE                 where the bfloat16 CPU kernels are compiled (default <repo>/.cache/kernels)
 #   PACAVIT_PYTHON                       interpreter that creates the virtualenv (default python3)
 #   FORCE_CUDA=1                         build mmcv's CUDA ops even where no GPU is visible (needs nvcc)
 #   TORCH_CUDA_ARCH_LIST                 GPU architectures of mmcv's CUDA ops, e.g. '8.0;9.0' (default: the
@@ -383,12 +383,12 @@ else
     echo "    already installed: $REPO"
 fi
 
-# --------------------------------------------------------------------------- bfloat16 CPU attention kernel
-# Compiled once per torch version into .cache/kernels (models/layers/cpu_attention.py), so that the first
-# bfloat16 run does not wait for it.  Not fatal: without it bfloat16 attention runs on PyTorch's ops.
-step "the bfloat16 CPU attention kernel (models/csrc; it runs on CPUs with AVX512-BF16)"
+# --------------------------------------------------------------------------- bfloat16 CPU kernels
+# Compiled once per torch version into .cache/kernels (models/layers/cpu_kernels.py), so that the first
+# bfloat16 run does not wait for them.  Not fatal: without them bfloat16 layers run on PyTorch's ops.
+step "the bfloat16 CPU kernels (models/csrc; they run on CPUs with AVX512-BF16)"
 if ! "$PY" "$REPO/tools/build_cpu_kernel.py"; then
-    echo "    not built: bfloat16 attention will run on PyTorch's ops (the warning above says why)"
+    echo "    not built: bfloat16 layers will run on PyTorch's and oneDNN's ops (the warning above says why)"
 fi
 
 # --------------------------------------------------------------------------- report

@@ -2,11 +2,10 @@
 // for a channels_last (B, C, H, W) input, a K x K kernel (K = 3, 5, 7) with stride 1 and "same" zero
 // padding, optionally its identity shortcut and a GELU.
 //
-// oneDNN's kernel took 0.4-0.55 ns per output value for PaCa-Tiny's MLP convolution with its GELU (2
-// Zen 4 threads), its GELU alone 0.13-0.2.  Here each thread takes output rows.  For 32 channels at a
-// time it computes a tile of T adjacent output pixels: per kernel row, the row's weights stay in
-// registers and each input pixel of the tile's window is read and widened once, then added into every
-// output of the tile it reaches.  Sums, shortcut and GELU are float32; the GELU's normal CDF comes
+// oneDNN's kernel spends much of its time on the GELU's erf.  Here each thread takes output rows.  For
+// 32 channels at a time it computes a tile of T adjacent output pixels: per kernel row, the row's
+// weights stay in registers and each input pixel of the tile's window is read and widened once, then
+// added into every output of the tile it reaches.  Sums, shortcut and GELU are float32; the GELU's normal CDF comes
 // from a rational function (error 2.2e-7, no exp, no division: one reciprocal and a Newton step).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 // LayerNorm over the last dimension in bfloat16 for CPUs with AVX512-BF16: statistics and affine in
 // float32, one row of channels (a token) at a time, read three times from the L1 cache (the mean,
-// the variance about it, the output).  PyTorch's CPU kernel took about three times as long for
-// PaCa's tokens (0.4 ns per value for 96 channels on 2 Zen 4 threads).
+// the variance about it, the output).  PaCa-Tiny's LayerNorms took 6.3 ms of a bf16 batch-8 forward
+// against PyTorch's 11.9 (classification/layer_times.py, 2 Zen 4 threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -338,9 +338,9 @@ class BFloat16CpuLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` whose forward, for a bfloat16 model's contiguous tokens on a CPU with
     AVX512-BF16, runs the project's kernel (``cpu_kernels.layer_norm_bf16``: statistics in float32;
     PaCa-Tiny's LayerNorms took 6.3 ms of a bf16 batch-8 forward against PyTorch's 11.9, 2 Zen 4
-    threads).  Elsewhere, and under autocast (which
-    returns LayerNorm outputs in float32), the plain op.  The transform swaps the class of each
-    ``nn.LayerNorm`` in place: same module, parameters and hooks."""
+    threads).  Elsewhere, and under autocast (which returns LayerNorm outputs in float32), the
+    plain op.  The transform swaps the class of each ``nn.LayerNorm`` in place: same module,
+    parameters and hooks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

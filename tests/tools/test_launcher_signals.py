@@ -32,6 +32,13 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
+def as_from_a_terminal():
+    """The signals' default dispositions in the launcher: a test run under nohup (or by a CI runner that
+    ignores SIGHUP) hands an ignored SIGHUP down, and bash cannot trap a signal ignored when it starts."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, False)],
                          ids=["SIGTERM to the launcher", "Ctrl-C to the group", "SIGHUP to the launcher"])
@@ -40,7 +47,7 @@ def test_the_workers_get_sigterm_once_whatever_stopped_the_launcher(tmp_path, si
     launcher = subprocess.Popen(
         ["bash", "-c", LAUNCHER, "launcher", str(REPO), str(tmp_path / "worker.py"), str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable}, preexec_fn=as_from_a_terminal,
     )
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)) and launcher.poll() is None:

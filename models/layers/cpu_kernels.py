@@ -5,7 +5,7 @@
   (``bf16_depthwise.cpp``);
 - ``layer_norm_bf16``: LayerNorm over the channels of each token (``bf16_layer_norm.cpp``).
 
-PyTorch's C++ extension tools compile them once per torch version and Python (about 30 s; ./install.sh
+PyTorch's C++ extension tools compile them once per torch version and Python (about 25 s; ./install.sh
 does it) into ``<repo>/.cache/kernels`` (``$PACAVIT_KERNEL_CACHE`` elsewhere), and the library loads
 on first use as the operators ``torch.ops.pacavit.*`` (``models/csrc/ops.cpp``).  It builds and loads
 on any x86-64 CPU; its AVX512-BF16 code runs only where the CPU has those instructions (each operator
@@ -77,7 +77,7 @@ def load() -> bool:
             raise RuntimeError(f"it is x86-64 Linux code and this is {platform.machine()} {sys.platform}")
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / f"{EXTENSION}.so").exists():
-            print(f"building the bfloat16 CPU kernels in {folder} (once per torch version, about 30 s)",
+            print(f"building the bfloat16 CPU kernels in {folder} (once per torch version, about 25 s)",
                   file=sys.stderr, flush=True)
         # the library links torch's own OpenMP through the process that loads it (no -fopenmp at link
         # time, which could bring a second OpenMP runtime)

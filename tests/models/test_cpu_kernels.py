@@ -17,7 +17,7 @@ from models.layers import cpu_kernels, fused
 from tests.conftest import REPO
 from tests.models.test_fused import BOTH_DTYPES, create_pair
 
-# built by ./install.sh; otherwise the first test builds them (about 30 s)
+# built by ./install.sh; otherwise the first test builds them (about 25 s)
 BUILT = cpu_kernels.load()
 KERNEL = "pacavit::attention_bf16"
 

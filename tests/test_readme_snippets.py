@@ -31,6 +31,7 @@ def code_blocks(language: str) -> list:
 @pytest.mark.slow
 def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the LoRA snippet saves a file into the working folder
+    torch.manual_seed(0)  # the snippets' random weights and data: one fixed draw, not a new one per run
     namespace = {}
     blocks = code_blocks("python")
     assert len(blocks) == 5, "hooks, LoRA, quantisation, TorchScript/FX/export, fused kernels"
@@ -48,11 +49,14 @@ def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = plain(images)
 
-    # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one
+    # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one.  Over
+    # 12 seeds the logits' relative L2 error was 0.016 to 0.068 (int8 rounding of a barely trained
+    # model, whose logits are small); a max-abs bound of 10% failed once in CI, unseeded.
     int8_model = namespace["int8_model"]
     assert not [name for name, m in int8_model.named_modules() if type(m) is nn.Linear]
     with torch.no_grad():
-        assert (int8_model(images) - expected).abs().max() < 0.1 * expected.abs().max()
+        error = int8_model(images) - expected
+    assert error.norm() < 0.15 * expected.norm()
 
     # TorchScript, FX, torch.export and the fused model compute the same function
     fused = namespace["model"]

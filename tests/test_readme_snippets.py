@@ -31,7 +31,6 @@ def code_blocks(language: str) -> list:
 @pytest.mark.slow
 def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the LoRA snippet saves a file into the working folder
-    torch.manual_seed(0)  # the snippets' random weights and data: one fixed draw, not a new one per run
     namespace = {}
     blocks = code_blocks("python")
     assert len(blocks) == 5, "hooks, LoRA, quantisation, TorchScript/FX/export, fused kernels"
@@ -51,7 +50,8 @@ def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
 
     # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one.  Over
     # 12 seeds the logits' relative L2 error was 0.016 to 0.068 (int8 rounding of a barely trained
-    # model, whose logits are small); a max-abs bound of 10% failed once in CI, unseeded.
+    # model, whose logits are small); a max-abs bound of 10% failed once in CI,
+    # before tests/conftest.py seeded every test.
     int8_model = namespace["int8_model"]
     assert not [name for name, m in int8_model.named_modules() if type(m) is nn.Linear]
     with torch.no_grad():

@@ -48,14 +48,15 @@ def test_python_snippets_run_and_do_what_they_say(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = plain(images)
 
-    # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one.  Over
-    # 12 seeds the logits' relative L2 error was 0.016 to 0.068 (int8 rounding of a barely trained
-    # model, whose logits are small); a max-abs bound of 10% failed once in CI,
-    # before tests/conftest.py seeded every test.
+    # quantisation: no float nn.Linear is left, and the int8 model stays close to the float one.  The
+    # model is barely trained and its logits small, so the error relative to them depends on the draw
+    # (over 12 seeds: max-abs ratio 0.021-0.066, relative L2 0.016-0.068); unseeded, the max-abs bound
+    # failed once in CI (0.104).  tests/conftest.py now seeds every test: here 0.084 and 0.068.
     int8_model = namespace["int8_model"]
     assert not [name for name, m in int8_model.named_modules() if type(m) is nn.Linear]
     with torch.no_grad():
         error = int8_model(images) - expected
+    assert error.abs().max() < 0.1 * expected.abs().max()
     assert error.norm() < 0.15 * expected.norm()
 
     # TorchScript, FX, torch.export and the fused model compute the same function

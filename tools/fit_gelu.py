@@ -1,4 +1,4 @@
-"""Fit the rational function of the bfloat16 depthwise kernel's GELU (models/csrc/bf16_depthwise.cpp).
+"""Fit the rational function of the CPU kernels' GELU (models/csrc/cpu_kernels.h).
 
     python tools/fit_gelu.py    (about 7 minutes on 2 cores: 30 starts)
 

@@ -18,7 +18,7 @@
 #include <cstring>
 #include <vector>
 
-#include "bf16_cpu.h"
+#include "cpu_kernels.h"
 
 namespace {
 

@@ -13,41 +13,15 @@
 
 #include <vector>
 
-#include "bf16_cpu.h"
+#include "cpu_kernels.h"
 
 namespace {
 
 using pacavit::even_channels;
+using pacavit::gelu;
 using pacavit::join_channels;
 using pacavit::kChannelBlock;
 using pacavit::odd_channels;
-
-// x Phi(x) with Phi(x) - 1/2 = x P(x^2) / Q(x^2) for |x| <= 5.75, fitted to the normal CDF by
-// tools/fit_gelu.py (max error 4.6e-8, 2.2e-7 evaluated in float32).  Beyond, Phi is 1 to float32's
-// precision, and below -5.75 the result is 0 (exactly: |x Phi(x)| < 3e-8 there, where the fit's
-// error times |x| would grow with x).
-PACAVIT_AVX512_BF16 inline __m512 gelu(__m512 x) {
-  const __m512 limit = _mm512_set1_ps(5.75f);
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
-  const __m512 u = _mm512_mul_ps(xc, xc);
-  __m512 p = _mm512_set1_ps(1.0350219e-10f);
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(-2.2561190e-08f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(3.7782211e-06f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(2.1836060e-04f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(4.8158630e-03f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(4.0508166e-02f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(3.9894199e-01f));
-  __m512 q = _mm512_set1_ps(7.8417594e-05f);
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.1083667e-03f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(3.1780001e-02f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.6820099e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.f));
-  __m512 r = _mm512_rcp14_ps(q);  // Q >= 1; one Newton step takes 14 bits to 28
-  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.f)));
-  const __m512 centred = _mm512_mul_ps(_mm512_mul_ps(xc, p), r);  // Phi(x) - 1/2
-  const __m512 y = _mm512_fmadd_ps(x, centred, _mm512_mul_ps(x, _mm512_set1_ps(0.5f)));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_sub_ps(_mm512_setzero_ps(), limit), _CMP_GE_OQ), y);
-}
 
 template <bool Gelu>
 PACAVIT_AVX512_BF16 inline void store(uint16_t* out, __m512 even, __m512 odd) {

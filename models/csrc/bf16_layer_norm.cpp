@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "bf16_cpu.h"
+#include "cpu_kernels.h"
 
 namespace {
 

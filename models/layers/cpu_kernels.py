@@ -1,15 +1,18 @@
-"""The project's bfloat16 CPU kernels for CPUs with AVX512-BF16 (``models/csrc``), from Python.
+"""The project's CPU kernels (``models/csrc``), from Python: bfloat16 ones for CPUs with AVX512-BF16,
+and a float32 one for training on CPUs with AVX-512.
 
 - ``attention_bf16``: PaCa's attention, softmax(q k^T / sqrt(D)) v (``bf16_attention.cpp``);
 - ``depthwise_conv_bf16``: a depthwise conv with its bias, identity shortcut and GELU in one pass
   (``bf16_depthwise.cpp``);
-- ``layer_norm_bf16``: LayerNorm over the channels of each token (``bf16_layer_norm.cpp``).
+- ``layer_norm_bf16``: LayerNorm over the channels of each token (``bf16_layer_norm.cpp``);
+- ``depthwise_conv_fp32``: the same conv in float32 with autograd, one pass forward and one backward
+  (``fp32_depthwise.cpp``).
 
 PyTorch's C++ extension tools compile them once per torch version and Python (about 25 s; ./install.sh
 does it) into ``<repo>/.cache/kernels`` (``$PACAVIT_KERNEL_CACHE`` elsewhere), and the library loads
 on first use as the operators ``torch.ops.pacavit.*`` (``models/csrc/ops.cpp``).  It builds and loads
-on any x86-64 CPU; its AVX512-BF16 code runs only where the CPU has those instructions (each operator
-refuses elsewhere).  Where it cannot be built (no C++ compiler, another architecture) the layers keep
+on any x86-64 CPU; its AVX512-BF16 (AVX-512) code runs only where the CPU has those instructions (each
+operator refuses elsewhere).  Where it cannot be built (no C++ compiler, another architecture) the layers keep
 PyTorch's and oneDNN's ops, after one warning that says why.  ``fused.fuse_for_cpu_inference`` puts
 the kernels in the layers' forwards; each ``takes_*`` says which inputs a kernel handles.
 
@@ -27,7 +30,7 @@ from typing import Optional
 import torch
 
 SOURCE_DIRECTORY = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("ops.cpp", "bf16_attention.cpp", "bf16_depthwise.cpp", "bf16_layer_norm.cpp")
+SOURCES = ("ops.cpp", "bf16_attention.cpp", "bf16_depthwise.cpp", "bf16_layer_norm.cpp", "fp32_depthwise.cpp")
 EXTENSION = "pacavit_cpu_kernels"
 
 
@@ -135,3 +138,52 @@ def takes_layer_norm(x: torch.Tensor) -> bool:
 def layer_norm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.layer_norm`` over the last dimension of a contiguous bfloat16 ``x``, in float32 inside."""
     return torch.ops.pacavit.layer_norm_bf16(x, weight, bias, eps)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU has the AVX-512 instructions of the float32 kernels (AVX512F), as their operator's
+    own probe: ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) makes it False.  Probed once per process."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
+    return bool(torch.cpu.get_capabilities().get("avx512_f", False))
+
+
+def float32_available() -> bool:
+    """Whether the float32 training kernel can run here: the CPU has AVX-512 and the kernels are built."""
+    return cpu_has_avx512f() and load()
+
+
+def takes_depthwise_conv_fp32(x: torch.Tensor, conv_weight: torch.Tensor) -> bool:
+    """Whether ``depthwise_conv_fp32`` takes this float32 CPU input and (C, 1, K, K) weight: channels_last
+    memory, a multiple of 16 channels, K = 3, 5 or 7 (the caller checks stride 1 and "same" padding)."""
+    C = x.shape[1] if x.dim() == 4 else 0
+    return (C % 16 == 0 and C > 0 and x.dtype == conv_weight.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and tuple(conv_weight.shape) in {(C, 1, k, k) for k in (3, 5, 7)})
+
+
+class _DepthwiseConvFp32(torch.autograd.Function):
+    """The float32 kernel's forward, and its backward that recomputes the GELU's input from ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual: bool, gelu: bool):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.flags = (residual, gelu)
+        return torch.ops.pacavit.depthwise_conv_fp32(x, weight, bias, residual, gelu)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.pacavit.depthwise_conv_fp32_backward(
+            grad_y, x, weight, bias, *ctx.flags)
+        return grad_x, grad_weight, None if bias is None else grad_bias, None, None
+
+
+def depthwise_conv_fp32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+                        gelu: bool) -> torch.Tensor:
+    """``act(conv(x) + bias [+ x])`` as ``depthwise_conv_bf16``, in float32 and differentiable: one pass
+    forward, two backward, where PyTorch's ops make a pass for the conv, the shortcut and the GELU each way
+    and keep the GELU's input for the backward."""
+    return _DepthwiseConvFp32.apply(x, weight, bias, residual, gelu)

@@ -26,6 +26,10 @@ What changes:
 - ``FusedConv2d`` (depthwise) and ``BFloat16CpuLayerNorm``: in bfloat16 on a CPU with AVX512-BF16,
   this project's kernels (``cpu_kernels``): the depthwise conv with its bias, shortcut and GELU in
   one pass, and the LayerNorm, both computing in float32 inside.
+- ``FusedConv2d`` (depthwise) in float32 training on a CPU with AVX-512: the project's differentiable
+  kernel (``cpu_kernels.depthwise_conv_fp32``), conv, bias, shortcut and GELU in one pass forward and
+  one backward, where PyTorch makes a pass for each, both ways.  The other fused layers run the plain
+  ops where a gradient is needed.
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches and small enough for glibc's malloc to reuse them instead of page-faulting
   them afresh on every call (see the class).  This does not depend on the instruction set.
@@ -33,11 +37,12 @@ What changes:
 What the transform gains, plain -> fused, with the host and the command that measured it:
 ``classification/PERFORMANCE.md`` (``classification/speed_report.sh``).
 
-The oneDNN kernels and the project's attention kernel have no autograd, and neither tracers nor
-``torch.compile`` know them, so a fused module runs them only for CPU tensors when no gradient is
-needed, outside tracing, FX, TorchScript (a scripted fused model runs the plain ops) and
+The oneDNN kernels and the project's bfloat16 kernels have no autograd, and neither tracers nor
+``torch.compile`` know any of them, so a fused module runs them only for CPU tensors when no
+gradient is needed, outside tracing, FX, TorchScript (a scripted fused model runs the plain ops) and
 compilation, and for a dtype that ``cpu_fusion_support()`` lists for this CPU (bfloat16 needs
-AVX-512 BW/VL/DQ or AVX-NE-CONVERT).  Everywhere else the same module runs the
+AVX-512 BW/VL/DQ or AVX-NE-CONVERT); the float32 depthwise kernel runs only where a gradient is
+needed, outside autocast, under the same other conditions.  Everywhere else the same module runs the
 plain PyTorch ops.  The plain model (without the transform) never calls these kernels.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a fused module computes in bfloat16 as
@@ -227,8 +232,8 @@ class FusedConv2d(WeightCache):
         self.act = act if act is not None else nn.Identity()
         self.post_op = _post_op(act)
         self.residual = residual
-        # the project's bfloat16 kernel: "same" padding, and the exact GELU or none
-        self.bf16_kernel_fits = depthwise and centred and self.post_op in (("none", [], ""), ("gelu", [], "none"))
+        # the project's kernels: "same" padding, and the exact GELU or none
+        self.own_kernel_fits = depthwise and centred and self.post_op in (("none", [], ""), ("gelu", [], "none"))
         if residual:
             identity = torch.zeros_like(conv.weight)
             identity[:, :, conv.padding[0], conv.padding[1]] = 1.0
@@ -237,12 +242,22 @@ class FusedConv2d(WeightCache):
     def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.identity if self.residual else weight
 
+    def trains_with_own_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a float32 forward that needs gradients runs the project's kernel (``fp32_depthwise.cpp``)."""
+        return (self.own_kernel_fits and _eager() and x.device.type == "cpu" and torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled("cpu")
+                and (self.bias is None or self.bias.dtype == torch.float32)
+                and cpu_kernels.takes_depthwise_conv_fp32(x, self.weight) and cpu_kernels.float32_available())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            if self.trains_with_own_kernel(x):
+                return cpu_kernels.depthwise_conv_fp32(x, self.weight, self.bias, self.residual,
+                                                       gelu=self.post_op[0] == "gelu")
             dtype = kernel_dtype(x, self.weight)
             if dtype is not None:
                 x = x.to(dtype)
-                fits = self.bf16_kernel_fits and cpu_kernels.takes_depthwise_conv(x, self.weight)
+                fits = self.own_kernel_fits and cpu_kernels.takes_depthwise_conv(x, self.weight)
                 if dtype == torch.bfloat16 and fits and cpu_kernels.available():
                     # float32 weights inside: 1 + w at the centre tap stays exact
                     return cpu_kernels.depthwise_conv_bf16(x, self.weight, self.bias, self.residual,
@@ -290,9 +305,14 @@ def _channel_major_linear(tokens: torch.Tensor, weight: torch.Tensor, bias: Opti
     return out if bias is None else out + bias.unsqueeze(-1)
 
 
+def _needs_gradient(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 class ChannelMajorLinear(WeightCache):
     """``linear(x)`` for (B, N, C) input, returned as the transpose of a contiguous (B, M, N)
-    tensor: same values, but ``.transpose(1, 2)`` of the result is contiguous."""
+    tensor: same values, but ``.transpose(1, 2)`` of the result is contiguous.  Where a gradient is
+    needed, the plain linear layer (its backward is faster than the batched matmul's)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -300,13 +320,15 @@ class ChannelMajorLinear(WeightCache):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_gradient(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
         weight, bias = self.weights_for(x)
         return _channel_major_linear(x, weight, bias).transpose(1, 2)
 
 
 class ChannelMajorConv2d(WeightCache):
     """A 1x1 conv whose output is contiguous NCHW (for channels_last input too), so that
-    ``flatten(2)`` of it is free."""
+    ``flatten(2)`` of it is free.  Where a gradient is needed, the plain conv (as ``ChannelMajorLinear``)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -318,6 +340,8 @@ class ChannelMajorConv2d(WeightCache):
         return weight.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_gradient(x, self.weight):
+            return F.conv2d(x, self.weight, self.bias)
         B, _, H, W = x.shape
         weight, bias = self.weights_for(x)
         return _channel_major_linear(nchw_to_tokens(x), weight, bias).view(B, -1, H, W)
@@ -564,8 +588,9 @@ def _refuse_hooks_on_replaced_layers(model: nn.Module) -> None:
 
 def fuse_for_cpu_inference(model: nn.Module) -> nn.Module:
     """Swap the fused modules into ``model`` (in place) and return it; a no-op when this CPU has
-    no oneDNN fused kernels, and when applied twice.  For inference: the fused modules run the
-    plain ops when a gradient is needed, so training still works, only without the speed-up.
+    no oneDNN fused kernels, and when applied twice.  Made for inference; a fused model also trains
+    (the same gradients as the plain model's), with the depthwise convs on the float32 training
+    kernel where the CPU has AVX-512 and the plain ops for the rest.
     """
     if not cpu_fusion_support():
         return model

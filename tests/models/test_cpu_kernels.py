@@ -418,7 +418,7 @@ def test_a_conv_the_kernel_does_not_compute_keeps_onednn(monkeypatch):
     for conv, act in ((torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.GELU(approximate="tanh")),
                       (torch.nn.Conv2d(32, 32, 3, padding=0, groups=32), torch.nn.GELU())):
         layer = fused.FusedConv2d(conv.bfloat16(), act)
-        assert not layer.bf16_kernel_fits
+        assert not layer.own_kernel_fits
         with torch.inference_mode():
             assert "mkldnn::_convolution_pointwise" in all_ops(lambda: layer(x))
             torch.testing.assert_close(layer(x).float(), act(conv(x)).float(), rtol=2e-2, atol=2e-2)

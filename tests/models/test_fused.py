@@ -105,17 +105,31 @@ def test_pointwise_conv_runs_as_a_fused_gemm_over_the_pixels(probe):
 def test_channel_major_projections_return_contiguous_cluster_logits(dtype):
     torch.manual_seed(0)
     linear, tokens = nn.Linear(16, 5).to(dtype), torch.randn(2, 12, 16, dtype=dtype)
-    out = ChannelMajorLinear(linear)(tokens)
-    # bfloat16: the bias is added to the rounded product, one rounding more than nn.Linear's
-    torch.testing.assert_close(out, linear(tokens), **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)))
+    with torch.no_grad():
+        out = ChannelMajorLinear(linear)(tokens)
+        # bfloat16: the bias is added to the rounded product, one rounding more than nn.Linear's
+        torch.testing.assert_close(out, linear(tokens), **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)))
     assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()
     if dtype != torch.float32:
         return
     conv = nn.Conv2d(16, 5, 1, bias=False)
     image = torch.randn(2, 16, 3, 4).contiguous(memory_format=torch.channels_last)
-    out = ChannelMajorConv2d(conv)(image)
-    torch.testing.assert_close(out, conv(image))
+    with torch.no_grad():
+        out = ChannelMajorConv2d(conv)(image)
+        torch.testing.assert_close(out, conv(image))
     assert out.is_contiguous()
+
+
+def test_channel_major_projections_train_as_the_plain_layers():
+    """Where a gradient is needed they are the plain layers (whose backward beats the batched matmul's)."""
+    linear, conv = nn.Linear(16, 5), nn.Conv2d(16, 5, 1)
+    tokens = torch.randn(2, 12, 16)
+    image = torch.randn(2, 16, 3, 4).contiguous(memory_format=torch.channels_last)
+    for plain, channel_major, x in ((linear, ChannelMajorLinear(linear), tokens),
+                                    (conv, ChannelMajorConv2d(conv), image)):
+        assert torch.equal(channel_major(x), plain(x))
+        channel_major(x).sum().backward()
+        assert plain.weight.grad is not None and plain.bias.grad is not None
 
 
 def test_only_gelu_is_fused():

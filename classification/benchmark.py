@@ -59,7 +59,7 @@ import torch
 import timm
 
 from classification import cls_common
-from models import fuse_for_cpu_inference
+from models import fuse_for_cpu
 from models.flops import count_flops, count_params
 from models.layers.fused import cpu_fusion_support
 from models.paca_vit import create_downstream
@@ -115,8 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-modes", choices=("eager", "compiled", "both"), default=None,
                    help="'both' measures every model eager and compiled in the same run (default: per --compile)")
     p.add_argument("--fused-kernels", choices=("on", "off", "both"), default="on",
-                   help="models.fuse_for_cpu_inference, PaCa's oneDNN fused CPU inference layers "
-                        "(models/layers/fused.py); 'both' also measures each PaCa model without it, in the same run")
+                   help="models.fuse_for_cpu, PaCa's fused CPU layers (models/layers/fused.py), as validate.py "
+                        "and train_timm.py use them on the CPU; 'both' also measures each PaCa model's inference "
+                        "without it, in the same run")
     p.add_argument("--train", action=flag, default=True,
                    help="also time fwd+bwd+AdamW steps (fp32, and autocast on CUDA)")
     p.add_argument("--compare", action="store_true", help=f"also run the timm peers {', '.join(PEERS)}")
@@ -343,7 +344,7 @@ class ClassifierBench:
         self.row = {"params_M": round(count_params(model) / 1e6, 3),
                     "gflops": round(count_flops(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)}
         if spec["fused"]:
-            model = fuse_for_cpu_inference(model)
+            model = fuse_for_cpu(model)
         self.model, memory_format = prepare(model, args, device, spec["compile"])
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model.to(self.dtype)
@@ -491,11 +492,12 @@ def run_specs(names, args, device) -> list:
 
 
 def trains(spec, args, device) -> bool:
-    """Training is timed in fp32 (and under autocast on CUDA), once per model: it never runs the
-    fused kernels, so a plain-ops twin would time the same thing.  The official models are there
-    for the inference comparison: their training is not timed."""
+    """Training is timed in fp32 (and under autocast on CUDA), as train_timm.py trains: on the CPU
+    with the fused layers (whose depthwise convs run the float32 training kernel where the CPU has
+    AVX-512), and a plain-ops twin without them.  The official models are there for the inference
+    comparison: their training is not timed."""
     precision_ok = spec["precision"] == "fp32" or (device.type == "cuda" and spec["precision"] != "bf16")
-    return args.train and precision_ok and not spec["plain_ops"] and not spec["official"]
+    return args.train and precision_ok and not spec["official"]
 
 
 def comparison_groups(specs: list) -> list:
@@ -574,7 +576,7 @@ class CurveBench:
         self.models, self.images = {}, {}
         for size in sizes:
             model = create_backbone(name, size).eval()
-            self.models[size], memory_format = prepare(fuse_for_cpu_inference(model) if fused else model, args, device)
+            self.models[size], memory_format = prepare(fuse_for_cpu(model) if fused else model, args, device)
             self.images[size] = torch.randn(1, 3, size, size, device=device).contiguous(memory_format=memory_format)
         self.measured = set()
 

@@ -13,7 +13,7 @@ the clusters, the copies between layouts), a block (its residual adds), and so o
 As benchmark.py, each model lives in a process of its own that keeps the memory a batch frees, and
 the rounds go round the processes in turn; a kind's figure is its median over the rounds.  Each
 round also times the forward without hooks (``plain ms``), to show what the hooks add.  A PaCa
-stage that runs its images in groups (``fuse_for_cpu_inference``) passes the whole batch while a
+stage that runs its images in groups (``fuse_for_cpu``) passes the whole batch while a
 hook watches it, as a bfloat16 stage does at batch 8 anyway; its float32 figures here are those of
 whole-batch stages.  Prints a table, appends rows to ``--csv`` and draws stacked bars (``--plot``).
 """
@@ -46,7 +46,7 @@ from classification.benchmark import (
     start_run,
 )
 from classification.plots import plot_layer_times
-from models import fuse_for_cpu_inference
+from models import fuse_for_cpu
 from models.flops import flops_by_module
 from models.layers import fused
 from runtime.cli import UsageError, run_main
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default="pacavit_tiny_p2cconv_100_0,convnext_tiny", help="comma-separated timm names")
     p.add_argument("--precision", choices=("fp32", "bf16", "autocast-bf16"), default="fp32",
                    help="bf16: the model and its input in bfloat16; autocast-bf16: torch.autocast")
-    p.add_argument("--plain-ops", action="store_true", help="PaCa without fuse_for_cpu_inference")
+    p.add_argument("--plain-ops", action="store_true", help="PaCa without fuse_for_cpu")
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5)
@@ -171,7 +171,7 @@ class LayerTimesBench:
         self.gflops = gflops_by_kind(model, args.img_size)
         self.fused = name.startswith("pacavit_") and not args.plain_ops and bool(fused.cpu_fusion_support())
         if self.fused:
-            model = fuse_for_cpu_inference(model)
+            model = fuse_for_cpu(model)
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
         self.model = model.to(dtype)
         self.images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, dtype=dtype)

@@ -64,7 +64,7 @@ from timm.utils import (
 from classification import cls_common
 from runtime.cli import UsageError, run_main
 from runtime.loader_workers import end_workers_with_parent
-from models import check_model_name
+from models import check_model_name, fuse_for_cpu
 from models.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
 from models.paca_vit import IMAGENET_DROP_PATH_RATE
 from runtime.run_folder import agreed_resume_point, check_shared_run_folder, claim_run_folder, mark_finished
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=flag, default=False, help="mixed precision (CUDA only)")
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     g.add_argument("--channels-last", action=flag, default=False, help="NHWC memory layout (CUDA only)")
+    g.add_argument("--cpu-kernels", action=flag, default=True,
+                   help="on the CPU, train the model with models.fuse_for_cpu's layers: the same parameters and "
+                        "gradients, and on a CPU with AVX-512 PaCa's depthwise convs on the project's float32 "
+                        "training kernel (default: on)")
     g.add_argument("--compile", action=flag, default=False,
                    help="torch.compile the model (measured no faster on a 2-core CPU; meant for GPUs)")
     g.add_argument("--dist-bn", default="", choices=("", "broadcast", "reduce"),
@@ -216,6 +220,14 @@ def build_model(args, num_classes):
     """The model as training builds it (``--drop-path`` given or resolved by parse_args)."""
     return cls_common.create_classifier(args.model, num_classes, drop_rate=args.drop,
                                         **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}))
+
+
+def place_model(model: torch.nn.Module, device: torch.device, channels_last: bool,
+                cpu_kernels: bool) -> torch.nn.Module:
+    """The model on ``device``; on the CPU with ``cpu_kernels``, with the fused layers of ``models.fuse_for_cpu``
+    (a no-op for models other than PaCa's), whose state_dict keys are the plain model's."""
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return fuse_for_cpu(model) if device.type == "cpu" and cpu_kernels else model
 
 
 def configure_cuda_backends(device) -> None:
@@ -634,7 +646,7 @@ def main(argv=None):
     model = build_model(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     channels_last = args.channels_last and device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = place_model(model, device, channels_last, args.cpu_kernels)
     _logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                  f"{num_classes} classes, {len(dataset_train)} training images, {args.world_size} process(es) on {device.type}")
 

@@ -20,7 +20,7 @@ from timm.data import resolve_data_config
 from timm.utils import init_distributed_device, setup_default_logging
 
 from classification import cls_common
-from models import PRETRAINED, check_model_name, create_classifier, fuse_for_cpu_inference
+from models import PRETRAINED, check_model_name, create_classifier, fuse_for_cpu
 from models.layers.fused import cpu_fusion_support
 from runtime.cli import UsageError, run_main
 
@@ -110,7 +110,7 @@ def main(argv=None):
     # the data is checked before any download
     model, class_map = build_model(args, cls_common.class_map_for(args.data_dir, args.split))
     num_classes = model.num_classes
-    model = fuse_for_cpu_inference(model)  # oneDNN layers where this CPU has them
+    model = fuse_for_cpu(model)  # oneDNN layers where this CPU has them
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

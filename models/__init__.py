@@ -3,6 +3,6 @@ timm (``pacavit_*``); the dense-prediction backbones (``create_downstream``) are
 mmengine by the detection and segmentation plug-ins (``mmdet_custom``, ``mmseg_custom``)."""
 from .builder import PRETRAINED, ClassifierWeights, UnknownModelError, check_model_name, create_classifier
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint, read_checkpoint, release_url
-from .layers import cpu_fusion_support, fuse_for_cpu_inference
+from .layers import cpu_fusion_support, fuse_for_cpu
 from .maps import capture_maps
 from .paca_vit import VARIANTS, PaCaViT, PaCaViTDownstream, create_downstream

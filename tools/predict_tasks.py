@@ -20,7 +20,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torchvision import transforms
 
-from models import ClassifierWeights, capture_maps, create_classifier, fuse_for_cpu_inference
+from models import ClassifierWeights, capture_maps, create_classifier, fuse_for_cpu
 from tools import predict_drawing as drawing
 
 TOOLS = Path(__file__).resolve().parent
@@ -50,9 +50,9 @@ class Result:
 
 def for_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
     """``model`` on ``device`` in eval mode; on a CPU its PaCa layers use the fused oneDNN kernels
-    where this CPU has them (``models.fuse_for_cpu_inference``; same outputs, faster)."""
+    where this CPU has them (``models.fuse_for_cpu``; same outputs, faster)."""
     model.to(device).eval()
-    return fuse_for_cpu_inference(model) if torch.device(device).type == "cpu" else model
+    return fuse_for_cpu(model) if torch.device(device).type == "cpu" else model
 
 
 @contextlib.contextmanager

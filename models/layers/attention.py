@@ -85,7 +85,7 @@ class PaCaAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Scaled dot-product attention of (B, heads, N, d) queries over (B, heads, M, d) keys / values
-        (``fuse_for_cpu_inference`` swaps in a faster way for bfloat16 on the CPU)."""
+        (``fuse_for_cpu`` swaps in a faster way for bfloat16 on the CPU)."""
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
     @torch.jit.unused

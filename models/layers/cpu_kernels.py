@@ -13,7 +13,7 @@ does it) into ``<repo>/.cache/kernels`` (``$PACAVIT_KERNEL_CACHE`` elsewhere), a
 on first use as the operators ``torch.ops.pacavit.*`` (``models/csrc/ops.cpp``).  It builds and loads
 on any x86-64 CPU; its AVX512-BF16 (AVX-512) code runs only where the CPU has those instructions (each
 operator refuses elsewhere).  Where it cannot be built (no C++ compiler, another architecture) the layers keep
-PyTorch's and oneDNN's ops, after one warning that says why.  ``fused.fuse_for_cpu_inference`` puts
+PyTorch's and oneDNN's ops, after one warning that says why.  ``fused.fuse_for_cpu`` puts
 the kernels in the layers' forwards; each ``takes_*`` says which inputs a kernel handles.
 
     python tools/build_cpu_kernel.py    builds them now and says whether this CPU runs them

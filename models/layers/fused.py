@@ -1,6 +1,6 @@
-"""Fused layers for CPU inference, and the transform that swaps them in.
+"""Fused CPU layers (for inference, and float32 training of the depthwise convs) and the transform that swaps them in.
 
-``fuse_for_cpu_inference(model)`` replaces, inside the PaCa stages, the plain ``nn.Linear`` /
+``fuse_for_cpu(model)`` replaces, inside the PaCa stages, the plain ``nn.Linear`` /
 ``nn.Conv2d`` layers (and the GELU after them), and the stages themselves, by the modules below.
 They hold the same parameter tensors under the same names (the state_dict is unchanged) and are
 called as modules; the model computes the same function.  Hooks registered after the transform
@@ -581,12 +581,12 @@ def _refuse_hooks_on_replaced_layers(model: nn.Module) -> None:
                           if type(module) in REPLACED_TYPES and _has_hooks(module))
     if hooked:
         raise ValueError(
-            f"fuse_for_cpu_inference replaces layers that have hooks, which would stop firing: "
+            f"fuse_for_cpu replaces layers that have hooks, which would stop firing: "
             f"{', '.join(sorted(hooked))}. Register the hooks after fusing, or keep the plain model"
         )
 
 
-def fuse_for_cpu_inference(model: nn.Module) -> nn.Module:
+def fuse_for_cpu(model: nn.Module) -> nn.Module:
     """Swap the fused modules into ``model`` (in place) and return it; a no-op when this CPU has
     no oneDNN fused kernels, and when applied twice.  Made for inference; a fused model also trains
     (the same gradients as the plain model's), with the depthwise convs on the float32 training

@@ -19,7 +19,7 @@ TINY = "pacavit_tiny_p2cconv_100_0"
 
 def test_every_layer_of_a_fused_paca_model_and_of_a_timm_model_has_its_kind(monkeypatch):
     monkeypatch.setattr(fused, "cpu_fusion_support", lambda: frozenset({torch.float32}))  # any host fuses
-    paca = models.fuse_for_cpu_inference(timm.create_model(TINY))
+    paca = models.fuse_for_cpu(timm.create_model(TINY))
     block = paca.stage1[0]
     assert type(block.mlp.fc1) is fused.FusedLinear and layer_kind(block.mlp.fc1) == GEMM
     assert layer_kind(block.mlp.dwconv.dwconv) == DEPTHWISE  # FusedConv2d, groups = channels

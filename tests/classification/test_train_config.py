@@ -152,3 +152,16 @@ def test_benchmark_csv_with_other_columns_is_kept_aside(tmp_path):
     assert kept.read_text() == "date,model,old_column\n2025-01-01,m,1\n"
     append_rows(str(path), [{"model": "convnext_tiny"}])
     assert len(path.read_text().splitlines()) == 3 and len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-cpu-kernels"]], ids=["default", "no-cpu-kernels"])
+def test_on_the_cpu_training_takes_the_fused_layers_unless_told_not_to(flags):
+    """With the same state_dict keys, so that checkpoints stay the plain model's."""
+    from models.layers.fused import FusedDWConv, cpu_fusion_support
+
+    args = train_timm.parse_args([*REQUIRED, *flags])
+    plain = cls_common.create_classifier("pacavit_tiny_p2cconv_100_0", 3, depths=(1, 1, 1, 1))
+    keys = list(plain.state_dict())
+    model = train_timm.place_model(plain, train_timm.torch.device("cpu"), False, args.cpu_kernels)
+    assert any(isinstance(m, FusedDWConv) for m in model.modules()) == (not flags and bool(cpu_fusion_support()))
+    assert list(model.state_dict()) == keys

@@ -32,7 +32,7 @@ SMALL = dict(depths=(1, 1, 1, 1))  # every code path of the zoo rows, fewer bloc
 
 def downstream_outputs(name: str, mode: str, monkeypatch) -> list:
     """The backbone's feature maps for a batch of 3 images in ``mode``: ``train`` (with gradients),
-    ``eval``, or ``fused`` (``fuse_for_cpu_inference`` with the oneDNN probe forced on and each
+    ``eval``, or ``fused`` (``fuse_for_cpu`` with the oneDNN probe forced on and each
     stage run on groups of one image)."""
     torch.manual_seed(0)
     model = create_downstream(name, **SMALL)
@@ -41,7 +41,7 @@ def downstream_outputs(name: str, mode: str, monkeypatch) -> list:
         return model.train()(x)
     if mode == "fused":
         monkeypatch.setattr(fused, "cpu_fusion_support", lambda: frozenset({torch.float32}))
-        model = models.fuse_for_cpu_inference(model)
+        model = models.fuse_for_cpu(model)
         for stage in (model.stage1, model.stage2, model.stage3, model.stage4):
             stage.tokens_per_group = 1  # groups of one image: the batch-chunked path
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""fuse_for_cpu_inference runs each stage's blocks on groups of images (float32: about 1024 tokens per
+"""fuse_for_cpu runs each stage's blocks on groups of images (float32: about 1024 tokens per
 thread; bfloat16: below glibc's mmap threshold): the same outputs, and the whole batch wherever a
 gradient, a tracer or a hook needs it."""
 import pytest
@@ -32,7 +32,7 @@ def fused_pair(name: str, **kwargs):
     plain = timm.create_model(name, **SMALL, **kwargs).eval()
     fused = timm.create_model(name, **SMALL, **kwargs).eval()
     fused.load_state_dict(plain.state_dict())
-    return plain, models.fuse_for_cpu_inference(fused)
+    return plain, models.fuse_for_cpu(fused)
 
 
 @pytest.mark.parametrize("name", ["pacavit_tiny_p2cconv_100_0", "pacavit_convmixer_tiny_100"])
@@ -53,7 +53,7 @@ def test_grouped_stages_compute_the_whole_batch(stage1_batches, name):
 
 
 def test_float32_groups_hold_about_1024_tokens_per_thread_in_nearly_equal_groups(monkeypatch):
-    stage = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage2
+    stage = models.fuse_for_cpu(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage2
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert stage.group_size(8, 56 * 56) == 1  # at least one image
     assert stage.group_size(8, 28 * 28) == 2
@@ -65,7 +65,7 @@ def test_float32_groups_hold_about_1024_tokens_per_thread_in_nearly_equal_groups
 
 
 def test_bfloat16_groups_keep_the_largest_activation_below_glibcs_mmap_threshold():
-    model = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0"))
+    model = models.fuse_for_cpu(timm.create_model("pacavit_tiny_p2cconv_100_0"))
     stage1, stage4 = model.stage1, model.stage4
     # stage 1 at 224: 56x56 tokens, the MLP's 384 hidden channels are the widest (2 heads x 100 clusters: 200)
     assert stage1.widest_activation(56 * 56) == 384

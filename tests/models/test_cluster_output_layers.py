@@ -68,7 +68,7 @@ def test_fused_transform_swaps_the_output_layer_in_place(kind, monkeypatch):
     name, paths = expected_paths(kind)
     model = timm.create_model(name, **SMALL).eval()
     keys = list(model.state_dict())
-    models.fuse_for_cpu_inference(model)
+    models.fuse_for_cpu(model)
     assert list(model.state_dict()) == keys
     assert [path for path, _, _ in find_cluster_output_layers(model)] == paths
     for path, _, layer in find_cluster_output_layers(model):

@@ -1,4 +1,4 @@
-"""models.fuse_for_cpu_inference: the fused modules compute what the plain layers compute, run the
+"""models.fuse_for_cpu: the fused modules compute what the plain layers compute, run the
 oneDNN kernels only where this CPU and the dtype allow, and keep the model an ordinary module."""
 import os
 import subprocess
@@ -59,7 +59,7 @@ def create_pair(name: str, **overrides):
     plain = timm.create_model(name, **{**SMALL, **overrides}).eval()
     fused_model = timm.create_model(name, **{**SMALL, **overrides}).eval()
     fused_model.load_state_dict(plain.state_dict())
-    return plain, models.fuse_for_cpu_inference(fused_model)
+    return plain, models.fuse_for_cpu(fused_model)
 
 
 # -- the fused modules, one at a time -------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_the_transform_keeps_parameters_and_hooks():
     torch.manual_seed(0)
     model = timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval()
     before = dict(model.named_parameters())
-    assert models.fuse_for_cpu_inference(model) is model
+    assert models.fuse_for_cpu(model) is model
     assert all(p is before[name] for name, p in model.named_parameters())  # the same tensors, same names
     kinds = {type(m) for m in model.modules()}
     assert nn.Linear in kinds  # outside the PaCa blocks (the classifier) the layers stay plain
@@ -167,7 +167,7 @@ def test_the_transform_keeps_parameters_and_hooks():
         model(torch.randn(1, 3, 32, 32))
     assert len(calls) == len(fused_layers)
     modules = list(model.modules())
-    assert list(models.fuse_for_cpu_inference(model).modules()) == modules  # applied twice: no change
+    assert list(models.fuse_for_cpu(model).modules()) == modules  # applied twice: no change
 
 
 def test_capture_maps_records_the_same_maps_from_the_fused_model(probe):
@@ -191,7 +191,7 @@ def test_forced_probe_without_support_runs_plain_ops(probe):
         assert onednn_ops(lambda: fused_model(x)) == set()
         torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-5, atol=1e-5)
     untouched = timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL)
-    assert models.fuse_for_cpu_inference(untouched) is untouched
+    assert models.fuse_for_cpu(untouched) is untouched
     assert not any(type(m) is FusedLinear for m in untouched.modules())  # nothing to gain: no swap
 
 
@@ -239,7 +239,7 @@ AVX2_SCRIPT = textwrap.dedent("""
     from models.layers.fused import cpu_fusion_support
     assert cpu_fusion_support() == {torch.float32}, cpu_fusion_support()
     plain = timm.create_model("pacavit_tiny_p2cconv_100_0", depths=(1, 1, 1, 1), num_classes=10).eval()
-    model = models.fuse_for_cpu_inference(copy.deepcopy(plain))
+    model = models.fuse_for_cpu(copy.deepcopy(plain))
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
@@ -396,7 +396,7 @@ def test_the_amx_probe_reads_the_cpus_flags():
 
 
 def test_bfloat16_stages_and_bfloat16_autocast_group_by_the_bfloat16_rule(monkeypatch):
-    stage = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage1
+    stage = models.fuse_for_cpu(timm.create_model("pacavit_tiny_p2cconv_100_0")).stage1
     seen = []
     monkeypatch.setattr(models.paca_vit.PaCaStage, "run_blocks", lambda self, x, *rest: seen.append(x.shape[0]) or x)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -427,7 +427,7 @@ def test_load_state_dict_renews_the_kept_weights_of_a_model_made_under_inference
     plain, _ = create_pair("pacavit_tiny_p2cconv_100_0")
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():  # inference-tensor parameters: no version counter shows the copy
-        fused_model = models.fuse_for_cpu_inference(timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval())
+        fused_model = models.fuse_for_cpu(timm.create_model("pacavit_tiny_p2cconv_100_0", **SMALL).eval())
         fused_model(x)  # keeps the folded depthwise kernels of its random weights
         fused_model.load_state_dict(plain.state_dict())
         torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-4, atol=1e-5)
@@ -451,7 +451,7 @@ def test_the_transform_refuses_hooks_that_would_stop_firing(probe, layer):
     model.get_submodule(layer).register_forward_hook(lambda *args: None)
     kinds = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match=rf"replaces layers that have hooks.*{layer}.*Register the hooks after"):
-        models.fuse_for_cpu_inference(model)
+        models.fuse_for_cpu(model)
     assert [type(m) for m in model.modules()] == kinds  # left as it was
 
 

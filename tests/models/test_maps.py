@@ -4,7 +4,7 @@ import timm
 import torch
 
 import models
-from models import capture_maps, fuse_for_cpu_inference
+from models import capture_maps, fuse_for_cpu
 from models.layers import PaCaAttention
 
 # conv, mlp and linear clustering, clusters computed in every block, the ConvMixer teacher's clusters
@@ -40,7 +40,7 @@ def test_captured_attention_is_what_the_block_applied(name, fused):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     if fused:
-        model = fuse_for_cpu_inference(model)
+        model = fuse_for_cpu(model)
     maps, applied = _applied_attention(model, torch.randn(2, 3, 64, 64))
     assert len(maps) == len(applied) == sum(isinstance(m, PaCaAttention) for m in model.modules())
     for record, block in zip(maps, applied):

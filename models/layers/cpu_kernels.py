@@ -40,14 +40,17 @@ def build_directory() -> Path:
     return Path(root) / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def _limited_below_avx512() -> bool:
+    """``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) keeps ATen below AVX-512, and the kernels' probes too."""
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2")
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_avx512_bf16() -> bool:
     """Whether this CPU has the AVX512-BF16 instructions the kernels use.  Probed once per process.
     ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), which keeps ATen's own kernels below AVX-512,
     makes it False, as the operator's own probe: a CPU without them, emulated on any host."""
-    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
-        return False
-    return bool(torch.cpu.get_capabilities().get("avx512_bf16", False))
+    return not _limited_below_avx512() and bool(torch.cpu.get_capabilities().get("avx512_bf16", False))
 
 
 def buildable() -> bool:
@@ -144,9 +147,7 @@ def layer_norm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 def cpu_has_avx512f() -> bool:
     """Whether this CPU has the AVX-512 instructions of the float32 kernels (AVX512F), as their operator's
     own probe: ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) makes it False.  Probed once per process."""
-    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
-        return False
-    return bool(torch.cpu.get_capabilities().get("avx512_f", False))
+    return not _limited_below_avx512() and bool(torch.cpu.get_capabilities().get("avx512_f", False))
 
 
 def float32_available() -> bool:
@@ -184,6 +185,6 @@ class _DepthwiseConvFp32(torch.autograd.Function):
 def depthwise_conv_fp32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
                         gelu: bool) -> torch.Tensor:
     """``act(conv(x) + bias [+ x])`` as ``depthwise_conv_bf16``, in float32 and differentiable: one pass
-    forward, two backward, where PyTorch's ops make a pass for the conv, the shortcut and the GELU each way
+    forward, one backward, where PyTorch's ops make a pass for the conv, the shortcut and the GELU each way
     and keep the GELU's input for the backward."""
     return _DepthwiseConvFp32.apply(x, weight, bias, residual, gelu)

@@ -97,13 +97,17 @@ def _eager() -> bool:
                 or torch.compiler.is_compiling())
 
 
+def _needs_gradient(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def kernel_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype in which a fused module runs its oneDNN kernel on input ``x``: CPU autocast's
     dtype when it is on, else that of ``x`` and ``weight``; None: the plain ops (see the module
     docstring)."""
     if not _eager() or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if _needs_gradient(x, weight):
         return None
     if torch.is_autocast_enabled("cpu"):
         # autocast leaves float64 alone, and so do we
@@ -244,8 +248,8 @@ class FusedConv2d(WeightCache):
 
     def trains_with_own_kernel(self, x: torch.Tensor) -> bool:
         """Whether a float32 forward that needs gradients runs the project's kernel (``fp32_depthwise.cpp``)."""
-        return (self.own_kernel_fits and _eager() and x.device.type == "cpu" and torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled("cpu")
+        return (self.own_kernel_fits and _eager() and x.device.type == "cpu" and _needs_gradient(x, self.weight)
+                and not torch.is_autocast_enabled("cpu")
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and cpu_kernels.takes_depthwise_conv_fp32(x, self.weight) and cpu_kernels.float32_available())
 
@@ -303,10 +307,6 @@ def _channel_major_linear(tokens: torch.Tensor, weight: torch.Tensor, bias: Opti
     # bmm, not matmul: for a 2-D weight matmul computes tokens @ weight^T and copies its transpose
     out = torch.bmm(weight.expand(tokens.shape[0], -1, -1), tokens.transpose(1, 2))
     return out if bias is None else out + bias.unsqueeze(-1)
-
-
-def _needs_gradient(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 class ChannelMajorLinear(WeightCache):

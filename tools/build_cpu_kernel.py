@@ -1,4 +1,4 @@
-"""Build the project's bfloat16 CPU kernels now (./install.sh runs this), instead of on first use.
+"""Build the project's CPU kernels now (./install.sh runs this), instead of on first use.
 
     python tools/build_cpu_kernel.py
 
@@ -19,8 +19,12 @@ def main() -> int:
         return 1
     runs = ("runs them" if cpu_kernels.cpu_has_avx512_bf16()
             else "has no AVX512-BF16: bfloat16 layers keep PyTorch's and oneDNN's ops")
+    isa = cpu_kernels.float32_instruction_set()
     print(f"bfloat16 CPU kernels (attention, depthwise conv, LayerNorm): built in {cpu_kernels.build_directory()}; "
           f"this CPU {runs}")
+    print("float32 depthwise-conv training kernel: "
+          + (f"runs with {isa.upper().replace('AVX512', 'AVX-512')} here" if isa else "this CPU has neither AVX-512 nor AVX2: training keeps "
+             "PyTorch's ops"))
     return 0
 
 

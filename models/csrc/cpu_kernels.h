@@ -1,6 +1,6 @@
 // What the project's CPU kernels share: the target attributes that let a function use AVX-512
-// (AVX512-BF16) in a library compiled for any x86-64 CPU, the CPU probes their operators check before
-// running it, the GELU and its derivative on float32 vectors, and the moves between bfloat16 and
+// (AVX512-BF16) or AVX2 in a library compiled for any x86-64 CPU, the CPU probes their operators check
+// before running it, the GELU and its derivative on float32 vectors, and the moves between bfloat16 and
 // float32 vectors.
 #pragma once
 
@@ -14,23 +14,42 @@
 
 #define PACAVIT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define PACAVIT_AVX512 __attribute__((target("avx512f")))
+#define PACAVIT_AVX2 __attribute__((target("avx2,fma")))
 
 namespace pacavit {
 
 // ATEN_CPU_CAPABILITY=avx2 (or default) keeps ATen's own kernels below AVX-512; it keeps these off as
 // well, so that a CPU without AVX512-BF16 can be emulated, and the refusals tested, on any host
-inline bool limited_below_avx512() {
+inline std::string aten_capability_limit() {
   const char* limit = std::getenv("ATEN_CPU_CAPABILITY");
-  if (limit == nullptr) return false;
-  std::string value(limit);
+  std::string value(limit == nullptr ? "" : limit);
   std::transform(value.begin(), value.end(), value.begin(), [](unsigned char c) { return std::tolower(c); });
-  return value == "default" || value == "avx2";
+  return value;
 }
 
-inline bool cpu_has_avx512f() {
-  if (limited_below_avx512()) return false;
+inline bool limited_below_avx512() {
+  const std::string limit = aten_capability_limit();
+  return limit == "default" || limit == "avx2";
+}
+
+// The instruction set of the float32 kernels on this CPU: AVX-512 where it has AVX512F, else AVX2 with FMA,
+// else none (they refuse); ATEN_CPU_CAPABILITY=avx2 chooses AVX2 and =default none, as for ATen's kernels
+enum class Float32Isa { kNone, kAvx2, kAvx512 };
+
+inline Float32Isa float32_isa() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  const bool avx2 = aten_capability_limit() != "default" && __builtin_cpu_supports("avx2") &&
+                    __builtin_cpu_supports("fma");
+  if (avx2 && !limited_below_avx512() && __builtin_cpu_supports("avx512f")) return Float32Isa::kAvx512;
+  return avx2 ? Float32Isa::kAvx2 : Float32Isa::kNone;
+}
+
+inline std::string float32_instruction_set() {
+  switch (float32_isa()) {
+    case Float32Isa::kAvx512: return "avx512";
+    case Float32Isa::kAvx2: return "avx2";
+    default: return "";
+  }
 }
 
 inline bool cpu_has_avx512_bf16() {
@@ -42,27 +61,26 @@ inline bool cpu_has_avx512_bf16() {
 
 // Phi(x) - 1/2 = x P(x^2) / Q(x^2) for |x| <= 5.75 (x clamped there), fitted to the normal CDF by
 // tools/fit_gelu.py (max error 4.6e-8, 2.2e-7 evaluated in float32).  Beyond, Phi is 1 (or 0) to
-// float32's precision.
+// float32's precision.  P's and Q's coefficients, highest power first:
+constexpr float kCdfNumerator[] = {1.0350219e-10f, -2.2561190e-08f, 3.7782211e-06f, 2.1836060e-04f,
+                                   4.8158630e-03f, 4.0508166e-02f,  3.9894199e-01f};
+constexpr float kCdfDenominator[] = {7.8417594e-05f, 2.1083667e-03f, 3.1780001e-02f, 2.6820099e-01f, 1.f};
+constexpr float kGeluLimit = 5.75f;
+// e^r's Taylor series to r^7, highest power first
+constexpr float kExpTaylor[] = {1.f / 5040.f, 1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
+constexpr float kLog2e = 1.44269504f, kLn2High = 0.693145752f, kLn2Low = 1.42860677e-6f;  // ln 2 in two parts
+
 PACAVIT_AVX512 inline __m512 centred_normal_cdf(__m512 xc) {
   const __m512 u = _mm512_mul_ps(xc, xc);
-  __m512 p = _mm512_set1_ps(1.0350219e-10f);
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(-2.2561190e-08f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(3.7782211e-06f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(2.1836060e-04f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(4.8158630e-03f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(4.0508166e-02f));
-  p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(3.9894199e-01f));
-  __m512 q = _mm512_set1_ps(7.8417594e-05f);
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.1083667e-03f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(3.1780001e-02f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(2.6820099e-01f));
-  q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kCdfNumerator[0]), q = _mm512_set1_ps(kCdfDenominator[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(kCdfNumerator[i]));
+#pragma GCC unroll 8
+  for (int i = 1; i < 5; ++i) q = _mm512_fmadd_ps(q, u, _mm512_set1_ps(kCdfDenominator[i]));
   __m512 r = _mm512_rcp14_ps(q);  // Q >= 1; one Newton step takes 14 bits to 28
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.f)));
   return _mm512_mul_ps(_mm512_mul_ps(xc, p), r);
 }
-
-constexpr float kGeluLimit = 5.75f;
 
 PACAVIT_AVX512 inline __m512 clamp_to_gelu_limit(__m512 x) {
   return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-kGeluLimit)), _mm512_set1_ps(kGeluLimit));
@@ -76,20 +94,15 @@ PACAVIT_AVX512 inline __m512 gelu(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-kGeluLimit), _CMP_GE_OQ), y);
 }
 
-// e^x for -88 < x <= 0: 2^n e^r with |r| <= ln(2) / 2 and e^r from its Taylor series to r^7 (relative
+// e^x for -87 < x <= 0: 2^n e^r with |r| <= ln(2) / 2 and e^r from its Taylor series to r^7 (relative
 // error below 1e-7 before float32's rounding)
 PACAVIT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: r exact to float32
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);  // exact to float32
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kExpTaylor[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -101,6 +114,49 @@ PACAVIT_AVX512 inline __m512 gelu_derivative(__m512 x) {
                                        _mm512_set1_ps(0.398942280f));  // 1 / sqrt(2 pi)
   const __m512 d = _mm512_fmadd_ps(xc, density, _mm512_add_ps(centred_normal_cdf(xc), _mm512_set1_ps(0.5f)));
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-kGeluLimit), _CMP_GE_OQ), d);
+}
+
+// The same four on 8 floats for CPUs with AVX2 and FMA only (AMD Zen 3, older Intel): the same fits,
+// with a division for AVX-512's reciprocal and the power of two built from its exponent bits
+PACAVIT_AVX2 inline __m256 centred_normal_cdf(__m256 xc) {
+  const __m256 u = _mm256_mul_ps(xc, xc);
+  __m256 p = _mm256_set1_ps(kCdfNumerator[0]), q = _mm256_set1_ps(kCdfDenominator[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(kCdfNumerator[i]));
+#pragma GCC unroll 8
+  for (int i = 1; i < 5; ++i) q = _mm256_fmadd_ps(q, u, _mm256_set1_ps(kCdfDenominator[i]));
+  return _mm256_div_ps(_mm256_mul_ps(xc, p), q);
+}
+
+PACAVIT_AVX2 inline __m256 clamp_to_gelu_limit(__m256 x) {
+  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-kGeluLimit)), _mm256_set1_ps(kGeluLimit));
+}
+
+PACAVIT_AVX2 inline __m256 gelu(__m256 x) {
+  const __m256 centred = centred_normal_cdf(clamp_to_gelu_limit(x));
+  const __m256 y = _mm256_fmadd_ps(x, centred, _mm256_mul_ps(x, _mm256_set1_ps(0.5f)));
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-kGeluLimit), _CMP_GE_OQ), y);
+}
+
+PACAVIT_AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
+  // 2^n: n >= -126 for x > -87, a normal float32 whose exponent field is n + 127
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_to_n));
+}
+
+PACAVIT_AVX2 inline __m256 gelu_derivative(__m256 x) {
+  const __m256 xc = clamp_to_gelu_limit(x);
+  const __m256 density = _mm256_mul_ps(exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(xc, xc), _mm256_set1_ps(-0.5f))),
+                                       _mm256_set1_ps(0.398942280f));
+  const __m256 d = _mm256_fmadd_ps(xc, density, _mm256_add_ps(centred_normal_cdf(xc), _mm256_set1_ps(0.5f)));
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-kGeluLimit), _CMP_GE_OQ), d);
 }
 
 // A 512-bit load holds 32 bfloat16 channels.  Widening them in place to float32 (a bfloat16 is the top

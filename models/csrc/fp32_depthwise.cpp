@@ -1,4 +1,4 @@
-// Depthwise convolution in float32 for training on CPUs with AVX-512: act(conv(x) + bias [+ x]) and its
+// Depthwise convolution in float32 for training on CPUs with AVX-512 or AVX2: act(conv(x) + bias [+ x]) and its
 // gradients, for a channels_last (B, C, H, W) input, a K x K kernel (K = 3, 5, 7) with stride 1 and "same"
 // zero padding, optionally its identity shortcut and the exact GELU.
 //
@@ -7,19 +7,22 @@
 // out) and keeps nothing but x; the backward is one pass too (dy and x in, dx out): it recomputes the GELU's
 // input s from x row by row, forms g = dy * GELU'(s) with the weight and bias gradients, and keeps g's last
 // K rows in the cache, from which dx (the conv of g with the kernel turned by 180 degrees) is computed.  16
-// channels make one vector; each thread takes rows of pixels.
+// channels make one vector; each thread takes rows of pixels.  The loops (fp32_depthwise_loops.inc) are
+// compiled once with AVX-512 and once with AVX2 + FMA, and the operators choose at run time
+// (pacavit::float32_isa).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
 
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 16;  // channels per vector
 
 struct Window {  // the taps of a K x K window that fall inside the image, per pixel
   int kh0, kh1, kw0, kw1;
@@ -44,129 +47,41 @@ inline Rows<K> image_rows(const float* image, int64_t h, int64_t row_floats) {
   return rows;
 }
 
-// sum + the sum over the window's taps of weight * input, for channels c .. c + 15 of pixel (h, w);
-// `weights` is [C / 16][K * K][16] floats
-template <int K>
-PACAVIT_AVX512 inline __m512 convolve_at(const Rows<K>& rows, int64_t h, int64_t w, int64_t H, int64_t W, int64_t C,
-                                         int64_t c, const float* weights, __m512 sum) {
-  constexpr int P = K / 2;
-  const float* block_weights = weights + c * K * K;
-  const int64_t column = (w - P) * C + c;  // the window's left column within a row
-  if (h >= P && h < H - P && w >= P && w < W - P) {  // the interior: a loop the compiler unrolls
-#pragma GCC unroll 49
-    for (int tap = 0; tap < K * K; ++tap)
-      sum = _mm512_fmadd_ps(_mm512_loadu_ps(rows.row[tap / K] + column + (tap % K) * C),
-                            _mm512_loadu_ps(block_weights + tap * kLanes), sum);
-    return sum;
-  }
-  const Window win = window(K, h, w, H, W);
-  for (int kh = win.kh0; kh < win.kh1; ++kh)
-    for (int kw = win.kw0; kw < win.kw1; ++kw)
-      sum = _mm512_fmadd_ps(_mm512_loadu_ps(rows.row[kh] + column + kw * C),
-                            _mm512_loadu_ps(block_weights + (kh * K + kw) * kLanes), sum);
-  return sum;
-}
+namespace avx512 {
+#define PACAVIT_TARGET PACAVIT_AVX512
+using Vec = __m512;
+PACAVIT_TARGET inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+PACAVIT_TARGET inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+PACAVIT_TARGET inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+PACAVIT_TARGET inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+PACAVIT_TARGET inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+PACAVIT_TARGET inline Vec zero() { return _mm512_setzero_ps(); }
+PACAVIT_TARGET inline Vec gelu(Vec s) { return pacavit::gelu(s); }
+PACAVIT_TARGET inline Vec gelu_derivative(Vec s) { return pacavit::gelu_derivative(s); }
+#include "fp32_depthwise_loops.inc"
+#undef PACAVIT_TARGET
+}  // namespace avx512
 
-// one output row: act(conv + bias) over the rows `rows`
-template <int K, bool Gelu>
-PACAVIT_AVX512 void output_row(const Rows<K>& rows, int64_t h, int64_t H, int64_t W, int64_t C, const float* weights,
-                               const float* bias, float* out) {
-  for (int64_t w = 0; w < W; ++w)
-    for (int64_t c = 0; c < C; c += kLanes) {
-      const __m512 s = convolve_at<K>(rows, h, w, H, W, C, c, weights, _mm512_loadu_ps(bias + c));
-      _mm512_storeu_ps(out + w * C + c, Gelu ? pacavit::gelu(s) : s);
-    }
+namespace avx2 {
+#define PACAVIT_TARGET PACAVIT_AVX2
+struct Vec {
+  __m256 low, high;  // channels c .. c + 7, c + 8 .. c + 15
+};
+PACAVIT_TARGET inline Vec load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+PACAVIT_TARGET inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v.low), _mm256_storeu_ps(p + 8, v.high); }
+PACAVIT_TARGET inline Vec fmadd(Vec a, Vec b, Vec c) {
+  return {_mm256_fmadd_ps(a.low, b.low, c.low), _mm256_fmadd_ps(a.high, b.high, c.high)};
 }
-
-template <int K, bool Gelu>
-void forward(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, const float* weights, const float* bias,
-             float* y) {
-  const int64_t row_floats = W * C;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      output_row<K, Gelu>(image_rows<K>(x + b * H * row_floats, h, row_floats), h, H, W, C, weights, bias,
-                          y + bh * row_floats);
-    }
-  });
+PACAVIT_TARGET inline Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)}; }
+PACAVIT_TARGET inline Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.low, b.low), _mm256_mul_ps(a.high, b.high)}; }
+PACAVIT_TARGET inline Vec zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+PACAVIT_TARGET inline Vec gelu(Vec s) { return {pacavit::gelu(s.low), pacavit::gelu(s.high)}; }
+PACAVIT_TARGET inline Vec gelu_derivative(Vec s) {
+  return {pacavit::gelu_derivative(s.low), pacavit::gelu_derivative(s.high)};
 }
-
-// g = dy * act'(s) for row h (s recomputed from x) into `g`; with `accumulate`, the row's share of the weight
-// gradient (g times the input under each tap) and of the bias gradient (g) is added into `weight_grad`
-// ([C / 16][K * K][16]) and `bias_grad`
-template <int K, bool Gelu>
-PACAVIT_AVX512 void gradient_row(const float* dy, const float* x_image, int64_t h, int64_t H, int64_t W, int64_t C,
-                                 const float* weights, const float* bias, float* g, bool accumulate,
-                                 float* weight_grad, float* bias_grad) {
-  constexpr int P = K / 2;
-  const Rows<K> rows = image_rows<K>(x_image, h, W * C);
-  for (int64_t c = 0; c < C; c += kLanes) {
-    float* block_grad = weight_grad + c * K * K;
-    __m512 bias_sum = _mm512_setzero_ps();
-    for (int64_t w = 0; w < W; ++w) {
-      __m512 gs = _mm512_loadu_ps(dy + w * C + c);
-      if (Gelu)
-        gs = _mm512_mul_ps(gs, pacavit::gelu_derivative(
-                                   convolve_at<K>(rows, h, w, H, W, C, c, weights, _mm512_loadu_ps(bias + c))));
-      _mm512_storeu_ps(g + w * C + c, gs);
-      if (!accumulate) continue;
-      bias_sum = _mm512_add_ps(bias_sum, gs);
-      const Window win = window(K, h, w, H, W);
-      for (int kh = win.kh0; kh < win.kh1; ++kh)
-        for (int kw = win.kw0; kw < win.kw1; ++kw) {
-          float* tap_grad = block_grad + (kh * K + kw) * kLanes;
-          _mm512_storeu_ps(tap_grad, _mm512_fmadd_ps(gs, _mm512_loadu_ps(rows.row[kh] + (w - P + kw) * C + c),
-                                                     _mm512_loadu_ps(tap_grad)));
-        }
-    }
-    if (accumulate) _mm512_storeu_ps(bias_grad + c, _mm512_add_ps(bias_sum, _mm512_loadu_ps(bias_grad + c)));
-  }
-}
-
-// The backward in one sweep down each image: g's rows go into a ring of K rows that stays in the cache, and
-// dx's row h (the conv of g with the turned kernel) is written as soon as g's row h + P is there.
-template <int K, bool Gelu>
-void backward(const float* dy, const float* x, int64_t B, int64_t H, int64_t W, int64_t C, const float* weights,
-              const float* bias, const float* turned_weights, float* dx, float* weight_grad, float* bias_grad) {
-  constexpr int P = K / 2;
-  const int64_t row_floats = W * C, sums = C * (K * K + 1);
-  const int threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads) * sums, 0.f), no_bias(C, 0.f);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    float* own = partial.data() + static_cast<size_t>(at::get_thread_num()) * sums;  // this thread's sums
-    std::vector<float> ring(K * row_floats);
-    const auto ring_rows = [&](int64_t h) {
-      Rows<K> rows;
-      for (int kh = 0; kh < K; ++kh) rows.row[kh] = ring.data() + ((h - P + kh + K) % K) * row_floats;
-      return rows;
-    };
-    for (int64_t start = begin; start < end;) {  // the chunk's rows of one image at a time
-      const int64_t b = start / H, h_begin = start % H, h_end = std::min(H, h_begin + end - start);
-      const float *x_image = x + b * H * row_floats, *dy_image = dy + b * H * row_floats;
-      float* dx_image = dx + b * H * row_floats;
-      const auto emit = [&](int64_t h) {
-        output_row<K, false>(ring_rows(h), h, H, W, C, turned_weights, no_bias.data(), dx_image + h * row_floats);
-      };
-      // g's rows P above and below the chunk are recomputed here (and their sums left to their own chunk)
-      const int64_t lo = std::max<int64_t>(0, h_begin - P), hi = std::min(H, h_end + P);
-      for (int64_t r = lo; r < hi; ++r) {
-        gradient_row<K, Gelu>(dy_image + r * row_floats, x_image, r, H, W, C, weights, bias,
-                              ring.data() + (r % K) * row_floats, r >= h_begin && r < h_end, own, own + C * K * K);
-        if (r - P >= h_begin) emit(r - P);
-      }
-      for (int64_t h = std::max(h_begin, hi - P); h < h_end; ++h) emit(h);  // the image's last rows
-      start += h_end - h_begin;
-    }
-  });
-  for (int t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < sums; ++i) {
-      const float value = partial[static_cast<size_t>(t) * sums + i];
-      if (i < C * K * K)
-        weight_grad[i] += value;
-      else
-        bias_grad[i - C * K * K] += value;
-    }
-}
+#include "fp32_depthwise_loops.inc"
+#undef PACAVIT_TARGET
+}  // namespace avx2
 
 // weights[c][kh][kw] (+ 1 at the centre tap for the shortcut) as the kernel reads them: [C / 16][K * K][16],
 // optionally turned by 180 degrees
@@ -189,6 +104,7 @@ std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int64_t C)
   return std::vector<float>(values.const_data_ptr<float>(), values.const_data_ptr<float>() + C);
 }
 
+// the kernel size, after checking the inputs and that this CPU runs the kernel
 int64_t check(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               op, " takes a 4-d float32 CPU tensor (batch, channels, height, width)");
@@ -201,18 +117,27 @@ int64_t check(const char* op, const at::Tensor& x, const at::Tensor& weight, con
               op, " takes a (", C, ", 1, K, K) float32 weight with K = 3, 5 or 7, got ", weight.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat),
               op, " takes a bias of ", C, " float32 values");
-  TORCH_CHECK(pacavit::cpu_has_avx512f(), op, " needs a CPU with AVX-512 (this one has none, or ATEN_CPU_CAPABILITY ",
-              "limits it to AVX2)");
+  TORCH_CHECK(pacavit::float32_isa() != pacavit::Float32Isa::kNone, op, " needs a CPU with AVX-512 or AVX2 and FMA ",
+              "(this one has neither, or ATEN_CPU_CAPABILITY=default keeps it below)");
   return K;
 }
 
-template <int K>
-void run_forward(bool gelu, const float* x, int64_t B, int64_t H, int64_t W, int64_t C, const float* weights,
-             const float* bias, float* y) {
-  if (gelu)
-    forward<K, true>(x, B, H, W, C, weights, bias, y);
-  else
-    forward<K, false>(x, B, H, W, C, weights, bias, y);
+using ForwardLoops = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*, float*);
+using BackwardLoops = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                               const float*, const float*, float*, float*, float*);
+
+// forward<K, Gelu> and backward<K, Gelu> in this CPU's instruction set
+template <int K, bool Gelu>
+std::pair<ForwardLoops, BackwardLoops> loops_for() {
+  if (pacavit::float32_isa() == pacavit::Float32Isa::kAvx512)
+    return {&avx512::forward<K, Gelu>, &avx512::backward<K, Gelu>};
+  return {&avx2::forward<K, Gelu>, &avx2::backward<K, Gelu>};
+}
+
+std::pair<ForwardLoops, BackwardLoops> loops(int64_t K, bool gelu) {
+  if (K == 3) return gelu ? loops_for<3, true>() : loops_for<3, false>();
+  if (K == 5) return gelu ? loops_for<5, true>() : loops_for<5, false>();
+  return gelu ? loops_for<7, true>() : loops_for<7, false>();
 }
 
 at::Tensor depthwise_conv_fp32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -224,22 +149,8 @@ at::Tensor depthwise_conv_fp32(const at::Tensor& x, const at::Tensor& weight, co
   if (y.numel() == 0) return y;
   const float* in = x.const_data_ptr<float>();
   float* out = y.mutable_data_ptr<float>();
-  switch (K) {
-    case 3: run_forward<3>(gelu, in, B, H, W, C, weights.data(), biases.data(), out); break;
-    case 5: run_forward<5>(gelu, in, B, H, W, C, weights.data(), biases.data(), out); break;
-    default: run_forward<7>(gelu, in, B, H, W, C, weights.data(), biases.data(), out); break;
-  }
+  loops(K, gelu).first(in, B, H, W, C, weights.data(), biases.data(), out);
   return y;
-}
-
-template <int K>
-void run_backward(bool gelu, const float* dy, const float* x, int64_t B, int64_t H, int64_t W, int64_t C,
-                  const float* weights, const float* bias, const float* turned, float* dx, float* weight_grad,
-                  float* bias_grad) {
-  if (gelu)
-    backward<K, true>(dy, x, B, H, W, C, weights, bias, turned, dx, weight_grad, bias_grad);
-  else
-    backward<K, false>(dy, x, B, H, W, C, weights, bias, turned, dx, weight_grad, bias_grad);
 }
 
 // (dx, dweight, dbias) of y = act(conv(x) + bias [+ x]) given dy
@@ -258,14 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_fp32_backward(
   if (x.numel() > 0) {
     const float *in = x.const_data_ptr<float>(), *d = dy.const_data_ptr<float>();
     float* dxp = dx.mutable_data_ptr<float>();
-    switch (K) {
-      case 3: run_backward<3>(gelu, d, in, B, H, W, C, weights.data(), biases.data(), turned.data(), dxp,
-                          weight_grad.data(), bias_grad.data()); break;
-      case 5: run_backward<5>(gelu, d, in, B, H, W, C, weights.data(), biases.data(), turned.data(), dxp,
-                          weight_grad.data(), bias_grad.data()); break;
-      default: run_backward<7>(gelu, d, in, B, H, W, C, weights.data(), biases.data(), turned.data(), dxp,
-                           weight_grad.data(), bias_grad.data()); break;
-    }
+    loops(K, gelu).second(d, in, B, H, W, C, weights.data(), biases.data(), turned.data(), dxp, weight_grad.data(),
+                          bias_grad.data());
   }
   // back from the kernel's order to (C, 1, K, K)
   at::Tensor dweight = at::empty({C, 1, K, K}, x.options().memory_format(at::MemoryFormat::Contiguous));

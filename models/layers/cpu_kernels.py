@@ -1,5 +1,5 @@
 """The project's CPU kernels (``models/csrc``), from Python: bfloat16 ones for CPUs with AVX512-BF16,
-and a float32 one for training on CPUs with AVX-512.
+and a float32 one for training on CPUs with AVX-512 or AVX2.
 
 - ``attention_bf16``: PaCa's attention, softmax(q k^T / sqrt(D)) v (``bf16_attention.cpp``);
 - ``depthwise_conv_bf16``: a depthwise conv with its bias, identity shortcut and GELU in one pass
@@ -11,8 +11,8 @@ and a float32 one for training on CPUs with AVX-512.
 PyTorch's C++ extension tools compile them once per torch version and Python (about 25 s; ./install.sh
 does it) into ``<repo>/.cache/kernels`` (``$PACAVIT_KERNEL_CACHE`` elsewhere), and the library loads
 on first use as the operators ``torch.ops.pacavit.*`` (``models/csrc/ops.cpp``).  It builds and loads
-on any x86-64 CPU; its AVX512-BF16 (AVX-512) code runs only where the CPU has those instructions (each
-operator refuses elsewhere).  Where it cannot be built (no C++ compiler, another architecture) the layers keep
+on any x86-64 CPU; its AVX512-BF16 (AVX-512, AVX2) code runs only where the CPU has those instructions
+(each operator refuses elsewhere).  Where it cannot be built (no C++ compiler, another architecture) the layers keep
 PyTorch's and oneDNN's ops, after one warning that says why.  ``fused.fuse_for_cpu`` puts
 the kernels in the layers' forwards; each ``takes_*`` says which inputs a kernel handles.
 
@@ -40,9 +40,13 @@ def build_directory() -> Path:
     return Path(root) / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+def _aten_capability_limit() -> str:
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+
+
 def _limited_below_avx512() -> bool:
     """``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) keeps ATen below AVX-512, and the kernels' probes too."""
-    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2")
+    return _aten_capability_limit() in ("default", "avx2")
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,15 +148,20 @@ def layer_norm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_avx512f() -> bool:
-    """Whether this CPU has the AVX-512 instructions of the float32 kernels (AVX512F), as their operator's
-    own probe: ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) makes it False.  Probed once per process."""
-    return not _limited_below_avx512() and bool(torch.cpu.get_capabilities().get("avx512_f", False))
+def float32_instruction_set() -> Optional[str]:
+    """The instruction set of the float32 kernel on this CPU, as its operator's own probe: "avx512" where
+    the CPU has AVX512F, else "avx2" where it has AVX2 and FMA (AMD Zen 3, older Intel), else None.
+    ``ATEN_CPU_CAPABILITY=avx2`` makes it "avx2" (AVX-512 CPUs emulate AVX2-only ones) and ``=default``
+    None, as for ATen's own kernels.  Probed once per process."""
+    capabilities = torch.cpu.get_capabilities()
+    if _aten_capability_limit() == "default" or not (capabilities.get("avx2") and capabilities.get("fma3")):
+        return None
+    return "avx512" if capabilities.get("avx512_f") and not _limited_below_avx512() else "avx2"
 
 
 def float32_available() -> bool:
-    """Whether the float32 training kernel can run here: the CPU has AVX-512 and the kernels are built."""
-    return cpu_has_avx512f() and load()
+    """Whether the float32 training kernel can run here: the CPU has AVX-512 or AVX2, and the kernels are built."""
+    return float32_instruction_set() is not None and load()
 
 
 def takes_depthwise_conv_fp32(x: torch.Tensor, conv_weight: torch.Tensor) -> bool:

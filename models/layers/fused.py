@@ -26,7 +26,7 @@ What changes:
 - ``FusedConv2d`` (depthwise) and ``BFloat16CpuLayerNorm``: in bfloat16 on a CPU with AVX512-BF16,
   this project's kernels (``cpu_kernels``): the depthwise conv with its bias, shortcut and GELU in
   one pass, and the LayerNorm, both computing in float32 inside.
-- ``FusedConv2d`` (depthwise) in float32 training on a CPU with AVX-512: the project's differentiable
+- ``FusedConv2d`` (depthwise) in float32 training on a CPU with AVX-512 or AVX2: the project's differentiable
   kernel (``cpu_kernels.depthwise_conv_fp32``), conv, bias, shortcut and GELU in one pass forward and
   one backward, where PyTorch makes a pass for each, both ways.  The other fused layers run the plain
   ops where a gradient is needed.
@@ -590,7 +590,7 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
     """Swap the fused modules into ``model`` (in place) and return it; a no-op when this CPU has
     no oneDNN fused kernels, and when applied twice.  Made for inference; a fused model also trains
     (the same gradients as the plain model's), with the depthwise convs on the float32 training
-    kernel where the CPU has AVX-512 and the plain ops for the rest.
+    kernel where the CPU has AVX-512 or AVX2 and the plain ops for the rest.
     """
     if not cpu_fusion_support():
         return model

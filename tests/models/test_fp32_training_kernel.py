@@ -1,8 +1,9 @@
 """The project's float32 depthwise-conv training kernel (models/csrc/fp32_depthwise.cpp): where the CPU has
-AVX-512 its forward and gradients agree with PyTorch's conv + shortcut + GELU in float64 to float32 rounding,
-for any split of the rows between threads; elsewhere it refuses.  A fused PaCa model trains with it where the
-probe says, with the plain model's gradients, and keeps PyTorch's ops under autocast, without gradients, and
-on a CPU without AVX-512 (emulated here on any host)."""
+AVX-512, or AVX2 and FMA, its forward and gradients agree with PyTorch's conv + shortcut + GELU in float64 to
+float32 rounding, for any split of the rows between threads; elsewhere it refuses.  A fused PaCa model trains
+with it where the probe says, with the plain model's gradients, and keeps PyTorch's ops under autocast,
+without gradients, and on a CPU without either.  The AVX2 code (what AMD Zen 3 runs) and the refusal are
+checked on any host, in processes where ``ATEN_CPU_CAPABILITY`` sets the probes, as it does ATen's."""
 import os
 import subprocess
 import sys
@@ -39,13 +40,22 @@ def output_and_gradients(run, x, weight, bias, grad_y):
     return [run(*leaves[:2], leaves[2] if bias is not None else None).detach()] + [t.grad for t in leaves]
 
 
+REFUSAL = "needs a CPU with AVX-512 or AVX2 and FMA"
+
+
 def kernel_or_refusal(run):
-    """``run()`` on a CPU with AVX-512; elsewhere the operator must refuse with an error that says why: None."""
-    if torch.ops.pacavit.cpu_has_avx512f():
+    """``run()`` on a CPU with AVX-512 or AVX2; elsewhere the operator must refuse with an error that says
+    why: None."""
+    if torch.ops.pacavit.float32_instruction_set():
         return run()
-    with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
+    with pytest.raises(RuntimeError, match=REFUSAL):
         run()
     return None
+
+
+def test_the_python_probe_names_the_instruction_set_the_operators_choose():
+    assert torch.ops.pacavit.float32_instruction_set() == (cpu_kernels.float32_instruction_set() or "")
+    assert cpu_kernels.float32_available() == bool(cpu_kernels.float32_instruction_set())
 
 
 # (batch, channels, height, width, kernel, shortcut, GELU, bias): the MLP's 3x3 conv with its shortcut and
@@ -123,18 +133,18 @@ def pacavit_ops(run):
     return {e.key for e in prof.key_averages() if e.key.startswith("pacavit::")}
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "without"])
+@pytest.mark.parametrize("probe", ["avx2", None], ids=["kernel", "without"])
 def test_a_fused_model_trains_with_the_kernel_where_the_probe_says_with_the_plain_models_gradients(
-        monkeypatch, avx512):
+        monkeypatch, probe):
     """The MLP's and the clustering's depthwise convs take the kernel in a float32 training step where the
     probe says (its forward and backward), PyTorch's ops elsewhere; the loss and every gradient agree with
     the plain model's."""
-    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512f", lambda: avx512)
+    monkeypatch.setattr(cpu_kernels, "float32_instruction_set", lambda: probe)
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0", num_classes=5)
     plain.train(), fused_model.train()
     x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
-    if avx512 and not torch.ops.pacavit.cpu_has_avx512f():
-        with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
+    if probe and not torch.ops.pacavit.float32_instruction_set():
+        with pytest.raises(RuntimeError, match=REFUSAL):
             fused_model(x)
         return
     losses = {}
@@ -144,14 +154,14 @@ def test_a_fused_model_trains_with_the_kernel_where_the_probe_says_with_the_plai
         losses[model].backward()
 
     step(plain)
-    assert pacavit_ops(lambda: step(fused_model)) == ({FORWARD, BACKWARD} if avx512 else set())
+    assert pacavit_ops(lambda: step(fused_model)) == ({FORWARD, BACKWARD} if probe else set())
     torch.testing.assert_close(losses[fused_model], losses[plain], rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fused_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_without_gradients_under_autocast_and_for_other_convs_the_kernel_stays_out(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512f", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "float32_instruction_set", lambda: "avx2")
     _, fused_model = create_pair("pacavit_tiny_p2cconv_100_0", num_classes=5)
     fused_model.train()
     x = torch.randn(1, 3, 64, 64)
@@ -163,18 +173,17 @@ def test_without_gradients_under_autocast_and_for_other_convs_the_kernel_stays_o
     assert not tanh_gelu.trains_with_own_kernel(image(1, 32, 4, 4).requires_grad_())
 
 
-AVX2_SCRIPT = textwrap.dedent("""
+NO_KERNEL_SCRIPT = textwrap.dedent("""
     import torch
-    import torch.nn.functional as F
     from models.layers import cpu_kernels
-    from tests.models.test_fp32_training_kernel import FORWARD, create_pair, image, pacavit_ops
+    from tests.models.test_fp32_training_kernel import REFUSAL, create_pair, image, pacavit_ops
     assert cpu_kernels.load()
-    assert not torch.ops.pacavit.cpu_has_avx512f() and not cpu_kernels.float32_available()
+    assert torch.ops.pacavit.float32_instruction_set() == "" and not cpu_kernels.float32_available()
     try:
         cpu_kernels.depthwise_conv_fp32(image(1, 16, 4, 4), torch.randn(16, 1, 3, 3), None, True, True)
         raise AssertionError("the operator ran")
     except RuntimeError as error:
-        assert "needs a CPU with AVX-512" in str(error), error
+        assert REFUSAL in str(error), error
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0", num_classes=5)
     plain.train(), fused_model.train()
     x = torch.randn(1, 3, 64, 64)
@@ -184,10 +193,25 @@ AVX2_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_cpu_without_avx512_emulated_on_any_host_gets_the_refusal_and_trains_on_pytorchs_ops():
-    """ATEN_CPU_CAPABILITY=avx2 makes both probes say no, as on an AVX2-only CPU (AMD Zen 3); a process
-    of its own, since the probes are read once per process."""
-    run = subprocess.run([sys.executable, "-c", AVX2_SCRIPT], cwd=REPO,
-                         env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True, text=True,
+def test_a_cpu_without_avx2_emulated_on_any_host_gets_the_refusal_and_trains_on_pytorchs_ops():
+    """ATEN_CPU_CAPABILITY=default makes both probes say none; a process of its own, since the probes are
+    read once per process."""
+    run = subprocess.run([sys.executable, "-c", NO_KERNEL_SCRIPT], cwd=REPO,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "refused" in run.stdout, run.stderr[-3000:]
+
+
+def test_the_avx2_code_passes_these_tests_on_any_host():
+    """ATEN_CPU_CAPABILITY=avx2 gives the AVX2 code on an AVX-512 CPU too, as an AVX2-only one (AMD Zen 3)
+    runs it: this file's kernel tests, in a process of their own."""
+    tests = "probe_names or agree_with_float64 or gelu_derivative or trains_with_the_kernel or stays_out"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, __file__],
+                         cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import torch; from models.layers import cpu_kernels; "
+                            "cpu_kernels.load(); print(torch.ops.pacavit.float32_instruction_set())"],
+                           cwd=REPO, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True,
+                           text=True, timeout=300)
+    assert probe.stdout.split()[-1] == "avx2", probe.stderr[-2000:]

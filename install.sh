@@ -383,10 +383,10 @@ else
     echo "    already installed: $REPO"
 fi
 
-# --------------------------------------------------------------------------- bfloat16 CPU kernels
+# --------------------------------------------------------------------------- the CPU kernels
 # Compiled once per torch version into .cache/kernels (models/layers/cpu_kernels.py), so that the first
 # bfloat16 run does not wait for them.  Not fatal: without them bfloat16 layers run on PyTorch's ops.
-step "the bfloat16 CPU kernels (models/csrc; they run on CPUs with AVX512-BF16)"
+step "the CPU kernels (models/csrc: bfloat16 ones for CPUs with AVX512-BF16, a float32 one for AVX-512 / AVX2)"
 if ! "$PY" "$REPO/tools/build_cpu_kernel.py"; then
     echo "    not built: bfloat16 layers will run on PyTorch's and oneDNN's ops (the warning above says why)"
 fi

@@ -30,6 +30,9 @@ What changes:
   kernel (``cpu_kernels.depthwise_conv_fp32``), conv, bias, shortcut and GELU in one pass forward and
   one backward, where PyTorch makes a pass for each, both ways.  The other fused layers run the plain
   ops where a gradient is needed.
+- On a CPU where oneDNN runs AVX2 code only (``onednn_runs_avx512``: AMD Zen 3, older Intel), the
+  float32 GEMM layers run MKL's GEMM (``F.linear``) with a separate GELU, and the depthwise convs the
+  project's kernel, at inference too: oneDNN's AVX2 kernels were the slower ones there.
 - ``BatchChunkedStage``: a stage runs its blocks on groups of images, whose activations then stay
   in the CPU caches and small enough for glibc's malloc to reuse them instead of page-faulting
   them afresh on every call (see the class).  This does not depend on the instruction set.
@@ -55,6 +58,7 @@ in-place update of a parameter made under ``torch.inference_mode`` (it has no ve
 after one, call ``model.apply(fused.drop_weight_caches)``.
 """
 import functools
+import os
 from typing import Callable, Dict, FrozenSet, Optional, Tuple, Type
 
 import torch
@@ -82,6 +86,24 @@ def cpu_fusion_support() -> FrozenSet[torch.dtype]:
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return frozenset({torch.float32, torch.bfloat16})
     return frozenset({torch.float32})
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_runs_avx512() -> bool:
+    """Whether oneDNN's float32 kernels run AVX-512 code here: the CPU has AVX512F and
+    ``ONEDNN_MAX_CPU_ISA`` does not keep oneDNN below it.  Where they run AVX2 code only (AMD Zen 3,
+    older Intel), MKL's GEMM (``F.linear``) and the project's depthwise kernel beat oneDNN's fused
+    ones (``classification/PERFORMANCE.md``), so the fused layers run those in float32.  Probed once
+    per process."""
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    below = limit != "ALL" and not limit.startswith(("AVX512", "AVX10"))
+    return bool(torch.cpu.get_capabilities().get("avx512_f")) and not below
+
+
+def _onednn_gemm(dtype: Optional[torch.dtype]) -> bool:
+    """Whether a fused GEMM layer computing in ``dtype`` (None: the plain ops) runs oneDNN's kernel:
+    in bfloat16, and in float32 where oneDNN has AVX-512 (``onednn_runs_avx512``)."""
+    return dtype is not None and (dtype != torch.float32 or onednn_runs_avx512())
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,7 +229,7 @@ class FusedLinear(WeightCache):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             dtype = kernel_dtype(x, self.weight)
-            if dtype is not None:
+            if _onednn_gemm(dtype):
                 return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *self.kernel_weights(dtype), *self.post_op)
         return self.act(F.linear(x, self.weight, self.bias))
 
@@ -219,7 +241,9 @@ class FusedConv2d(WeightCache):
     same function without a separate pass over the (large) output.  A depthwise conv in bfloat16 runs
     the project's kernel where it can (``cpu_kernels.depthwise_conv_bf16``: PaCa-Tiny's depthwise
     convs took 22.5 ms of a bf16 batch-8 forward against 28.4 with oneDNN's, ``layer_times.py``, 2
-    Zen 4 threads), else oneDNN's.
+    Zen 4 threads), else oneDNN's; in float32 it runs the project's differentiable kernel
+    (``cpu_kernels.depthwise_conv_fp32``) where a gradient is needed, and also without one where
+    oneDNN has no AVX-512.
     """
 
     def __init__(self, conv: nn.Conv2d, act: Optional[nn.Module] = None, residual: bool = False):
@@ -246,16 +270,18 @@ class FusedConv2d(WeightCache):
     def kernel_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.identity if self.residual else weight
 
-    def trains_with_own_kernel(self, x: torch.Tensor) -> bool:
-        """Whether a float32 forward that needs gradients runs the project's kernel (``fp32_depthwise.cpp``)."""
-        return (self.own_kernel_fits and _eager() and x.device.type == "cpu" and _needs_gradient(x, self.weight)
+    def runs_own_float32_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a float32 forward runs the project's kernel (``fp32_depthwise.cpp``): where a gradient is
+        needed, and without one where oneDNN has no AVX-512 (``onednn_runs_avx512``)."""
+        return (self.own_kernel_fits and _eager() and x.device.type == "cpu"
+                and (_needs_gradient(x, self.weight) or not onednn_runs_avx512())
                 and not torch.is_autocast_enabled("cpu")
                 and (self.bias is None or self.bias.dtype == torch.float32)
                 and cpu_kernels.takes_depthwise_conv_fp32(x, self.weight) and cpu_kernels.float32_available())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.trains_with_own_kernel(x):
+            if self.runs_own_float32_kernel(x):
                 return cpu_kernels.depthwise_conv_fp32(x, self.weight, self.bias, self.residual,
                                                        gelu=self.post_op[0] == "gelu")
             dtype = kernel_dtype(x, self.weight)
@@ -295,9 +321,11 @@ class FusedPointwiseConv2d(WeightCache):
         if not torch.jit.is_scripting():
             dtype = kernel_dtype(x, self.weight)
             if dtype is not None:
-                nhwc = torch.ops.mkldnn._linear_pointwise(
-                    x.to(dtype).permute(0, 2, 3, 1), *self.kernel_weights(dtype), *self.post_op
-                )
+                nhwc = x.to(dtype).permute(0, 2, 3, 1)
+                if _onednn_gemm(dtype):
+                    nhwc = torch.ops.mkldnn._linear_pointwise(nhwc, *self.kernel_weights(dtype), *self.post_op)
+                else:
+                    nhwc = self.act(F.linear(nhwc, self.weight.flatten(1), self.bias))
                 return nhwc.permute(0, 3, 1, 2)
         return self.act(F.conv2d(x, self.weight, self.bias))
 

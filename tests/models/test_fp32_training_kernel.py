@@ -161,7 +161,10 @@ def test_a_fused_model_trains_with_the_kernel_where_the_probe_says_with_the_plai
 
 
 def test_without_gradients_under_autocast_and_for_other_convs_the_kernel_stays_out(monkeypatch):
+    """Without gradients where oneDNN runs AVX-512 (where it does not: test_fused.py), under autocast, and
+    for a conv with the tanh GELU."""
     monkeypatch.setattr(cpu_kernels, "float32_instruction_set", lambda: "avx2")
+    monkeypatch.setattr(fused, "onednn_runs_avx512", lambda: True)
     _, fused_model = create_pair("pacavit_tiny_p2cconv_100_0", num_classes=5)
     fused_model.train()
     x = torch.randn(1, 3, 64, 64)
@@ -170,7 +173,7 @@ def test_without_gradients_under_autocast_and_for_other_convs_the_kernel_stays_o
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert FORWARD not in pacavit_ops(lambda: fused_model(x).float().sum().backward())
     tanh_gelu = fused.FusedConv2d(torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.GELU(approximate="tanh"))
-    assert not tanh_gelu.trains_with_own_kernel(image(1, 32, 4, 4).requires_grad_())
+    assert not tanh_gelu.runs_own_float32_kernel(image(1, 32, 4, 4).requires_grad_())
 
 
 NO_KERNEL_SCRIPT = textwrap.dedent("""

@@ -48,8 +48,10 @@ PACKING = "mkldnn::_reorder_linear_weight"
 def probe(monkeypatch):
     """Force ``cpu_fusion_support()``'s answer: probe(frozenset(...)).  The project's own bfloat16
     kernels, which replace some oneDNN ones on CPUs with AVX512-BF16, are off here on every host
-    (tests/models/test_cpu_kernels.py tests them)."""
+    (tests/models/test_cpu_kernels.py tests them), and oneDNN counts as running AVX-512 (the float32
+    layers' AVX2 ways: the tests that force ``onednn_runs_avx512`` to False)."""
     monkeypatch.setattr(fused.cpu_kernels, "cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(fused, "onednn_runs_avx512", lambda: True)
     return lambda dtypes: monkeypatch.setattr(fused, "cpu_fusion_support", lambda: frozenset(dtypes))
 
 
@@ -99,6 +101,52 @@ def test_pointwise_conv_runs_as_a_fused_gemm_over_the_pixels(probe):
     with torch.no_grad():
         assert onednn_ops(lambda: layer(x)) == {"mkldnn::_linear_pointwise"}
         torch.testing.assert_close(layer(x), nn.functional.gelu(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def pacavit_and_onednn_ops(fn) -> set:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith(("mkldnn::", "pacavit::")) and e.key != PACKING}
+
+
+@pytest.mark.parametrize("limit,runs_avx512", [(None, True), ("ALL", True), ("AVX512_CORE_AMX", True),
+                                               ("avx10_1_512", True), ("AVX2", False), ("SSE41", False)])
+@pytest.mark.parametrize("cpu_avx512", [True, False], ids=["avx512-cpu", "avx2-cpu"])
+def test_the_onednn_probe_reads_the_cpu_and_onednns_isa_limit(monkeypatch, limit, runs_avx512, cpu_avx512):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": cpu_avx512, "avx2": True})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if limit is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert fused.onednn_runs_avx512.__wrapped__() is (runs_avx512 and cpu_avx512)
+
+
+@pytest.mark.parametrize("onednn_avx512", [True, False], ids=["onednn-avx512", "onednn-avx2"])
+def test_float32_inference_runs_onednn_with_avx512_else_mkls_gemm_and_the_projects_depthwise_kernel(
+        probe, monkeypatch, onednn_avx512):
+    """Where oneDNN runs AVX2 code only, its float32 GEMMs and depthwise convs were the slower ones: the
+    fused layers run ``F.linear`` (MKL) and the project's kernel instead, and compute the same; bfloat16
+    keeps oneDNN's GEMMs."""
+    probe(BOTH_DTYPES)
+    monkeypatch.setattr(fused, "onednn_runs_avx512", lambda: onednn_avx512)
+    plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ops = pacavit_and_onednn_ops(lambda: fused_model(x))
+        torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "mkldnn::_linear_pointwise" in onednn_ops(lambda: fused_model(x))
+    own_kernel = {"pacavit::depthwise_conv_fp32"} if fused.cpu_kernels.float32_available() else set()
+    if onednn_avx512:
+        assert ops == {"mkldnn::_linear_pointwise", "mkldnn::_convolution_pointwise"}
+    else:
+        assert ops == own_kernel | ({"mkldnn::_convolution_pointwise"} if not own_kernel else set())
+    conv, image = nn.Conv2d(16, 24, 1), torch.randn(2, 16, 5, 7)
+    for layout in (torch.channels_last, torch.contiguous_format):  # the pointwise conv's GEMM, both layouts
+        with torch.no_grad():
+            out = FusedPointwiseConv2d(conv, nn.GELU())(image.contiguous(memory_format=layout))
+            torch.testing.assert_close(out, nn.functional.gelu(conv(image)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

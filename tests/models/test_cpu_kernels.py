@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from models.layers import cpu_kernels, fused
 
 from tests.conftest import REPO
-from tests.models.test_fused import BOTH_DTYPES, create_pair
+from tests.models.test_fused import BOTH_DTYPES, create_pair, needs_onednn_bf16
 
 # built by ./install.sh; otherwise the first test builds them (about 25 s)
 BUILT = cpu_kernels.load()
@@ -330,6 +330,7 @@ def model_with_forced_probes(monkeypatch, amx: bool, avx512_bf16: bool):
     return plain, fused_model, torch.randn(2, 3, 64, 64)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("amx,avx512_bf16,expected", [
     (True, True, "sdpa"), (False, True, "kernel"), (False, False, "matmuls"),
 ], ids=["amx", "avx512_bf16", "neither"])
@@ -385,6 +386,7 @@ def test_on_a_machine_it_is_not_written_for_the_build_step_says_so_and_succeeds(
     assert "not needed here (x86-64 Linux code)" in capsys.readouterr().out
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("avx512_bf16", [True, False], ids=["avx512_bf16", "without"])
 def test_a_bfloat16_model_takes_the_depthwise_and_layer_norm_kernels_where_the_probe_says(monkeypatch, avx512_bf16):
     """With the probe on (a CPU with AVX512-BF16): the MLP's and the clustering's convs, the LayerNorms
@@ -410,6 +412,7 @@ def test_a_bfloat16_model_takes_the_depthwise_and_layer_norm_kernels_where_the_p
         assert torch.nn.functional.cosine_similarity(logits.float(), expected).min() > 0.999
 
 
+@needs_onednn_bf16
 def test_a_conv_the_kernel_does_not_compute_keeps_onednn(monkeypatch):
     """GELU's tanh approximation, and "valid" padding, are not the kernel's: oneDNN's kernel runs."""
     monkeypatch.setattr(fused, "cpu_fusion_support", lambda: BOTH_DTYPES)

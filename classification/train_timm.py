@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=flag, default=False, help="NHWC memory layout (CUDA only)")
     g.add_argument("--cpu-kernels", action=flag, default=True,
                    help="on the CPU, train the model with models.fuse_for_cpu's layers: the same parameters and "
-                        "gradients, and on a CPU with AVX-512 PaCa's depthwise convs on the project's float32 "
+                        "gradients, and on a CPU with AVX-512 or AVX2 PaCa's depthwise convs on the project's float32 "
                         "training kernel (default: on)")
     g.add_argument("--compile", action=flag, default=False,
                    help="torch.compile the model (measured no faster on a 2-core CPU; meant for GPUs)")

@@ -39,11 +39,12 @@ ONEDNN_BF16 = torch.bfloat16 in cpu_fusion_support()
 needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bfloat16 kernels on this CPU")
 
 
-def onednn_ops(fn) -> set:
-    """The mkldnn fused ops that ``fn()`` runs (not the packing of a bfloat16 weight, once per weight)."""
+def onednn_ops(fn, namespaces=("mkldnn::",)) -> set:
+    """The mkldnn fused ops (and those of other ``namespaces``) that ``fn()`` runs (not the packing of a
+    bfloat16 weight, once per weight)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::") and e.key != PACKING}
+    return {e.key for e in prof.key_averages() if e.key.startswith(namespaces) and e.key != PACKING}
 
 
 PACKING = "mkldnn::_reorder_linear_weight"
@@ -108,12 +109,6 @@ def test_pointwise_conv_runs_as_a_fused_gemm_over_the_pixels(probe):
         torch.testing.assert_close(layer(x), nn.functional.gelu(conv(x)), rtol=1e-5, atol=1e-5)
 
 
-def pacavit_and_onednn_ops(fn) -> set:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages() if e.key.startswith(("mkldnn::", "pacavit::")) and e.key != PACKING}
-
-
 @pytest.mark.parametrize("limit,runs_avx512", [(None, True), ("ALL", True), ("AVX512_CORE_AMX", True),
                                                ("avx10_1_512", True), ("AVX2", False), ("SSE41", False)])
 @pytest.mark.parametrize("cpu_avx512", [True, False], ids=["avx512-cpu", "avx2-cpu"])
@@ -138,7 +133,7 @@ def test_float32_inference_runs_onednn_with_avx512_else_mkls_gemm_and_the_projec
     plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ops = pacavit_and_onednn_ops(lambda: fused_model(x))
+        ops = onednn_ops(lambda: fused_model(x), namespaces=("mkldnn::", "pacavit::"))
         torch.testing.assert_close(fused_model(x), plain(x), rtol=1e-4, atol=1e-4)
         if ONEDNN_BF16:
             with torch.autocast("cpu", dtype=torch.bfloat16):

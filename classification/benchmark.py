@@ -313,7 +313,7 @@ def time_round(step, key, measured: set, args, device, iters: int) -> float:
 def prepare(model, args, device, compiled=False):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    return (torch.compile(model) if compiled else model), memory_format
+    return (cls_common.compile_in_place(model) if compiled else model), memory_format
 
 
 def load_official(checkout: str, name: str):

@@ -248,6 +248,25 @@ def autocast_for(device: torch.device, amp: bool, dtype: str = "float16"):
     return nullcontext
 
 
+def compile_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.compile()`` (in place: parameter names and checkpoints stay the plain model's), with
+    Inductor's on-disk caches kept apart per CPU vector ISA.
+
+    Inductor (PyTorch 2.14) caches the code it generates without the vector ISA it generated it
+    for, so a cache written under AVX-512 and read under AVX2 (a host with another CPU sharing
+    TORCHINDUCTOR_CACHE_DIR, or ``ATEN_CPU_CAPABILITY=avx2``), or the other way round, runs loops
+    sized for the wrong vector width: NaN logits or heap corruption (found with a LayerNorm + mean
+    over PaCa-Tiny's 1x1 last stage at 32 px).  The ISA Inductor picks goes into the caches' key tag.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # the choice Inductor's C++ code generator makes
+
+    isa_tag = f"cpu_vec_isa={pick_vec_isa() or 'none'}"
+    tags = [t for t in torch.compiler.config.cache_key_tag.split(",") if t and not t.startswith("cpu_vec_isa=")]
+    torch.compiler.config.cache_key_tag = ",".join(tags + [isa_tag])
+    model.compile()
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 @torch.inference_mode()

@@ -662,7 +662,7 @@ def main(argv=None):
         start_epoch, skip_steps, partial, saved_rng_states, saver_history = resume(
             args, model, optimizer, scaler, model_ema, class_names)
     if args.compile:
-        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+        cls_common.compile_in_place(model)
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

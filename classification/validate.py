@@ -115,7 +115,7 @@ def main(argv=None):
     channels_last = args.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if args.compile:
-        model.compile()
+        cls_common.compile_in_place(model)
     loader = cls_common.build_eval_loader(args.data_dir, args.split, data_config, args.batch_size,
                                           args.workers, pin_memory=args.pin_mem, class_map=class_map)
     start = time.time()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 import models  # noqa: F401  (registers the PaCa-ViT models with timm)
 from models import check_model_name
 from runtime.cli import UsageError
+from runtime.compile_cache import key_compile_caches_by_cpu_isa
 from runtime.images import to_rgb8
 from runtime.loader_workers import end_workers_with_parent
 
@@ -249,20 +250,9 @@ def autocast_for(device: torch.device, amp: bool, dtype: str = "float16"):
 
 
 def compile_in_place(model: torch.nn.Module) -> torch.nn.Module:
-    """``model.compile()`` (in place: parameter names and checkpoints stay the plain model's), with
-    Inductor's on-disk caches kept apart per CPU vector ISA.
-
-    Inductor (PyTorch 2.14) caches the code it generates without the vector ISA it generated it
-    for, so a cache written under AVX-512 and read under AVX2 (a host with another CPU sharing
-    TORCHINDUCTOR_CACHE_DIR, or ``ATEN_CPU_CAPABILITY=avx2``), or the other way round, runs loops
-    sized for the wrong vector width: NaN logits or heap corruption (found with a LayerNorm + mean
-    over PaCa-Tiny's 1x1 last stage at 32 px).  The ISA Inductor picks goes into the caches' key tag.
-    """
-    from torch._inductor.cpu_vec_isa import pick_vec_isa  # the choice Inductor's C++ code generator makes
-
-    isa_tag = f"cpu_vec_isa={pick_vec_isa() or 'none'}"
-    tags = [t for t in torch.compiler.config.cache_key_tag.split(",") if t and not t.startswith("cpu_vec_isa=")]
-    torch.compiler.config.cache_key_tag = ",".join(tags + [isa_tag])
+    """``model.compile()``: in place, so parameter names and checkpoints stay the plain model's; the
+    compile caches keyed by the CPU's vector ISA first (``runtime.compile_cache``)."""
+    key_compile_caches_by_cpu_isa()
     model.compile()
     return model
 

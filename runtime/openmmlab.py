@@ -27,7 +27,9 @@ What this adds on top of mmengine's Runner:
   must fit the config's model exactly, as in ``test_main`` (one ``error:`` line otherwise);
 * checkpoints given to ``test_main`` (file, URL or ``pretrained``) go through ``models.checkpoint.load_checkpoint``
   (cached download, clear errors for corrupt files) and must fit the config's model exactly;
-* FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``.
+* FLOPs counted with ``mmengine.analysis`` including ``scaled_dot_product_attention``;
+* a config with ``compile=True`` (mmengine's ``torch.compile``) keys the compile caches by the CPU's
+  vector ISA first (``runtime.compile_cache``).
 """
 import argparse
 import os
@@ -46,6 +48,7 @@ from models.checkpoint import (
     CheckpointError, extract_state_dict, fit_state_dict, load_checkpoint, read_checkpoint, refuse_bare_backbone,
     release_url, resolve_checkpoint,
 )
+from runtime.compile_cache import key_compile_caches_by_cpu_isa
 from runtime.loader_workers import end_workers_with_parent
 from runtime.openmmlab_args import (check_auto_scale_lr, check_data_roots, config_arguments, evaluation_parser,
                                      read_config, train_parser)
@@ -108,6 +111,8 @@ def _prepare_environment(cfg, launcher: str) -> None:
     without device ids (mmengine assumes CUDA)."""
     register_checkpoint_safe_globals()
     _fit_persistent_workers(cfg)
+    if cfg.get("compile"):  # mmengine's Runner then runs torch.compile
+        key_compile_caches_by_cpu_isa()
     if launcher == "none":
         return
     if torch.cuda.is_available():

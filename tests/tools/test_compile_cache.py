@@ -1,4 +1,5 @@
-"""torch.compile through the entry points (cls_common.compile_in_place) with Inductor's on-disk cache
+"""torch.compile through the entry points (``runtime.compile_cache``: classification's
+``cls_common.compile_in_place``, mmengine configs with ``compile=True``) with Inductor's on-disk cache
 shared between processes that generate code for different CPU vector ISAs.
 
 Without the ISA in the cache key, a process under ``ATEN_CPU_CAPABILITY=avx2`` ran the AVX-512 code
@@ -10,7 +11,12 @@ import os
 import subprocess
 import sys
 
-from .cls_helpers import REPO
+import torch
+from mmengine.config import Config
+
+from runtime.openmmlab import _prepare_environment
+
+from .conftest import REPO
 
 # LayerNorm over 384 channels, then a mean over a 1x1 map: PaCa-Tiny's end at 32 px, the smallest
 # graph that showed the stale code
@@ -61,3 +67,11 @@ def test_each_vector_isa_compiles_its_own_code_and_reuses_only_that(tmp_path):
 def test_a_users_own_cache_tag_is_kept(tmp_path):
     tag = compile_in_a_process(tmp_path / "inductor", users_tag="my-cluster")["tag"]
     assert tag.split(",")[0] == "my-cluster" and tag.split(",")[1].startswith("cpu_vec_isa=")
+
+
+def test_an_mmengine_config_that_compiles_keys_the_caches_too(monkeypatch):
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "")
+    _prepare_environment(Config(dict(train_dataloader=dict(num_workers=0))), "none")
+    assert torch.compiler.config.cache_key_tag == ""  # nothing compiles, nothing probed
+    _prepare_environment(Config(dict(compile=True, train_dataloader=dict(num_workers=0))), "none")
+    assert torch.compiler.config.cache_key_tag.startswith("cpu_vec_isa=")

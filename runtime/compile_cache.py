@@ -5,7 +5,7 @@ Inductor (PyTorch 2.14) keys the code it caches (``TORCHINDUCTOR_CACHE_DIR``, by
 ISA (a node with another CPU sharing the folder, or ``ATEN_CPU_CAPABILITY=avx2``) then reuses loops
 sized for the wrong vector width: AVX-512 code under AVX2 gave NaN logits, AVX2 code under AVX-512
 corrupted the heap ("double free"), vector code without a vector ISA did not compile (a LayerNorm
-and a mean over PaCa-Tiny's 1x1 last stage at 32 px; ``tests/tools/test_compile_cache.py``).
+over PaCa-Tiny's 1x1 last stage at 32 px; ``tests/tools/test_compile_cache.py``).
 The entry points that compile put the ISA into the caches' key tag first.
 """
 import torch

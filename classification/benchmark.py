@@ -172,12 +172,13 @@ def cpu_flags(cpuinfo: Optional[str] = None) -> set:
     return set(match.group(1).split()) if match else set()
 
 
-def amd_core(family: int, flags: set) -> str:
-    """AMD's core generation from the CPU family, where the family alone tells it: a cloud VM's
-    model name is often just "AMD EPYC".  Family 25 is Zen 3 and Zen 4, told apart by AVX-512
-    (Zen 4 has it, Zen 3 does not); '' for families not listed."""
+def amd_core(family: int, model: int, flags: set) -> str:
+    """AMD's core generation from the CPU family and model, where they tell it: a cloud VM's model
+    name is often just "AMD EPYC".  In family 23, models below 0x30 are Zen and Zen+ ("Zen 1"), the
+    rest Zen 2; family 25 is Zen 3 and Zen 4, told apart by AVX-512 (Zen 4 has it, Zen 3 does not);
+    '' for families not listed."""
     if family == 23:
-        return "Zen 1/2"
+        return "Zen 1" if model < 0x30 else "Zen 2"
     if family == 25:
         return "Zen 4" if "avx512f" in flags else "Zen 3"
     if family == 26:
@@ -195,7 +196,7 @@ def cpu_name(cpuinfo: str) -> str:
         return name
     family, model = int(fields["cpu family"]), int(fields["model"])
     numbers = f"family {family} model {model}"
-    core = amd_core(family, cpu_flags(cpuinfo)) if fields.get("vendor_id") == "AuthenticAMD" else ""
+    core = amd_core(family, model, cpu_flags(cpuinfo)) if fields.get("vendor_id") == "AuthenticAMD" else ""
     return f"{name} ({core}; {numbers})" if core else f"{name} ({numbers})"
 
 

@@ -269,11 +269,12 @@ def cpuinfo(vendor, family, model, name, flags="fpu avx2"):
 
 
 @pytest.mark.parametrize("vendor, family, model, name, flags, expected", [
-    # a cloud VM names only "AMD EPYC": the family tells the core, AVX-512 tells Zen 4 from Zen 3
+    # a cloud VM names only "AMD EPYC": family and model tell the core, AVX-512 tells Zen 4 from Zen 3
     ("AuthenticAMD", 25, 17, "AMD EPYC", "avx2 avx512f avx512_bf16", "AMD EPYC (Zen 4; family 25 model 17)"),
     ("AuthenticAMD", 25, 1, "AMD EPYC", "avx2", "AMD EPYC (Zen 3; family 25 model 1)"),
     ("AuthenticAMD", 26, 2, "AMD EPYC", "avx2 avx512f", "AMD EPYC (Zen 5; family 26 model 2)"),
-    ("AuthenticAMD", 23, 49, "AMD EPYC 7B12", "avx2", "AMD EPYC 7B12 (Zen 1/2; family 23 model 49)"),
+    ("AuthenticAMD", 23, 49, "AMD EPYC 7B12", "avx2", "AMD EPYC 7B12 (Zen 2; family 23 model 49)"),
+    ("AuthenticAMD", 23, 1, "AMD EPYC", "avx2", "AMD EPYC (Zen 1; family 23 model 1)"),
     ("GenuineIntel", 6, 143, "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "avx512f amx_bf16",
      "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (family 6 model 143)"),
 ])

@@ -119,7 +119,9 @@ def test_inputs_it_cannot_take_get_an_error_that_says_why(change, message):
 def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the_matmuls():
     """ATEN_CPU_CAPABILITY=avx2 makes both probes say no, as on an AVX2-only CPU (AMD Zen 3): the
     operator refuses, and bfloat16 attention takes the two matmuls (a process of its own: the
-    probes are read once per process)."""
+    probes are read once per process).  The whole bf16 model runs its fused layers' oneDNN kernels
+    where oneDNN has bfloat16 ones (an AVX-512 core) and the plain ops where it has none (a real
+    AVX2-only CPU, where oneDNN refuses bfloat16 whatever the probe says)."""
     script = textwrap.dedent("""
         import torch
         from models.layers import cpu_kernels, fused
@@ -136,12 +138,15 @@ def test_a_cpu_without_avx512_bf16_emulated_on_any_host_gets_the_refusal_and_the
                 raise AssertionError("an operator ran")
             except RuntimeError as error:
                 assert "needs a CPU with AVX512-BF16" in str(error), error
+        onednn_support = fused.cpu_fusion_support()
         fused.cpu_fusion_support = lambda: BOTH_DTYPES  # bfloat16 kernels without AVX512-BF16 (AVX-512 core)
         fused.cpu_has_amx_bf16 = lambda: False
         attn = create_pair("pacavit_tiny_p2cconv_100_0")[1].stage1[0].attn.bfloat16()
         with torch.inference_mode():
             assert way(lambda: attn.attend(q, k, v, 0.0)) == "matmuls"
             torch.testing.assert_close(attn.attend(q, k, v, 0.0).double(), reference(q, k, v), rtol=2e-2, atol=2e-2)
+            if torch.bfloat16 not in onednn_support:
+                fused.cpu_fusion_support = lambda: onednn_support
             plain, fused_model = create_pair("pacavit_tiny_p2cconv_100_0")
             images = torch.randn(1, 3, 64, 64)
             expected = plain(images)

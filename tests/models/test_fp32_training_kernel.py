@@ -170,12 +170,11 @@ def test_without_gradients_under_autocast_and_for_other_convs_the_kernel_stays_o
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert FORWARD not in pacavit_ops(lambda: fused_model(x))
-    # counted at the call, not profiled: on a CPU without bfloat16 convs the profiler would record
-    # ATen's conv once per channel group, and take minutes
+    # the operator's calls counted, not profiled: on a CPU without bfloat16 convs the profiler would
+    # record ATen's conv once per channel group, and take minutes
     calls = []
-    kernel = cpu_kernels.depthwise_conv_fp32
-    monkeypatch.setattr(cpu_kernels, "depthwise_conv_fp32", lambda *args, **kwargs: calls.append(1) or kernel(
-        *args, **kwargs))
+    operator = torch.ops.pacavit.depthwise_conv_fp32
+    monkeypatch.setattr(torch.ops.pacavit, "depthwise_conv_fp32", lambda *args: calls.append(1) or operator(*args))
     fused_model(x).sum().backward()
     assert calls  # the count sees the kernel where it runs
     calls.clear()
